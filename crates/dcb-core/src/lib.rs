@@ -1,0 +1,67 @@
+//! # dcb-core
+//!
+//! The pure heart of crablet: the types of a Dynamic Consistency Boundary (DCB) event store,
+//! the one matching function every backend uses, input validation, the fold engine that turns
+//! events into decision models, and the [`EventStore`] trait that backends implement.
+//!
+//! Nothing here talks to a database. Backends (`dcb-memory`, `dcb-postgres`) implement
+//! [`EventReader`] and [`EventStore`]; everything else ([`EventReaderExt::project`], the command
+//! layer) is written once on top of those traits.
+//!
+//! ```
+//! use dcb_core::{matches, NewEvent, Query, QueryItem, Tag};
+//!
+//! let event = NewEvent::builder("CourseDefined")
+//!     .tag("course_id", "c1")
+//!     .data(&serde_json::json!({ "capacity": 30 }))
+//!     .build()
+//!     .unwrap();
+//! let query = Query::from(QueryItem::new().types(["CourseDefined"]).tag("course_id", "c1"));
+//! assert!(matches(&query, &event.event_type, &event.tags));
+//! assert!(!matches(&Query::tags([Tag::new("course_id", "c2")]), &event.event_type, &event.tags));
+//! ```
+#![warn(missing_docs)]
+
+mod command;
+mod condition;
+mod cursor;
+mod error;
+mod event;
+mod matching;
+mod projection;
+mod query;
+mod store;
+mod tag;
+mod validate;
+
+pub use command::{CommandFilter, CommandRecord, CommandSession, CommitOutcome, NewCommand};
+pub use condition::AppendCondition;
+pub use cursor::Cursor;
+pub use error::{ConflictInfo, Error, Result, ValidationError, ValidationKind};
+pub use event::{Event, NewEvent, NewEventBuilder};
+pub use matching::matches;
+pub use projection::{
+    fold, Projection, ProjectionStep, Projectors, StateProjector,
+};
+pub use query::{Query, QueryItem};
+pub use store::{
+    Direction, EventReader, EventReaderExt, EventStore, EventStream, ProjectionPermit, ReadOptions,
+};
+pub use tag::Tag;
+pub use validate::{
+    validate_command, validate_condition, validate_events, validate_query, Limits,
+    MAX_EVENT_TYPE_LEN,
+};
+
+/// Builds a `Vec<Tag>` from `key => value` pairs.
+///
+/// ```
+/// let tags = dcb_core::tags!["course_id" => "c1", "student_id" => 7];
+/// assert_eq!(tags[1].value, "7");
+/// ```
+#[macro_export]
+macro_rules! tags {
+    ($($key:expr => $value:expr),* $(,)?) => {
+        vec![$($crate::Tag::new($key, $value.to_string())),*]
+    };
+}

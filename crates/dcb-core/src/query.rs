@@ -1,0 +1,136 @@
+use crate::Tag;
+use serde::{Deserialize, Serialize};
+
+/// One alternative of a [`Query`]: the event type must be one of `types` (any type when empty)
+/// and the event must carry every tag in `tags` (extra tags are fine; any tags when empty).
+///
+/// An item with neither types nor tags matches every event; that is what [`Query::all`] is.
+///
+/// ```
+/// use dcb_core::QueryItem;
+/// let item = QueryItem::new()
+///     .types(["StudentEnrolled", "StudentLeft"])
+///     .tag("course_id", "c1");
+/// assert_eq!(item.types.len(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QueryItem {
+    /// Accepted event types, OR-ed. Empty: any type.
+    pub types: Vec<String>,
+    /// Required tags, AND-ed. Empty: any tags.
+    pub tags: Vec<Tag>,
+}
+
+impl QueryItem {
+    /// An item that matches every event until types or tags are added.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds accepted event types.
+    pub fn types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.types.extend(types.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds one required tag.
+    pub fn tag(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.tags.push(Tag::new(key, value));
+        self
+    }
+
+    /// Adds required tags.
+    pub fn tags(mut self, tags: impl IntoIterator<Item = Tag>) -> Self {
+        self.tags.extend(tags);
+        self
+    }
+
+    /// True when the item matches every event (no types and no tags).
+    pub fn is_match_all(&self) -> bool {
+        self.types.is_empty() && self.tags.is_empty()
+    }
+}
+
+/// A selection of events: the OR of its [`QueryItem`]s.
+///
+/// A query with no items matches nothing and is rejected where a query is required; use
+/// [`Query::all`] to select every event.
+///
+/// ```
+/// use dcb_core::{Query, QueryItem, Tag};
+/// let query = Query::from_items([
+///     QueryItem::new().types(["CourseDefined"]).tag("course_id", "c1"),
+///     QueryItem::new().types(["StudentEnrolled"]).tag("student_id", "s1"),
+/// ]);
+/// assert_eq!(query.items.len(), 2);
+/// assert!(Query::all().is_match_all());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Query {
+    /// The alternatives, OR-ed.
+    pub items: Vec<QueryItem>,
+}
+
+impl Query {
+    /// A query that matches every event.
+    pub fn all() -> Self {
+        Self {
+            items: vec![QueryItem::new()],
+        }
+    }
+
+    /// A query built from items.
+    pub fn from_items(items: impl IntoIterator<Item = QueryItem>) -> Self {
+        Self {
+            items: items.into_iter().collect(),
+        }
+    }
+
+    /// A one-item query on event types only.
+    pub fn types<I, S>(types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::from(QueryItem::new().types(types))
+    }
+
+    /// A one-item query on tags only.
+    pub fn tags(tags: impl IntoIterator<Item = Tag>) -> Self {
+        Self::from(QueryItem::new().tags(tags))
+    }
+
+    /// Adds an alternative.
+    pub fn or(mut self, item: QueryItem) -> Self {
+        self.items.push(item);
+        self
+    }
+
+    /// True when some item matches every event.
+    pub fn is_match_all(&self) -> bool {
+        self.items.iter().any(QueryItem::is_match_all)
+    }
+
+    /// The OR of several queries, with identical items kept once.
+    pub fn union<'a>(queries: impl IntoIterator<Item = &'a Query>) -> Query {
+        let mut items: Vec<QueryItem> = Vec::new();
+        for query in queries {
+            for item in &query.items {
+                if !items.contains(item) {
+                    items.push(item.clone());
+                }
+            }
+        }
+        Query { items }
+    }
+}
+
+impl From<QueryItem> for Query {
+    fn from(item: QueryItem) -> Self {
+        Self { items: vec![item] }
+    }
+}
