@@ -1,1 +1,47 @@
-//! placeholder
+//! # dcb-postgres
+//!
+//! [`PostgresEventStore`]: crablet's event store on PostgreSQL 14 or later, over
+//! tokio-postgres and deadpool-postgres.
+//!
+//! - **Conditional appends are exact under concurrency.** Every append takes shared advisory
+//!   locks on keys derived from its events; every condition check takes exclusive locks on keys
+//!   derived from its query, in one sorted statement, before the transaction gets an id. The
+//!   check then runs in a later statement and sees every commit the lock wait waited for.
+//!   Writers on disjoint boundaries never share a key, so they never wait for or fail because
+//!   of each other.
+//! - **Reads are fenced.** A read first takes the same exclusive keys for an instant and records
+//!   the snapshot it got; it then returns exactly the matching events visible in that snapshot.
+//!   A reader that continues after its last cursor never skips an event committed out of order,
+//!   sees its own writes, and is not held back by unrelated long transactions.
+//!
+//! The full argument is in `docs/design.md`.
+//!
+//! ```no_run
+//! use dcb_postgres::{PostgresEventStore, StoreConfig};
+//! use dcb_core::{EventStore, NewEvent};
+//!
+//! # async fn demo() -> dcb_core::Result<()> {
+//! let store = PostgresEventStore::connect(
+//!     "postgres://postgres@localhost:5432/postgres",
+//!     StoreConfig::default().schema("shop").auto_migrate(true),
+//! )
+//! .await?;
+//! store.append(vec![NewEvent::builder("CartOpened").tag("cart_id", "c1").build()?]).await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod config;
+mod conn;
+mod keys;
+mod migrate;
+mod session;
+mod sql;
+mod store;
+mod stream;
+mod xid8;
+
+pub use config::{IsolationLevel, StoreConfig};
+pub use deadpool_postgres::Pool;
+pub use migrate::SCHEMA_VERSION;
+pub use store::PostgresEventStore;

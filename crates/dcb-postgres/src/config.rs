@@ -1,0 +1,174 @@
+use dcb_core::Error;
+use std::time::Duration;
+
+/// Transaction isolation level of a store operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum IsolationLevel {
+    /// PostgreSQL's default; every statement sees what committed before it started.
+    #[default]
+    ReadCommitted,
+    /// One snapshot for the whole transaction.
+    RepeatableRead,
+    /// Repeatable read plus serializable snapshot isolation checks.
+    Serializable,
+}
+
+impl IsolationLevel {
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadCommitted => "READ COMMITTED",
+            IsolationLevel::RepeatableRead => "REPEATABLE READ",
+            IsolationLevel::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// Settings of a [`PostgresEventStore`](crate::PostgresEventStore), mirroring go-crablet's
+/// `EventStoreConfig`. Every field takes effect; [`StoreConfig::validate`] rejects invalid
+/// values when the store is built.
+///
+/// ```
+/// use dcb_postgres::StoreConfig;
+/// use std::time::Duration;
+/// let config = StoreConfig::default()
+///     .schema("billing")
+///     .append_timeout(Duration::from_secs(2));
+/// assert!(config.validate().is_ok());
+/// assert!(StoreConfig::default().schema("").validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The PostgreSQL schema holding the store's tables, so several stores can share one
+    /// database without seeing each other. Default `public`.
+    pub schema: String,
+    /// The most events one append may carry. Default 1000.
+    pub max_batch_size: usize,
+    /// Isolation of append transactions. Only `ReadCommitted` is accepted: the append protocol
+    /// checks its condition in a statement that starts after its locks are granted, which a
+    /// transaction-wide snapshot (REPEATABLE READ, SERIALIZABLE) would defeat. See
+    /// docs/design.md.
+    pub append_isolation: IsolationLevel,
+    /// Isolation of the read transaction behind streams and reads. Default `ReadCommitted`.
+    /// Reads are pinned to a fenced snapshot either way (docs/design.md); a stricter level adds
+    /// its own guarantees for the read transaction.
+    pub read_isolation: IsolationLevel,
+    /// Longest an append (including waiting for locks) may take. Default 10 s.
+    pub append_timeout: Duration,
+    /// Longest a read may take; for streams, each fetch of `stream_buffer` rows. Default 30 s.
+    pub query_timeout: Duration,
+    /// Rows fetched per round trip by streams, and the capacity of the channel between the
+    /// fetching task and the consumer. Default 1000.
+    pub stream_buffer: usize,
+    /// How many projections may run at once before `project` fails with
+    /// `TooManyProjections`. Default 256.
+    pub max_concurrent_projections: usize,
+    /// Size of the connection pool when the store builds it from a URL. Default 16.
+    pub pool_size: usize,
+    /// Whether [`PostgresEventStore::connect`](crate::PostgresEventStore::connect) runs the
+    /// migrations before checking the schema version. Default `false`.
+    pub auto_migrate: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            schema: "public".into(),
+            max_batch_size: 1000,
+            append_isolation: IsolationLevel::ReadCommitted,
+            read_isolation: IsolationLevel::ReadCommitted,
+            append_timeout: Duration::from_secs(10),
+            query_timeout: Duration::from_secs(30),
+            stream_buffer: 1000,
+            max_concurrent_projections: 256,
+            pool_size: 16,
+            auto_migrate: false,
+        }
+    }
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+impl StoreConfig {
+    /// Sets the schema.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+    setter!(/// Sets the maximum batch size.
+        max_batch_size: usize);
+    setter!(/// Sets the isolation of appends.
+        append_isolation: IsolationLevel);
+    setter!(/// Sets the isolation of reads.
+        read_isolation: IsolationLevel);
+    setter!(/// Sets the append timeout.
+        append_timeout: Duration);
+    setter!(/// Sets the query timeout.
+        query_timeout: Duration);
+    setter!(/// Sets the stream buffer.
+        stream_buffer: usize);
+    setter!(/// Sets the limit on concurrent projections.
+        max_concurrent_projections: usize);
+    setter!(/// Sets the pool size used when building the pool from a URL.
+        pool_size: usize);
+    setter!(/// Sets whether `connect` runs the migrations.
+        auto_migrate: bool);
+
+    /// Checks every field, naming the first invalid one.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(Error::Config {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.schema.is_empty() || self.schema.len() > 63 {
+            return bad("schema", "must be 1 to 63 bytes long");
+        }
+        if self.schema.contains('\0') {
+            return bad("schema", "must not contain NUL");
+        }
+        if self.max_batch_size == 0 || self.max_batch_size > 100_000 {
+            return bad("max_batch_size", "must be between 1 and 100000");
+        }
+        if self.append_isolation != IsolationLevel::ReadCommitted {
+            return bad(
+                "append_isolation",
+                "only ReadCommitted is supported: under REPEATABLE READ or SERIALIZABLE the \
+                 snapshot is taken before the append's locks are granted, so the condition \
+                 check could miss a conflicting commit (see docs/design.md)",
+            );
+        }
+        if self.append_timeout.is_zero() || self.append_timeout > Duration::from_secs(24 * 3600) {
+            return bad("append_timeout", "must be between 1 ms and 24 h");
+        }
+        if self.query_timeout.is_zero() || self.query_timeout > Duration::from_secs(24 * 3600) {
+            return bad("query_timeout", "must be between 1 ms and 24 h");
+        }
+        if self.append_timeout.as_millis() == 0 || self.query_timeout.as_millis() == 0 {
+            return bad("append_timeout", "timeouts must be at least 1 ms");
+        }
+        if self.stream_buffer == 0 || self.stream_buffer > 1_000_000 {
+            return bad("stream_buffer", "must be between 1 and 1000000");
+        }
+        if self.max_concurrent_projections == 0 {
+            return bad("max_concurrent_projections", "must be at least 1");
+        }
+        if self.pool_size == 0 {
+            return bad("pool_size", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The schema name as a quoted SQL identifier.
+    pub(crate) fn quoted_schema(&self) -> String {
+        format!("\"{}\"", self.schema.replace('"', "\"\""))
+    }
+}

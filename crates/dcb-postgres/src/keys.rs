@@ -1,0 +1,249 @@
+//! Advisory lock keys: how appends, conditions and reads serialize exactly where they must.
+//!
+//! Every writer takes SHARED locks on keys derived from the events it writes; every conditional
+//! append and every fenced read takes EXCLUSIVE locks on keys derived from its query items. The
+//! derivation guarantees: if an event matches a query item, the item's exclusive keys and the
+//! event's shared keys intersect. So a conditional append waits for every in-flight writer of a
+//! matching event and vice versa, while writers and readers of disjoint boundaries never touch
+//! the same key. See docs/design.md for the full argument.
+use dcb_core::{NewEvent, Query, QueryItem, Tag};
+
+/// Past this many distinct keys a statement escalates to a coarse key instead, so huge batches
+/// and queries cannot exhaust PostgreSQL's shared lock table (sized by
+/// `max_locks_per_transaction`, 64 by default).
+pub(crate) const MAX_KEYS: usize = 48;
+
+#[derive(Clone, Copy)]
+enum Level {
+    All = 0,
+    Type = 1,
+    Tag = 2,
+    TypeTag = 3,
+    Escalation = 4,
+    Command = 5,
+}
+
+/// Derives 64-bit advisory lock keys, namespaced by the store's schema.
+#[derive(Debug, Clone)]
+pub(crate) struct KeySpace {
+    namespace: String,
+}
+
+/// A set of keys with their modes, ready for `lock_keys(keys, exclusive)`: sorted, distinct,
+/// exclusive where any requester needs exclusive.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct LockSet {
+    entries: Vec<(i64, bool)>,
+}
+
+impl LockSet {
+    fn add(&mut self, key: i64, exclusive: bool) {
+        self.entries.push((key, exclusive));
+    }
+
+    /// Sorts, merges duplicates (exclusive wins) and returns the two parameter arrays.
+    pub(crate) fn into_params(mut self) -> (Vec<i64>, Vec<bool>) {
+        self.entries.sort_unstable();
+        let mut keys: Vec<i64> = Vec::with_capacity(self.entries.len());
+        let mut exclusive: Vec<bool> = Vec::with_capacity(self.entries.len());
+        for (key, x) in self.entries {
+            if keys.last() == Some(&key) {
+                if let Some(last) = exclusive.last_mut() {
+                    *last |= x;
+                }
+            } else {
+                keys.push(key);
+                exclusive.push(x);
+            }
+        }
+        (keys, exclusive)
+    }
+}
+
+impl KeySpace {
+    pub(crate) fn new(schema: &str) -> Self {
+        Self {
+            namespace: format!("crablet/{schema}"),
+        }
+    }
+
+    fn key(&self, level: Level, parts: &[&str]) -> i64 {
+        // FNV-1a over length-prefixed parts: stable across processes, versions and platforms
+        // (std's hasher is not), and unambiguous.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        feed(&(self.namespace.len() as u32).to_le_bytes());
+        feed(self.namespace.as_bytes());
+        feed(&[level as u8]);
+        for part in parts {
+            feed(&(part.len() as u32).to_le_bytes());
+            feed(part.as_bytes());
+        }
+        hash as i64
+    }
+
+    fn tag_text(tag: &Tag) -> String {
+        format!("{}:{}", tag.key, tag.value)
+    }
+
+    /// The shared keys of the events an append writes; over [`MAX_KEYS`], the exclusive
+    /// escalation key instead (which conflicts with every conditional append and fenced read).
+    pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
+        let mut keys: Vec<i64> = vec![self.key(Level::All, &[])];
+        for event in events {
+            let t = event.event_type.as_str();
+            keys.push(self.key(Level::Type, &[t]));
+            for tag in &event.tags {
+                let g = Self::tag_text(tag);
+                keys.push(self.key(Level::Tag, &[&g]));
+                keys.push(self.key(Level::TypeTag, &[t, &g]));
+            }
+            if keys.len() > 4 * MAX_KEYS {
+                keys.sort_unstable();
+                keys.dedup();
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() > MAX_KEYS {
+            set.add(self.key(Level::Escalation, &[]), true);
+        } else {
+            keys.into_iter().for_each(|k| set.add(k, false));
+        }
+    }
+
+    fn item_keys(&self, item: &QueryItem, into: &mut Vec<i64>) {
+        // One tag is enough: an event matching the item carries all of the item's tags.
+        let first_tag = item.tags.iter().min().map(Self::tag_text);
+        match (item.types.is_empty(), first_tag) {
+            (true, None) => into.push(self.key(Level::All, &[])),
+            (true, Some(g)) => into.push(self.key(Level::Tag, &[&g])),
+            (false, None) => into.extend(item.types.iter().map(|t| self.key(Level::Type, &[t]))),
+            (false, Some(g)) => {
+                into.extend(item.types.iter().map(|t| self.key(Level::TypeTag, &[t, &g])))
+            }
+        }
+    }
+
+    /// The exclusive keys of a query (for a condition check or a fenced read), plus the shared
+    /// escalation key; over [`MAX_KEYS`], the exclusive match-all key instead.
+    pub(crate) fn add_query_keys(&self, set: &mut LockSet, query: &Query) {
+        let mut keys = Vec::new();
+        for item in &query.items {
+            self.item_keys(item, &mut keys);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() > MAX_KEYS {
+            set.add(self.key(Level::All, &[]), true);
+        } else {
+            keys.into_iter().for_each(|k| set.add(k, true));
+        }
+        set.add(self.key(Level::Escalation, &[]), false);
+    }
+
+    /// The exclusive key serializing commands with the same idempotency id.
+    pub(crate) fn add_command_key(&self, set: &mut LockSet, command_id: &str) {
+        set.add(self.key(Level::Command, &[command_id]), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcb_core::matches;
+
+    fn event(t: &str, tags: &[(&str, &str)]) -> NewEvent {
+        NewEvent::new(
+            t,
+            tags.iter().map(|(k, v)| Tag::new(*k, *v)).collect(),
+            serde_json::json!({}),
+        )
+    }
+
+    fn shared(ks: &KeySpace, e: &NewEvent) -> Vec<i64> {
+        let mut set = LockSet::default();
+        ks.add_event_keys(&mut set, std::slice::from_ref(e));
+        set.into_params().0
+    }
+
+    fn exclusive(ks: &KeySpace, q: &Query) -> Vec<i64> {
+        let mut set = LockSet::default();
+        ks.add_query_keys(&mut set, q);
+        let (keys, x) = set.into_params();
+        keys.into_iter().zip(x).filter(|(_, x)| *x).map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn matching_event_and_item_share_a_key_and_disjoint_ones_do_not() {
+        let ks = KeySpace::new("public");
+        let events = [
+            event("A", &[("x", "1"), ("y", "2")]),
+            event("B", &[("x", "1")]),
+            event("A", &[]),
+            event("C", &[("y", "2"), ("z", "3")]),
+        ];
+        let items = [
+            QueryItem::new(),
+            QueryItem::new().types(["A"]),
+            QueryItem::new().types(["A", "B"]).tag("x", "1"),
+            QueryItem::new().tag("y", "2"),
+            QueryItem::new().tag("y", "2").tag("x", "1"),
+            QueryItem::new().types(["C"]).tag("z", "3").tag("y", "2"),
+            QueryItem::new().types(["D"]).tag("x", "1"),
+        ];
+        for e in &events {
+            let s = shared(&ks, e);
+            for item in &items {
+                let q = Query::from(item.clone());
+                let x = exclusive(&ks, &q);
+                let share = x.iter().any(|k| s.contains(k));
+                if matches(&q, &e.event_type, &e.tags) {
+                    assert!(share, "{e:?} matches {item:?} but shares no key");
+                }
+            }
+        }
+        // Disjoint boundaries: different tag values never share an exclusive key.
+        let q1 = Query::from(QueryItem::new().types(["A"]).tag("x", "1"));
+        let e2 = event("A", &[("x", "2")]);
+        assert!(!exclusive(&ks, &q1).iter().any(|k| shared(&ks, &e2).contains(k)));
+    }
+
+    #[test]
+    fn namespaces_separate_schemas() {
+        let q = Query::all();
+        assert_ne!(exclusive(&KeySpace::new("a"), &q), exclusive(&KeySpace::new("b"), &q));
+    }
+
+    #[test]
+    fn huge_batches_escalate_to_one_exclusive_key() {
+        let ks = KeySpace::new("public");
+        let events: Vec<NewEvent> = (0..100)
+            .map(|i| event("A", &[("id", &i.to_string())]))
+            .collect();
+        let mut set = LockSet::default();
+        ks.add_event_keys(&mut set, &events);
+        let (keys, x) = set.into_params();
+        assert_eq!(keys.len(), 1);
+        assert!(x[0]);
+        // ... and it conflicts with every condition (which holds it shared).
+        let mut cond = LockSet::default();
+        ks.add_query_keys(&mut cond, &Query::from(QueryItem::new().tag("id", "1")));
+        assert!(cond.into_params().0.contains(&keys[0]));
+    }
+
+    #[test]
+    fn lock_set_is_sorted_distinct_and_exclusive_wins() {
+        let mut set = LockSet::default();
+        set.add(5, false);
+        set.add(-3, false);
+        set.add(5, true);
+        set.add(5, false);
+        assert_eq!(set.into_params(), (vec![-3, 5], vec![false, true]));
+    }
+}

@@ -1,0 +1,91 @@
+use crate::conn::Conn;
+use crate::store::PostgresEventStore;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use std::sync::Arc;
+use dcb_core::{
+    AppendCondition, CommandFilter, CommandRecord, CommandSession, CommitOutcome, Error, Event,
+    EventReader, EventStream, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
+};
+
+/// A command's session: every read and the final commit go through ONE pooled connection, so
+/// any number of concurrent commands needs at most one connection each.
+pub(crate) struct PgCommandSession {
+    store: PostgresEventStore,
+    conn: Arc<Conn>,
+}
+
+impl PgCommandSession {
+    pub(crate) fn new(store: PostgresEventStore, conn: Conn) -> Self {
+        Self {
+            store,
+            conn: Arc::new(conn),
+        }
+    }
+}
+
+#[async_trait]
+impl EventReader for PgCommandSession {
+    async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
+        self.store.read_on(&self.conn, query, options).await
+    }
+
+    /// Reads through the session's own connection; the events are buffered (a command's
+    /// decision model is bounded), then handed out one by one.
+    fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
+        let store = self.store.clone();
+        let conn = Arc::clone(&self.conn);
+        let query = query.clone();
+        futures_util::stream::once(async move { store.read_on(&conn, &query, options).await })
+            .flat_map(|batch| {
+                let items: Vec<Result<Event, Error>> = match batch {
+                    Ok(events) => events.into_iter().map(Ok).collect(),
+                    Err(err) => vec![Err(err)],
+                };
+                futures_util::stream::iter(items)
+            })
+            .boxed()
+    }
+
+    fn projection_permit(&self) -> Result<ProjectionPermit, Error> {
+        self.store.projection_permit()
+    }
+}
+
+#[async_trait]
+impl CommandSession for PgCommandSession {
+    async fn find_command(&self, id: &str) -> Result<Option<CommandRecord>, Error> {
+        let found = self
+            .store
+            .list_commands(&self.conn, &CommandFilter::default(), Some(id))
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    async fn commit(
+        &mut self,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<CommitOutcome, Error> {
+        match self
+            .store
+            .commit_on(&self.conn, command, events, condition.as_ref())
+            .await?
+        {
+            Some(record) => Ok(CommitOutcome::Committed(record)),
+            None => {
+                let id = command.id.as_deref().unwrap_or_default();
+                match self.find_command(id).await? {
+                    Some(original) => Ok(CommitOutcome::Duplicate(original)),
+                    None => Err(Error::Storage {
+                        operation: "command",
+                        message: format!("command {id:?} was reported as duplicate but is not recorded"),
+                        outcome_unknown: false,
+                        source: None,
+                    }),
+                }
+            }
+        }
+    }
+}

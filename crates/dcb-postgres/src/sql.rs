@@ -1,0 +1,318 @@
+//! SQL text and parameters for reads, condition checks and appends.
+//!
+//! Statements are generated per query *shape* (which items have types or tags, which bounds are
+//! set); values always travel as parameters, so the per-connection statement cache serves every
+//! call of the same shape.
+use crate::xid8::Xid8;
+use dcb_core::{Cursor, Direction, NewEvent, Query, ReadOptions, Tag};
+use postgres_types::ToSql;
+use serde_json::Value;
+
+/// A boxed statement parameter that can move into a spawned task.
+pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
+
+/// SQL text with its parameters.
+#[derive(Default)]
+pub(crate) struct Statement {
+    pub(crate) sql: String,
+    pub(crate) params: Vec<Param>,
+}
+
+impl Statement {
+    fn bind(&mut self, value: impl ToSql + Sync + Send + 'static) -> String {
+        self.params.push(Box::new(value));
+        format!("${}", self.params.len())
+    }
+
+    pub(crate) fn param_refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+pub(crate) fn tag_text(tag: &Tag) -> String {
+    format!("{}:{}", tag.key, tag.value)
+}
+
+/// `(item1) OR (item2) ...` over the `events` columns, binding the items' values.
+fn items_predicate(stmt: &mut Statement, query: &Query) -> String {
+    let items: Vec<String> = query
+        .items
+        .iter()
+        .map(|item| {
+            let mut parts = Vec::new();
+            if !item.types.is_empty() {
+                let p = stmt.bind(item.types.clone());
+                parts.push(format!("type = ANY({p}::text[])"));
+            }
+            if !item.tags.is_empty() {
+                let p = stmt.bind(item.tags.iter().map(tag_text).collect::<Vec<_>>());
+                parts.push(format!("tags @> {p}::text[]"));
+            }
+            if parts.is_empty() {
+                "TRUE".to_string()
+            } else {
+                parts.join(" AND ")
+            }
+        })
+        .collect();
+    if items.len() == 1 {
+        items.into_iter().next().unwrap_or_default()
+    } else {
+        format!("({})", items.join(") OR ("))
+    }
+}
+
+fn cursor_bound(stmt: &mut Statement, op: &str, cursor: Cursor) -> String {
+    let x = stmt.bind(Xid8(cursor.transaction_id));
+    let p = stmt.bind(cursor.position);
+    format!("(transaction_id, position) {op} ({x}::xid8, {p}::int8)")
+}
+
+/// The fenced read: events matching `query` within `options`, visible in the fence snapshot
+/// (`xmax`, `xip`), in cursor order.
+pub(crate) fn read(
+    schema: &str,
+    query: &Query,
+    options: &ReadOptions,
+    xmax: Xid8,
+    xip: Vec<Xid8>,
+) -> Statement {
+    let mut stmt = Statement::default();
+    let xmax = stmt.bind(xmax);
+    let xip = stmt.bind(xip);
+    let mut conditions = vec![
+        format!("transaction_id < {xmax}::xid8"),
+        format!("transaction_id <> ALL({xip}::xid8[])"),
+    ];
+    if !query.is_match_all() {
+        conditions.push(items_predicate(&mut stmt, query));
+    }
+    if let Some(after) = options.after {
+        conditions.push(cursor_bound(&mut stmt, ">", after));
+    }
+    if let Some(before) = options.before {
+        conditions.push(cursor_bound(&mut stmt, "<", before));
+    }
+    let order = match options.direction {
+        Direction::Forwards => "transaction_id, position",
+        Direction::Backwards => "transaction_id DESC, position DESC",
+    };
+    let limit = match options.limit {
+        Some(n) => format!(" LIMIT {}", stmt.bind(i64::try_from(n).unwrap_or(i64::MAX))),
+        None => String::new(),
+    };
+    stmt.sql = format!(
+        "SELECT transaction_id, position, type, tags, data, metadata, occurred_at \
+         FROM {schema}.events WHERE {} ORDER BY {order}{limit}",
+        conditions.join(" AND ")
+    );
+    stmt
+}
+
+/// The events of an append as columnar parameters: types, flat tags with per-event slice
+/// bounds, data and metadata.
+struct Columns {
+    types: Vec<String>,
+    tags: Vec<String>,
+    starts: Vec<i32>,
+    ends: Vec<i32>,
+    data: Vec<Value>,
+    metadata: Vec<Option<Value>>,
+}
+
+fn columns(events: Vec<NewEvent>) -> Columns {
+    let mut c = Columns {
+        types: Vec::with_capacity(events.len()),
+        tags: Vec::new(),
+        starts: Vec::with_capacity(events.len()),
+        ends: Vec::with_capacity(events.len()),
+        data: Vec::with_capacity(events.len()),
+        metadata: Vec::with_capacity(events.len()),
+    };
+    for event in events {
+        // PostgreSQL array slices are 1-based and inclusive; an empty slice has end < start.
+        c.starts.push(c.tags.len() as i32 + 1);
+        c.tags.extend(event.tags.iter().map(tag_text));
+        c.ends.push(c.tags.len() as i32);
+        c.types.push(event.event_type);
+        c.data.push(event.data);
+        c.metadata.push(event.metadata);
+    }
+    c
+}
+
+/// What an append statement must also do besides inserting the events.
+pub(crate) struct AppendParts<'a> {
+    pub(crate) condition: Option<&'a dcb_core::AppendCondition>,
+    pub(crate) command: Option<&'a dcb_core::NewCommand>,
+}
+
+/// One statement that checks the condition and the command's idempotency id, and inserts the
+/// events and the command row only if both pass. It must run in a statement AFTER the locks
+/// were granted, so its snapshot includes every commit the lock wait waited for.
+///
+/// Rows: `(kind, transaction_id, position, occurred_at)` with kind `conflict` (a matching event after the
+/// condition's cursor), `duplicate` (the command id was recorded before), `event` (the last
+/// inserted event) or `command` (the inserted command row).
+pub(crate) fn append(schema: &str, events: Vec<NewEvent>, parts: AppendParts<'_>) -> Statement {
+    let mut stmt = Statement::default();
+    let mut ctes = Vec::new();
+    let mut guards = Vec::new();
+    let mut outputs = Vec::new();
+
+    if let Some(condition) = parts.condition {
+        let probes: Vec<String> = condition
+            .fail_if_events_match
+            .items
+            .iter()
+            .map(|item| {
+                let single = Query::from(item.clone());
+                let mut conds = Vec::new();
+                if !item.is_match_all() {
+                    conds.push(items_predicate(&mut stmt, &single));
+                }
+                if let Some(after) = condition.after {
+                    conds.push(cursor_bound(&mut stmt, ">", after));
+                }
+                let filter = if conds.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WHERE {}", conds.join(" AND "))
+                };
+                format!("(SELECT transaction_id, position FROM {schema}.events{filter} LIMIT 1)")
+            })
+            .collect();
+        ctes.push(format!(
+            "conflict AS MATERIALIZED (SELECT * FROM ({}) AS probes LIMIT 1)",
+            probes.join(" UNION ALL ")
+        ));
+        guards.push("NOT EXISTS (SELECT 1 FROM conflict)");
+        outputs.push(
+            "SELECT 'conflict'::text, transaction_id, position, NULL::timestamptz FROM conflict"
+                .to_string(),
+        );
+    }
+
+    if let Some(id) = parts.command.and_then(|c| c.id.clone()) {
+        let p = stmt.bind(id);
+        ctes.push(format!(
+            "duplicate AS MATERIALIZED (SELECT transaction_id, last_event_position \
+             FROM {schema}.commands WHERE command_id = {p})"
+        ));
+        guards.push("NOT EXISTS (SELECT 1 FROM duplicate)");
+        outputs.push(
+            "SELECT 'duplicate'::text, transaction_id, last_event_position, NULL::timestamptz \
+             FROM duplicate"
+                .to_string(),
+        );
+    }
+
+    let guard = if guards.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", guards.join(" AND "))
+    };
+
+    if !events.is_empty() {
+        let c = columns(events);
+        let types = stmt.bind(c.types);
+        let tags = stmt.bind(c.tags);
+        let starts = stmt.bind(c.starts);
+        let ends = stmt.bind(c.ends);
+        let data = stmt.bind(c.data);
+        let metadata = stmt.bind(c.metadata);
+        ctes.push(format!(
+            "inserted AS (INSERT INTO {schema}.events (type, tags, data, metadata) \
+             SELECT u.type, ({tags}::text[])[u.s:u.e], u.data, u.metadata \
+             FROM unnest({types}::text[], {starts}::int4[], {ends}::int4[], {data}::jsonb[], {metadata}::jsonb[]) \
+             WITH ORDINALITY AS u(type, s, e, data, metadata, ord){guard} ORDER BY u.ord \
+             RETURNING transaction_id, position, occurred_at)"
+        ));
+        outputs.push(
+            "(SELECT 'event'::text, transaction_id, position, occurred_at FROM inserted \
+             ORDER BY position DESC LIMIT 1)"
+                .to_string(),
+        );
+    }
+
+    if let Some(command) = parts.command {
+        let t = stmt.bind(command.command_type.clone());
+        let d = stmt.bind(command.data.clone());
+        let m = stmt.bind(command.metadata.clone());
+        let id = stmt.bind(command.id.clone());
+        let last = if ctes.iter().any(|c| c.starts_with("inserted")) {
+            "(SELECT max(position) FROM inserted)"
+        } else {
+            "NULL::int8"
+        };
+        ctes.push(format!(
+            "recorded AS (INSERT INTO {schema}.commands \
+             (command_id, type, data, metadata, last_event_position) \
+             SELECT {id}::text, {t}::text, {d}::jsonb, {m}::jsonb, {last}{guard} \
+             RETURNING transaction_id, occurred_at)"
+        ));
+        outputs.push(
+            "SELECT 'command'::text, transaction_id, NULL::int8, occurred_at FROM recorded".into(),
+        );
+    }
+
+    stmt.sql = format!("WITH {} {}", ctes.join(", "), outputs.join(" UNION ALL "));
+    stmt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcb_core::{AppendCondition, QueryItem};
+
+    #[test]
+    fn read_binds_values_and_never_inlines_them() {
+        let q = Query::from(QueryItem::new().types(["A'; DROP"]).tag("k", "v'"));
+        let stmt = read("\"public\"", &q, &ReadOptions::default().limit(3), Xid8(9), vec![]);
+        assert!(!stmt.sql.contains("DROP"));
+        assert!(stmt.sql.contains("type = ANY($3::text[]) AND tags @> $4::text[]"));
+        assert!(stmt.sql.ends_with("LIMIT $5"));
+        assert_eq!(stmt.params.len(), 5);
+    }
+
+    #[test]
+    fn match_all_read_has_no_item_predicate() {
+        let stmt = read("s", &Query::all(), &ReadOptions::default().backwards(), Xid8(1), vec![]);
+        assert!(!stmt.sql.contains("ANY"));
+        assert!(stmt.sql.contains("ORDER BY transaction_id DESC, position DESC"));
+    }
+
+    #[test]
+    fn append_with_condition_probes_each_item_separately() {
+        let cond = AppendCondition::new(Query::from_items([
+            QueryItem::new().types(["A"]),
+            QueryItem::new().tag("k", "v"),
+        ]))
+        .with_after(Some(Cursor::new(5, 6)));
+        let e = NewEvent::new("A", vec![], serde_json::json!({}));
+        let stmt = append(
+            "s",
+            vec![e],
+            AppendParts {
+                condition: Some(&cond),
+                command: None,
+            },
+        );
+        assert_eq!(stmt.sql.matches("LIMIT 1)").count(), 3, "{}", stmt.sql);
+        assert!(stmt.sql.contains("WHERE NOT EXISTS (SELECT 1 FROM conflict)"));
+    }
+
+    #[test]
+    fn columns_slices_are_one_based_and_empty_for_no_tags() {
+        let c = columns(vec![
+            NewEvent::new("A", vec![Tag::new("a", "1"), Tag::new("b", "2")], Value::Null),
+            NewEvent::new("B", vec![], Value::Null),
+            NewEvent::new("C", vec![Tag::new("c", "3")], Value::Null),
+        ]);
+        assert_eq!(c.starts, vec![1, 3, 3]);
+        assert_eq!(c.ends, vec![2, 2, 3]);
+    }
+}

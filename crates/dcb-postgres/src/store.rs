@@ -1,0 +1,544 @@
+use crate::config::StoreConfig;
+use crate::conn::{db_error, db_error_with_timeout, Conn};
+use crate::keys::{KeySpace, LockSet};
+use crate::migrate;
+use crate::session::PgCommandSession;
+use crate::sql::{self, AppendParts};
+use crate::xid8::Xid8;
+use async_trait::async_trait;
+use dcb_core::{
+    validate_command, validate_condition, validate_events, validate_query, AppendCondition,
+    CommandFilter, CommandRecord, CommandSession, ConflictInfo, Cursor, Error, Event, EventReader,
+    EventStore, EventStream, Limits, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
+    Tag, ValidationError, ValidationKind,
+};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Semaphore;
+use tokio_postgres::{NoTls, Row};
+
+/// Grace added to client-side timeouts so the server-side `statement_timeout` fires first and
+/// reports a clean, certain outcome.
+const CLIENT_GRACE: Duration = Duration::from_secs(2);
+
+/// crablet's event store on PostgreSQL. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct PostgresEventStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) config: StoreConfig,
+    pub(crate) schema: String,
+    pub(crate) keys: KeySpace,
+    projections: Arc<Semaphore>,
+    begin_append: String,
+    begin_fence: String,
+    pub(crate) begin_read: String,
+}
+
+impl fmt::Debug for PostgresEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresEventStore")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of one append statement.
+pub(crate) enum AppendOutcome {
+    Written {
+        transaction_id: u64,
+        last_event: Option<Cursor>,
+        occurred_at: Option<SystemTime>,
+    },
+    Conflict(Cursor),
+    Duplicate,
+}
+
+impl PostgresEventStore {
+    /// Connects to `url` with a pool of `config.pool_size` connections, runs the migrations if
+    /// `config.auto_migrate`, and checks the schema version.
+    #[tracing::instrument(name = "pg.connect", skip_all, fields(schema = %config.schema))]
+    pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let pg_config: tokio_postgres::Config = url.parse().map_err(|e| Error::Config {
+            field: "url",
+            reason: format!("not a valid PostgreSQL connection string: {e}"),
+        })?;
+        let manager = deadpool_postgres::Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config {
+                field: "pool_size",
+                reason: e.to_string(),
+            })?;
+        Self::from_pool(pool, config).await
+    }
+
+    /// Uses an existing pool (its size wins over `config.pool_size`), runs the migrations if
+    /// `config.auto_migrate`, and checks the schema version.
+    pub async fn from_pool(pool: Pool, config: StoreConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let schema = config.quoted_schema();
+        let timeout = |secs: Duration| format!("{}ms", secs.as_millis());
+        let inner = Inner {
+            keys: KeySpace::new(&config.schema),
+            projections: Arc::new(Semaphore::new(config.max_concurrent_projections)),
+            begin_append: format!(
+                "BEGIN ISOLATION LEVEL {}; SET LOCAL statement_timeout = '{}'",
+                config.append_isolation.sql(),
+                timeout(config.append_timeout)
+            ),
+            begin_fence: format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL statement_timeout = '{}'",
+                timeout(config.query_timeout)
+            ),
+            begin_read: format!(
+                "BEGIN ISOLATION LEVEL {} READ ONLY; SET LOCAL statement_timeout = '{}'",
+                config.read_isolation.sql(),
+                timeout(config.query_timeout)
+            ),
+            schema,
+            pool,
+            config,
+        };
+        let store = Self {
+            inner: Arc::new(inner),
+        };
+        if store.inner.config.auto_migrate {
+            store.migrate().await?;
+        }
+        let conn = Conn::get(&store.inner.pool, "connect").await?;
+        migrate::check_version(conn.object(), &store.inner.config.schema, &store.inner.schema)
+            .await?;
+        Ok(store)
+    }
+
+    /// Creates or upgrades the schema; safe to run from several processes at once.
+    #[tracing::instrument(name = "pg.migrate", skip_all, fields(schema = %self.inner.config.schema))]
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let mut conn = Conn::get(&self.inner.pool, "migrate").await?;
+        let client: &mut tokio_postgres::Client = conn.object_mut();
+        migrate::migrate(client, &self.inner.config.schema, &self.inner.schema).await
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_batch_size: self.inner.config.max_batch_size,
+        }
+    }
+
+    /// Takes the fence for `query` on `conn`: exclusive locks on the query's keys, held only
+    /// while the snapshot that pins the read is taken. Returns that snapshot's `xmax` and
+    /// in-progress list.
+    pub(crate) async fn fence(&self, conn: &Conn, query: &Query) -> Result<(Xid8, Vec<Xid8>), Error> {
+        let inner = &self.inner;
+        let mut locks = LockSet::default();
+        inner.keys.add_query_keys(&mut locks, query);
+        let (keys, exclusive) = locks.into_params();
+        let client = conn.object();
+        let lock_stmt = prepare(client, &format!("SELECT {}.lock_keys($1, $2)", inner.schema), "query").await?;
+        let snap_stmt = prepare(
+            client,
+            "SELECT pg_snapshot_xmax(s), ARRAY(SELECT pg_snapshot_xip(s)) FROM pg_current_snapshot() AS s",
+            "query",
+        )
+        .await?;
+        let lock_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
+        conn.begin_exchange();
+        let (begin, lock, snapshot, commit) = tokio::join!(
+            client.batch_execute(&inner.begin_fence),
+            client.execute(&lock_stmt, &lock_params),
+            client.query_one(&snap_stmt, &[]),
+            client.batch_execute("COMMIT"),
+        );
+        conn.end_exchange();
+        let timeout = Some(inner.config.query_timeout);
+        let map = |e| db_error_with_timeout("query", e, false, timeout);
+        begin.map_err(map)?;
+        lock.map_err(map)?;
+        let row = snapshot.map_err(map)?;
+        commit.map_err(map)?;
+        let xmax: Xid8 = row.try_get(0).map_err(|e| db_error("query", e, false))?;
+        let xip: Vec<Xid8> = row.try_get(1).map_err(|e| db_error("query", e, false))?;
+        Ok((xmax, xip))
+    }
+
+    /// A fenced, buffered read on `conn`.
+    pub(crate) async fn read_on(
+        &self,
+        conn: &Conn,
+        query: &Query,
+        options: ReadOptions,
+    ) -> Result<Vec<Event>, Error> {
+        validate_query(query)?;
+        check_options(&options)?;
+        let (xmax, xip) = self.fence(conn, query).await?;
+        let stmt = sql::read(&self.inner.schema, query, &options, xmax, xip);
+        let client = conn.object();
+        let prepared = prepare(client, &stmt.sql, "query").await?;
+        let params = stmt.param_refs();
+        conn.begin_exchange();
+        let (begin, rows, commit) = tokio::join!(
+            client.batch_execute(&self.inner.begin_read),
+            client.query(&prepared, &params),
+            client.batch_execute("COMMIT"),
+        );
+        conn.end_exchange();
+        let timeout = Some(self.inner.config.query_timeout);
+        let map = |e| db_error_with_timeout("query", e, false, timeout);
+        begin.map_err(map)?;
+        let rows = rows.map_err(map)?;
+        commit.map_err(map)?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// Runs one append transaction on `conn`: locks, then the checking insert, then commit,
+    /// pipelined into a single round trip.
+    pub(crate) async fn append_on(
+        &self,
+        conn: &Conn,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+        command: Option<&NewCommand>,
+    ) -> Result<AppendOutcome, Error> {
+        let inner = &self.inner;
+        let mut locks = LockSet::default();
+        inner.keys.add_event_keys(&mut locks, &events);
+        if let Some(condition) = condition {
+            inner.keys.add_query_keys(&mut locks, &condition.fail_if_events_match);
+        }
+        if let Some(id) = command.and_then(|c| c.id.as_deref()) {
+            inner.keys.add_command_key(&mut locks, id);
+        }
+        let (keys, exclusive) = locks.into_params();
+        let stmt = sql::append(&inner.schema, events, AppendParts { condition, command });
+        let client = conn.object();
+        let lock_stmt = prepare(client, &format!("SELECT {}.lock_keys($1, $2)", inner.schema), "append").await?;
+        let append_stmt = prepare(client, &stmt.sql, "append").await?;
+        let params = stmt.param_refs();
+        let lock_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
+        conn.begin_exchange();
+        let exchange = async {
+            tokio::join!(
+                client.batch_execute(&inner.begin_append),
+                client.execute(&lock_stmt, &lock_params),
+                client.query(&append_stmt, &params),
+                client.batch_execute("COMMIT"),
+            )
+        };
+        let limit = inner.config.append_timeout + CLIENT_GRACE;
+        let (begin, lock, rows, commit) = match tokio::time::timeout(limit, exchange).await {
+            Ok(results) => results,
+            Err(_) => {
+                // The connection stays marked busy and is discarded (and its query cancelled).
+                return Err(Error::Storage {
+                    operation: "append",
+                    message: format!("no reply from PostgreSQL within {limit:?}"),
+                    outcome_unknown: true,
+                    source: None,
+                });
+            }
+        };
+        conn.end_exchange();
+        let timeout = Some(inner.config.append_timeout);
+        let map = |e| db_error_with_timeout("append", e, false, timeout);
+        begin.map_err(map)?;
+        lock.map_err(map)?;
+        let rows = rows.map_err(map)?;
+        commit.map_err(|e| db_error_with_timeout("append", e, true, timeout))?;
+        let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
+        for row in &rows {
+            let kind: &str = row.try_get(0).map_err(|e| db_error("append", e, false))?;
+            let tx: Xid8 = row.try_get(1).map_err(|e| db_error("append", e, false))?;
+            let position: Option<i64> = row.try_get(2).map_err(|e| db_error("append", e, false))?;
+            let occurred_at: Option<SystemTime> =
+                row.try_get(3).map_err(|e| db_error("append", e, false))?;
+            match kind {
+                "conflict" => return Ok(AppendOutcome::Conflict(Cursor::new(tx.0, position.unwrap_or(0)))),
+                "duplicate" => return Ok(AppendOutcome::Duplicate),
+                "event" => {
+                    let entry = written.get_or_insert((tx.0, None, occurred_at));
+                    entry.1 = position.map(|p| Cursor::new(tx.0, p));
+                }
+                _ => {
+                    let entry = written.get_or_insert((tx.0, None, occurred_at));
+                    entry.2 = occurred_at;
+                }
+            }
+        }
+        match written {
+            Some((transaction_id, last_event, occurred_at)) => Ok(AppendOutcome::Written {
+                transaction_id,
+                last_event,
+                occurred_at,
+            }),
+            None => Err(Error::Storage {
+                operation: "append",
+                message: "the append statement reported nothing".into(),
+                outcome_unknown: false,
+                source: None,
+            }),
+        }
+    }
+
+    async fn append_checked(
+        &self,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Cursor, Error> {
+        validate_events(&events, &self.limits())?;
+        if let Some(condition) = condition {
+            validate_condition(condition)?;
+        }
+        let conn = Conn::get(&self.inner.pool, "append").await?;
+        match self.append_on(&conn, events, condition, None).await? {
+            AppendOutcome::Written {
+                last_event: Some(cursor),
+                ..
+            } => Ok(cursor),
+            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
+                conflicting: Some(conflicting),
+                after: condition.and_then(|c| c.after),
+            })),
+            _ => Err(Error::Storage {
+                operation: "append",
+                message: "the append wrote no event".into(),
+                outcome_unknown: false,
+                source: None,
+            }),
+        }
+    }
+
+    /// Appends `events` and records `command` in one transaction (the command layer's commit).
+    pub(crate) async fn commit_on(
+        &self,
+        conn: &Conn,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Option<CommandRecord>, Error> {
+        validate_command(command)?;
+        if !events.is_empty() {
+            validate_events(&events, &self.limits())?;
+        }
+        if let Some(condition) = condition {
+            validate_condition(condition)?;
+        }
+        match self.append_on(conn, events, condition, Some(command)).await? {
+            AppendOutcome::Written {
+                transaction_id,
+                last_event,
+                occurred_at,
+            } => Ok(Some(CommandRecord {
+                id: command.id.clone(),
+                command_type: command.command_type.clone(),
+                data: command.data.clone(),
+                metadata: command.metadata.clone(),
+                transaction_id,
+                last_event,
+                occurred_at: occurred_at.unwrap_or_else(SystemTime::now),
+            })),
+            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
+                conflicting: Some(conflicting),
+                after: condition.and_then(|c| c.after),
+            })),
+            AppendOutcome::Duplicate => Ok(None),
+        }
+    }
+
+    pub(crate) async fn list_commands(
+        &self,
+        conn: &Conn,
+        filter: &CommandFilter,
+        by_id: Option<&str>,
+    ) -> Result<Vec<CommandRecord>, Error> {
+        let mut sql = format!(
+            "SELECT command_id, type, data, metadata, transaction_id, last_event_position, occurred_at \
+             FROM {}.commands WHERE TRUE",
+            self.inner.schema
+        );
+        let mut params: Vec<Box<dyn postgres_types::ToSql + Sync + Send>> = Vec::new();
+        let mut bind = |sql: &mut String, clause: &str, value: Box<dyn postgres_types::ToSql + Sync + Send>| {
+            params.push(value);
+            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(id) = by_id {
+            bind(&mut sql, " AND command_id = ?", Box::new(id.to_string()));
+        }
+        if let Some(t) = &filter.command_type {
+            bind(&mut sql, " AND type = ?", Box::new(t.clone()));
+        }
+        if let Some(from) = filter.from {
+            bind(&mut sql, " AND occurred_at >= ?", Box::new(from));
+        }
+        if let Some(to) = filter.to {
+            bind(&mut sql, " AND occurred_at < ?", Box::new(to));
+        }
+        sql.push_str(" ORDER BY occurred_at, transaction_id");
+        if let Some(limit) = filter.limit {
+            bind(&mut sql, " LIMIT ?", Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+        }
+        let refs: Vec<&(dyn postgres_types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync)).collect();
+        let client = conn.object();
+        let stmt = prepare(client, &sql, "commands").await?;
+        let rows = client
+            .query(&stmt, &refs)
+            .await
+            .map_err(|e| db_error("commands", e, false))?;
+        rows.iter().map(command_from_row).collect()
+    }
+}
+
+pub(crate) async fn prepare(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    operation: &'static str,
+) -> Result<tokio_postgres::Statement, Error> {
+    client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| db_error(operation, e, false))
+}
+
+pub(crate) fn check_options(options: &ReadOptions) -> Result<(), Error> {
+    if options.limit == Some(0) {
+        return Err(Error::Validation(ValidationError::new(
+            "options.limit",
+            ValidationKind::InvalidReadOption,
+            "limit must be at least 1 (use None for no limit)",
+        )));
+    }
+    Ok(())
+}
+
+fn corrupt(what: String) -> Error {
+    Error::Storage {
+        operation: "query",
+        message: what,
+        outcome_unknown: false,
+        source: None,
+    }
+}
+
+pub(crate) fn event_from_row(row: &Row) -> Result<Event, Error> {
+    let get_err = |e| db_error("query", e, false);
+    let tx: Xid8 = row.try_get(0).map_err(get_err)?;
+    let position: i64 = row.try_get(1).map_err(get_err)?;
+    let event_type: String = row.try_get(2).map_err(get_err)?;
+    let raw_tags: Vec<String> = row.try_get(3).map_err(get_err)?;
+    let tags = raw_tags
+        .into_iter()
+        .map(|t| match t.split_once(':') {
+            Some((k, v)) => Ok(Tag::new(k, v)),
+            None => Err(corrupt(format!("stored tag {t:?} has no ':' separator"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Event {
+        cursor: Cursor::new(tx.0, position),
+        event_type,
+        tags,
+        data: row.try_get(4).map_err(get_err)?,
+        metadata: row.try_get(5).map_err(get_err)?,
+        occurred_at: row.try_get(6).map_err(get_err)?,
+    })
+}
+
+fn command_from_row(row: &Row) -> Result<CommandRecord, Error> {
+    let get_err = |e| db_error("commands", e, false);
+    let tx: Xid8 = row.try_get(4).map_err(get_err)?;
+    let last: Option<i64> = row.try_get(5).map_err(get_err)?;
+    Ok(CommandRecord {
+        id: row.try_get(0).map_err(get_err)?,
+        command_type: row.try_get(1).map_err(get_err)?,
+        data: row.try_get(2).map_err(get_err)?,
+        metadata: row.try_get(3).map_err(get_err)?,
+        transaction_id: tx.0,
+        last_event: last.map(|p| Cursor::new(tx.0, p)),
+        occurred_at: row.try_get(6).map_err(get_err)?,
+    })
+}
+
+#[async_trait]
+impl EventReader for PostgresEventStore {
+    #[tracing::instrument(name = "pg.query", skip_all, fields(items = query.items.len()))]
+    async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
+        validate_query(query)?;
+        check_options(&options)?;
+        let conn = Conn::get(&self.inner.pool, "query").await?;
+        let limit = self.inner.config.query_timeout * 2 + CLIENT_GRACE;
+        match tokio::time::timeout(limit, self.read_on(&conn, query, options)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: "query",
+                timeout: self.inner.config.query_timeout,
+            }),
+        }
+    }
+
+    fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
+        crate::stream::query_stream(self.clone(), query.clone(), options)
+    }
+
+    fn projection_permit(&self) -> Result<ProjectionPermit, Error> {
+        self.inner
+            .projections
+            .clone()
+            .try_acquire_owned()
+            .map(ProjectionPermit::new)
+            .map_err(|_| Error::TooManyProjections {
+                limit: self.inner.config.max_concurrent_projections,
+            })
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresEventStore {
+    #[tracing::instrument(name = "pg.append", skip_all, fields(events = events.len()))]
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Cursor, Error> {
+        self.append_checked(events, None).await
+    }
+
+    #[tracing::instrument(name = "pg.append_if", skip_all, fields(events = events.len()))]
+    async fn append_if(
+        &self,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<Cursor, Error> {
+        self.append_checked(events, Some(&condition)).await
+    }
+
+    async fn command_session(&self) -> Result<Box<dyn CommandSession>, Error> {
+        let conn = Conn::get(&self.inner.pool, "command").await?;
+        Ok(Box::new(PgCommandSession::new(self.clone(), conn)))
+    }
+
+    #[tracing::instrument(name = "pg.commands", skip_all)]
+    async fn commands(&self, filter: &CommandFilter) -> Result<Vec<CommandRecord>, Error> {
+        let conn = Conn::get(&self.inner.pool, "commands").await?;
+        self.list_commands(&conn, filter, None).await
+    }
+}
