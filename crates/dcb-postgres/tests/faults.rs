@@ -1,0 +1,246 @@
+//! Fault tests: timeouts, killed connections, missing or mismatched schema, bad configuration.
+mod support;
+
+use dcb_core::{
+    Error, EventReader, EventReaderExt, EventStore, NewEvent, Query, QueryItem, ReadOptions,
+    StateProjector,
+};
+use dcb_postgres::{IsolationLevel, PostgresEventStore, StoreConfig};
+use futures_util::StreamExt;
+use std::time::Duration;
+use support::{test_store, TestStore};
+
+fn event(t: &str, id: &str) -> NewEvent {
+    NewEvent::builder(t).tag("id", id).build().expect("event")
+}
+
+/// Makes every insert of an event of type `Slow` wait on advisory lock 4242 (held by the
+/// returned connection), AFTER the inserting transaction got its id: a writer stuck mid-append.
+async fn install_brake(ts: &TestStore) -> tokio_postgres::Client {
+    let admin = ts.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock(4242); END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
+            f = ts.table("brake"),
+            t = ts.table("events"),
+        ))
+        .await
+        .expect("install brake");
+    let brake = ts.admin().await;
+    brake
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .expect("hold brake");
+    brake
+}
+
+async fn count(ts: &TestStore) -> i64 {
+    ts.admin()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {}", ts.table("events")), &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_timeout_is_enforced_and_writes_nothing() {
+    let ts = test_store(StoreConfig::default().append_timeout(Duration::from_millis(300))).await;
+    let _brake = install_brake(&ts).await;
+    let err = ts.append(vec![event("Slow", "1")]).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { operation: "append", .. }), "{err}");
+    assert_eq!(count(&ts).await, 0);
+    // The pool recovers: the next append works.
+    ts.append(vec![event("Fast", "1")]).await.expect("append after timeout");
+    assert_eq!(count(&ts).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
+    let ts = test_store(StoreConfig::default().query_timeout(Duration::from_millis(300))).await;
+    let brake = install_brake(&ts).await;
+    let writer = {
+        let store = ts.store.clone();
+        tokio::spawn(async move { store.append(vec![event("Slow", "1")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fence of a read that could see the stuck event must wait for it: it times out.
+    let err = ts
+        .query(&Query::types(["Slow"]), ReadOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { operation: "query", .. }), "{err}");
+    // A read of an unrelated boundary is not held up.
+    let other = ts.query(&Query::types(["Other"]), ReadOptions::default()).await;
+    assert!(other.expect("unrelated read").is_empty());
+    brake.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("release");
+    writer.await.expect("join").expect("writer commits once released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_backend_mid_append_leaves_nothing_and_the_pool_recovers() {
+    let ts = test_store(StoreConfig::default().pool_size(2)).await;
+    let brake = install_brake(&ts).await;
+    let writer = {
+        let store = ts.store.clone();
+        tokio::spawn(async move { store.append(vec![event("Slow", "1"), event("Slow", "2")]).await })
+    };
+    // Find the backend stuck on the brake and kill it.
+    let admin = ts.admin().await;
+    let mut killed = false;
+    for _ in 0..50 {
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted",
+                &[],
+            )
+            .await
+            .expect("terminate");
+        if !rows.is_empty() {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(killed, "the stuck append was never seen waiting");
+    let err = writer.await.expect("join").unwrap_err();
+    assert!(matches!(err, Error::Storage { .. }), "{err}");
+    drop(brake);
+    assert_eq!(count(&ts).await, 0, "a killed append must leave nothing behind");
+    for i in 0..4 {
+        ts.append(vec![event("Fast", &i.to_string())])
+            .await
+            .expect("pool recovers after a killed connection");
+    }
+    assert_eq!(count(&ts).await, 4);
+}
+
+#[tokio::test]
+async fn missing_schema_is_a_clear_error() {
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let err = PostgresEventStore::connect(&schema.url, StoreConfig::default().schema(schema.schema.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }), "{err}");
+    assert!(err.to_string().contains("migrate"), "{err}");
+}
+
+#[tokio::test]
+async fn newer_or_older_schema_version_is_refused() {
+    let ts = test_store(StoreConfig::default()).await;
+    let admin = ts.admin().await;
+    let versions = ts.table("schema_version");
+    admin
+        .batch_execute(&format!("INSERT INTO {versions} (version) VALUES (99)"))
+        .await
+        .expect("bump version");
+    let config = StoreConfig::default().schema(ts.schema.schema.clone());
+    let err = PostgresEventStore::connect(&ts.schema.url, config.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }) && err.to_string().contains("newer"), "{err}");
+    admin
+        .batch_execute(&format!("DELETE FROM {versions}"))
+        .await
+        .expect("clear versions");
+    let err = PostgresEventStore::connect(&ts.schema.url, config).await.unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_are_safe() {
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let config = StoreConfig::default().schema(schema.schema.clone()).auto_migrate(true);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let url = schema.url.clone();
+            let config = config.clone();
+            tokio::spawn(async move { PostgresEventStore::connect(&url, config).await.map(|_| ()) })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("join").expect("concurrent migrate");
+    }
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_rejected_before_connecting() {
+    let url = "postgres://postgres@127.0.0.1:1/never";
+    let cases = [
+        StoreConfig::default().append_isolation(IsolationLevel::RepeatableRead),
+        StoreConfig::default().append_isolation(IsolationLevel::Serializable),
+        StoreConfig::default().stream_buffer(0),
+        StoreConfig::default().max_batch_size(0),
+        StoreConfig::default().append_timeout(Duration::ZERO),
+        StoreConfig::default().max_concurrent_projections(0),
+        StoreConfig::default().pool_size(0),
+        StoreConfig::default().schema(""),
+    ];
+    for config in cases {
+        let err = PostgresEventStore::connect(url, config.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{config:?}: {err}");
+    }
+    let err = PostgresEventStore::connect("not a url", StoreConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Config { field: "url", .. }), "{err}");
+}
+
+#[tokio::test]
+async fn max_batch_size_takes_effect() {
+    let ts = test_store(StoreConfig::default().max_batch_size(3)).await;
+    let events: Vec<_> = (0..4).map(|i| event("E", &i.to_string())).collect();
+    let err = ts.append(events).await.unwrap_err();
+    assert!(err.is_validation(), "{err}");
+    assert_eq!(count(&ts).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_concurrent_projections_takes_effect() {
+    let ts = test_store(StoreConfig::default().max_concurrent_projections(1)).await;
+    ts.append(vec![event("E", "1")]).await.expect("append");
+    let query = Query::types(["E"]);
+    // An unfinished project_stream holds the only slot.
+    let held = ts.project_stream(StateProjector::counter(query.clone()), 1);
+    let err = ts.project(StateProjector::counter(query.clone())).await.unwrap_err();
+    assert!(matches!(err, Error::TooManyProjections { limit: 1 }), "{err}");
+    drop(held);
+    ts.project(StateProjector::counter(query)).await.expect("slot freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_stream_returns_its_connection() {
+    let ts = test_store(StoreConfig::default().pool_size(1).stream_buffer(10)).await;
+    let events: Vec<_> = (0..100).map(|i| event("E", &i.to_string())).collect();
+    ts.append(events).await.expect("append");
+    for _ in 0..5 {
+        let mut stream = ts.query_stream(&Query::all(), ReadOptions::default());
+        for _ in 0..15 {
+            stream.next().await.expect("item").expect("event");
+        }
+        drop(stream);
+    }
+    // With a pool of one, this only works if every abandoned stream gave its connection back.
+    let all = tokio::time::timeout(Duration::from_secs(10), ts.query(&Query::all(), ReadOptions::default()))
+        .await
+        .expect("a connection is free again")
+        .expect("query");
+    assert_eq!(all.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_reports_errors_as_items() {
+    let ts = test_store(StoreConfig::default()).await;
+    ts.admin()
+        .await
+        .batch_execute(&format!("DROP TABLE {} CASCADE", ts.table("events")))
+        .await
+        .expect("drop table");
+    let items: Vec<_> = ts
+        .query_stream(&Query::from(QueryItem::new().types(["E"])), ReadOptions::default())
+        .collect()
+        .await;
+    assert_eq!(items.len(), 1);
+    assert!(items[0].is_err());
+}

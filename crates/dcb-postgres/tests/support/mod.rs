@@ -1,0 +1,68 @@
+//! Shared helpers of the PostgreSQL integration tests: a store per test in its own schema.
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use dcb_postgres::{PostgresEventStore, StoreConfig};
+use dcb_testkit::pg::TestSchema;
+use std::sync::{Arc, Mutex};
+
+/// A store in a fresh schema; the schema is dropped with this value.
+pub struct TestStore {
+    pub store: PostgresEventStore,
+    pub schema: TestSchema,
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = PostgresEventStore;
+    fn deref(&self) -> &PostgresEventStore {
+        &self.store
+    }
+}
+
+impl TestStore {
+    /// A plain connection to the test database (for faults, triggers, open transactions).
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        dcb_testkit::pg::connect(&self.schema.url).await.expect("admin connection")
+    }
+
+    /// The quoted schema name for raw SQL.
+    pub fn table(&self, name: &str) -> String {
+        format!("\"{}\".{name}", self.schema.schema)
+    }
+}
+
+pub async fn test_store(config: StoreConfig) -> TestStore {
+    let schema = TestSchema::new().await;
+    let store = PostgresEventStore::connect(
+        &schema.url,
+        config.schema(schema.schema.clone()).auto_migrate(true),
+    )
+    .await
+    .expect("connect test store");
+    TestStore { store, schema }
+}
+
+/// The conformance factory: each store gets its own schema, dropped when the factory is.
+#[derive(Default)]
+pub struct PgFactory {
+    config: StoreConfig,
+    schemas: Mutex<Vec<TestSchema>>,
+}
+
+impl PgFactory {
+    pub fn with_config(config: StoreConfig) -> Self {
+        Self {
+            config,
+            schemas: Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl dcb_testkit::StoreFactory for PgFactory {
+    async fn new_store(&self) -> Arc<dyn dcb_core::EventStore> {
+        let TestStore { store, schema } = test_store(self.config.clone()).await;
+        self.schemas.lock().expect("schemas").push(schema);
+        Arc::new(store)
+    }
+}
