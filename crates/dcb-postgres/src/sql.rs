@@ -61,7 +61,7 @@ fn items_predicate(stmt: &mut Statement, query: &Query) -> String {
     if items.len() == 1 {
         items.into_iter().next().unwrap_or_default()
     } else {
-        format!("({})", items.join(") OR ("))
+        format!("(({}))", items.join(") OR ("))
     }
 }
 
