@@ -46,3 +46,8 @@ pub mod postgres {
 pub mod command {
     pub use dcb_command::*;
 }
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
