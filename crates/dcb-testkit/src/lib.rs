@@ -1,1 +1,2 @@
 //! Conformance suite (being written).
+pub mod pg;
