@@ -1,0 +1,108 @@
+use dcb_core::{ConflictInfo, ValidationError};
+
+/// Why [`CommandExecutor::execute`](crate::CommandExecutor::execute) failed. Nothing was
+/// written, neither events nor the command record, unless the error is a
+/// [`Store`](Self::Store) error whose `outcome_unknown` is true.
+///
+/// `E` is the handler's own error type; the handler's business errors come back unchanged as
+/// [`Rejected`](Self::Rejected).
+///
+/// ```
+/// use dcb_command::CommandError;
+/// use dcb_core::ConflictInfo;
+///
+/// let err: CommandError<std::io::Error> = CommandError::Conflict {
+///     attempts: 3,
+///     conflict: ConflictInfo { conflicting: None, after: None },
+/// };
+/// assert!(err.is_conflict());
+/// assert_eq!(err.attempts(), Some(3));
+/// assert!(err.to_string().starts_with("append condition failed after 3 attempts"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError<E> {
+    /// The handler returned an error: the command was rejected for a reason of its own (for
+    /// instance a business rule). Displays as, and has the source of, the handler's error.
+    ///
+    /// The executor never wraps or reinterprets it. A handler whose error type wraps
+    /// [`dcb_core::Error`] (to use `?` on its reads) reports failed reads here too, inside its
+    /// own error.
+    #[error(transparent)]
+    Rejected(E),
+
+    /// The decision's append condition failed on the last attempt: an event matching it was
+    /// appended after the handler's read. `attempts` counts the handler runs of this execution
+    /// (1 unless a [`RetryPolicy`](crate::RetryPolicy) retried).
+    #[error("append condition failed after {attempts} attempt{}: {conflict}", if *.attempts == 1 { "" } else { "s" })]
+    Conflict {
+        /// How many times the handler ran and its decision was tried.
+        attempts: u32,
+        /// What the store reported about the conflict.
+        conflict: ConflictInfo,
+    },
+
+    /// The command or the events it decided on are invalid (an empty or too long type, a NUL
+    /// character, a payload that does not serialize, a duplicate tag key, ...).
+    #[error("invalid command: {0}")]
+    Validation(ValidationError),
+
+    /// The store failed (connection lost, pool exhausted, timeout, SQL error, ...). See
+    /// [`dcb_core::Error`]: `Storage { outcome_unknown: true, .. }` means the commit may have
+    /// been applied; executing again with the same idempotency id resolves that safely.
+    #[error(transparent)]
+    Store(dcb_core::Error),
+}
+
+impl<E> CommandError<E> {
+    /// True for [`CommandError::Conflict`].
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, CommandError::Conflict { .. })
+    }
+
+    /// True for [`CommandError::Rejected`].
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, CommandError::Rejected(_))
+    }
+
+    /// The number of attempts, for [`CommandError::Conflict`].
+    pub fn attempts(&self) -> Option<u32> {
+        match self {
+            CommandError::Conflict { attempts, .. } => Some(*attempts),
+            _ => None,
+        }
+    }
+
+    /// The handler's error, for [`CommandError::Rejected`].
+    pub fn rejection(&self) -> Option<&E> {
+        match self {
+            CommandError::Rejected(err) => Some(err),
+            _ => None,
+        }
+    }
+
+    /// The handler's error, for [`CommandError::Rejected`]; otherwise gives `self` back.
+    pub fn into_rejection(self) -> Result<E, Self> {
+        match self {
+            CommandError::Rejected(err) => Ok(err),
+            other => Err(other),
+        }
+    }
+
+    /// The validation details, for [`CommandError::Validation`].
+    pub fn as_validation(&self) -> Option<&ValidationError> {
+        match self {
+            CommandError::Validation(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Maps a store error raised after `attempts` handler runs onto the command error kinds.
+    pub(crate) fn from_store(err: dcb_core::Error, attempts: u32) -> Self {
+        match err {
+            dcb_core::Error::Validation(v) => CommandError::Validation(v),
+            dcb_core::Error::Conflict(conflict) => CommandError::Conflict { attempts, conflict },
+            other => CommandError::Store(other),
+        }
+    }
+}
