@@ -1,0 +1,303 @@
+//! Byte-exact round trips of types, tags, data and metadata.
+
+use super::support::*;
+use super::Factory;
+use dcb_core::{NewEvent, Query, ReadOptions, Tag};
+use serde_json::{json, Value};
+
+/// Tag values (and keys) that break naive encodings.
+const AWKWARD: &[&str] = &[
+    "plain",
+    "with \"double\" quotes",
+    "it's single",
+    "back\\slash",
+    "double \\\\ backslash",
+    "\\\"escaped quote\\\"",
+    "trailing backslash\\",
+    "colon:inside",
+    "::leading and trailing::",
+    "k2:v",
+    "comma,separated,values",
+    "{curly,braces}",
+    "[square]",
+    "(parens)",
+    " leading space",
+    "trailing space ",
+    "  ",
+    "tab\tand\nnewline\r",
+    "NULL",
+    "null",
+    "%_like_wildcards%",
+    "semi;colon",
+    "equals=sign&amp",
+    "日本語のタグ",
+    "emoji 🦀👨‍👩‍👧‍👦🏳️‍🌈",
+    "שלום עולם RTL",
+    "مرحبا",
+    "e\u{301} combining",
+    "\u{e9} precomposed",
+    "zero\u{200b}width",
+    "\u{feff}bom",
+    "$$dollar quote$$",
+    "'); DROP TABLE events; --",
+];
+
+/// Tag keys and values with quotes, backslashes, colons (in values), commas, spaces and unicode
+/// come back byte for byte, in append order, and are found by exact-match queries.
+pub async fn roundtrip_tags_byte_exact(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    let mut sent = Vec::new();
+    for (i, value) in AWKWARD.iter().enumerate() {
+        let key = value.replace(':', "_");
+        let event = NewEvent::new(
+            "Awkward",
+            vec![
+                Tag::new("value", *value),
+                Tag::new(key.clone(), "as key"),
+                Tag::new("i", i.to_string()),
+            ],
+            json!({ "n": i }),
+        );
+        sent.push(event);
+    }
+    append(&*store, sent.clone(), "appending awkward tags").await;
+    let all = all_events(&*store).await;
+    assert_eq!(all.len(), sent.len(), "every awkward event stored");
+    for (stored, sent) in all.iter().zip(&sent) {
+        assert_eq!(
+            stored.tags, sent.tags,
+            "tags must round-trip byte for byte and in order"
+        );
+        for (a, b) in stored.tags.iter().zip(&sent.tags) {
+            assert_eq!(
+                a.value.as_bytes(),
+                b.value.as_bytes(),
+                "tag value bytes for {:?}",
+                b.value
+            );
+            assert_eq!(
+                a.key.as_bytes(),
+                b.key.as_bytes(),
+                "tag key bytes for {:?}",
+                b.key
+            );
+        }
+        assert_eq!(
+            stored.tag("value"),
+            sent.tags.first().map(|t| t.value.as_str()),
+            "Event::tag lookup"
+        );
+    }
+    for (i, value) in AWKWARD.iter().enumerate() {
+        let got = read(
+            &*store,
+            &Query::tags([Tag::new("value", *value)]),
+            ReadOptions::default(),
+            value,
+        )
+        .await;
+        assert_eq!(
+            ns(&got),
+            [i as i64],
+            "querying value={value:?} must find exactly event {i}"
+        );
+        let key = value.replace(':', "_");
+        let got = read(
+            &*store,
+            &q(&["Awkward"], &[(key.as_str(), "as key")]),
+            ReadOptions::default(),
+            value,
+        )
+        .await;
+        assert_eq!(
+            ns(&got),
+            [i as i64],
+            "querying key {key:?} must find exactly event {i}"
+        );
+    }
+}
+
+/// Query tags and the event numbers they must select.
+type TagCase<'a> = (&'a [(&'a str, &'a str)], &'a [i64]);
+
+/// Tag encodings must not be ambiguous: a colon in a value, a value that looks like another tag,
+/// and prefixes do not produce false matches.
+pub async fn roundtrip_tag_encoding_is_unambiguous(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    append(
+        &*store,
+        vec![
+            evn(0, "E", &[("a", "b:c")]),
+            evn(1, "E", &[("a", "b")]),
+            evn(2, "E", &[("k1", "k2:v")]),
+            evn(3, "E", &[("k", "v,w")]),
+            evn(4, "E", &[("k", "v"), ("w", "x")]),
+            evn(5, "E", &[("k", "\"v\"")]),
+            evn(6, "E", &[("k", "v\\")]),
+        ],
+        "ambiguity fixture",
+    )
+    .await;
+    let cases: &[TagCase<'_>] = &[
+        (&[("a", "b")], &[1]),
+        (&[("a", "b:c")], &[0]),
+        (&[("k2", "v")], &[]),
+        (&[("k1", "k2")], &[]),
+        (&[("k1", "k2:v")], &[2]),
+        (&[("k", "v")], &[4]),
+        (&[("k", "v,w")], &[3]),
+        (&[("k", "\"v\"")], &[5]),
+        (&[("k", "v\\")], &[6]),
+        (&[("k", "v"), ("w", "x")], &[4]),
+        (&[("k", "v,w"), ("w", "x")], &[]),
+    ];
+    for (pairs, expected) in cases {
+        let got = read(&*store, &q(&[], pairs), ReadOptions::default(), "ambiguity").await;
+        assert_eq!(
+            ns(&got),
+            *expected,
+            "tags {pairs:?} must match exactly events {expected:?}"
+        );
+    }
+}
+
+/// JSON payloads round-trip: strings with quotes, backslashes, escapes and unicode, nesting,
+/// empty containers, exact large integers, floats, null, booleans and non-object payloads.
+pub async fn roundtrip_data_json(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    let rich = json!({
+        "quotes": "say \"hi\"",
+        "backslashes": "C:\\path\\to\\file \\\\ \\n (not a newline)",
+        "escapes": "line\nbreak\ttab\r\u{1}\u{1f}\u{7f}",
+        "unicode": "日本語 🦀 👨‍👩‍👧‍👦 שלום مرحبا e\u{301} \u{e9} \u{2028}\u{2029} \u{feff}",
+        "colons,commas": "a:b,c:d",
+        "": "empty key",
+        " spaced key ": " spaced value ",
+        "nested": { "a": { "b": { "c": [1, [2, [3, { "d": null }]]] } } },
+        "empty_array": [],
+        "empty_object": {},
+        "array_of_empties": [[], {}, "", 0, false, null],
+        "big_u64": 9_007_199_254_740_993_u64,
+        "big_i64": -9_007_199_254_740_993_i64,
+        "u64_max": u64::MAX,
+        "i64_min": i64::MIN,
+        "zero": 0,
+        "float": 0.1,
+        "negative_float": -2.5,
+        "pi": std::f64::consts::PI,
+        "tiny": 1e-7,
+        "large_float": 1.5e300,
+        "float_one": 1.0,
+        "null": null,
+        "true": true,
+        "false": false,
+        "numbers_as_strings": ["9007199254740993", "1e400", "NaN"],
+        "large_string": "x".repeat(64 * 1024),
+    });
+    let payloads = vec![
+        rich.clone(),
+        json!(null),
+        json!([]),
+        json!({}),
+        json!("just a string with \"quotes\" and \\"),
+        json!(9_007_199_254_740_993_u64),
+        json!(-1.25),
+        json!(true),
+        json!([1, "two", { "three": [3.0] }]),
+    ];
+    let sent: Vec<NewEvent> = payloads
+        .iter()
+        .map(|p| NewEvent::new("Data", vec![], p.clone()))
+        .collect();
+    append(&*store, sent, "appending payloads").await;
+    let all = all_events(&*store).await;
+    assert_eq!(all.len(), payloads.len(), "every payload stored");
+    for (stored, sent) in all.iter().zip(&payloads) {
+        assert_eq!(&stored.data, sent, "payload must round-trip exactly");
+    }
+    let data = &all[0].data;
+    assert_eq!(
+        data["big_u64"].as_u64(),
+        Some(9_007_199_254_740_993),
+        "2^53+1 must stay an exact u64"
+    );
+    assert_eq!(
+        data["big_i64"].as_i64(),
+        Some(-9_007_199_254_740_993),
+        "-(2^53+1) must stay an exact i64"
+    );
+    assert_eq!(
+        data["u64_max"].as_u64(),
+        Some(u64::MAX),
+        "u64::MAX must stay exact"
+    );
+    assert_eq!(
+        data["i64_min"].as_i64(),
+        Some(i64::MIN),
+        "i64::MIN must stay exact"
+    );
+    assert_eq!(data["float"].as_f64(), Some(0.1), "0.1 must round-trip");
+    assert_eq!(
+        data["pi"].as_f64(),
+        Some(std::f64::consts::PI),
+        "pi must round-trip"
+    );
+    assert_eq!(
+        data["large_string"].as_str().map(str::len),
+        Some(64 * 1024),
+        "64 KiB string"
+    );
+    assert_eq!(
+        serde_json::to_string(&data["unicode"]).ok(),
+        serde_json::to_string(&rich["unicode"]).ok(),
+        "unicode must serialize identically"
+    );
+    assert_eq!(all[1].data, Value::Null, "a null payload stays JSON null");
+}
+
+/// Metadata round-trips, and `None` stays distinct from `Some(null)`.
+pub async fn roundtrip_metadata(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    let metadata = [
+        None,
+        Some(
+            json!({ "correlation_id": "c-1", "user": "ünïcødé \"q\" \\", "n": 9_007_199_254_740_993_u64 }),
+        ),
+        Some(json!(null)),
+        Some(json!([])),
+        Some(json!({})),
+        Some(json!("text")),
+    ];
+    let sent: Vec<NewEvent> = metadata
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut event = evn(i as i64, "Meta", &[]);
+            event.metadata = m.clone();
+            event
+        })
+        .collect();
+    append(&*store, sent, "appending metadata").await;
+    let all = all_events(&*store).await;
+    assert_eq!(all.len(), metadata.len(), "every event stored");
+    for (stored, sent) in all.iter().zip(&metadata) {
+        assert_eq!(
+            &stored.metadata, sent,
+            "metadata must round-trip exactly (None vs Some(null) included)"
+        );
+    }
+    // The other read paths return the same.
+    let backwards = read(
+        &*store,
+        &Query::types(["Meta"]),
+        ReadOptions::default().backwards(),
+        "backwards",
+    )
+    .await;
+    let mut reversed = all.clone();
+    reversed.reverse();
+    assert_eq!(
+        backwards, reversed,
+        "backwards reads return the same events"
+    );
+}
