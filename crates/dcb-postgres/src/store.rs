@@ -38,6 +38,8 @@ pub(crate) struct Inner {
     begin_append: String,
     begin_fence: String,
     pub(crate) begin_read: String,
+    /// Wake-ups for subscriptions and handler runners (see `notify.rs`).
+    pub(crate) changes: crate::notify::Changes,
 }
 
 impl fmt::Debug for PostgresEventStore {
@@ -69,6 +71,7 @@ impl PostgresEventStore {
             field: "url",
             reason: format!("not a valid PostgreSQL connection string: {e}"),
         })?;
+        let listen_config = pg_config.clone();
         let manager = deadpool_postgres::Manager::from_config(
             pg_config,
             NoTls,
@@ -84,7 +87,9 @@ impl PostgresEventStore {
                 field: "pool_size",
                 reason: e.to_string(),
             })?;
-        Self::from_pool(pool, config).await
+        let store = Self::from_pool(pool, config).await?;
+        store.inner.changes.set_listen_config(listen_config);
+        Ok(store)
     }
 
     /// Uses an existing pool (its size wins over `config.pool_size`), runs the migrations if
@@ -110,6 +115,7 @@ impl PostgresEventStore {
                 config.read_isolation.sql(),
                 timeout(config.query_timeout)
             ),
+            changes: crate::notify::Changes::new(&config, pool.clone()),
             schema,
             pool,
             config,
@@ -270,6 +276,7 @@ impl PostgresEventStore {
         let rows = rows.map_err(map)?;
         commit.map_err(|e| db_error_with_timeout("append", e, true, timeout))?;
         let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
+        let mut conflict = None;
         for row in &rows {
             let kind: &str = row.try_get(0).map_err(|e| db_error("append", e, false))?;
             let tx: Xid8 = row.try_get(1).map_err(|e| db_error("append", e, false))?;
@@ -277,7 +284,8 @@ impl PostgresEventStore {
             let occurred_at: Option<SystemTime> =
                 row.try_get(3).map_err(|e| db_error("append", e, false))?;
             match kind {
-                "conflict" => return Ok(AppendOutcome::Conflict(Cursor::new(tx.0, position.unwrap_or(0)))),
+                "conflict" => conflict = Some(Cursor::new(tx.0, position.unwrap_or(0))),
+                // An already recorded command wins over a conflict: the retry gets the original.
                 "duplicate" => return Ok(AppendOutcome::Duplicate),
                 "event" => {
                     let entry = written.get_or_insert((tx.0, None, occurred_at));
@@ -288,6 +296,12 @@ impl PostgresEventStore {
                     entry.2 = occurred_at;
                 }
             }
+        }
+        if written.is_some() {
+            inner.changes.committed();
+        }
+        if let Some(conflicting) = conflict {
+            return Ok(AppendOutcome::Conflict(conflicting));
         }
         match written {
             Some((transaction_id, last_event, occurred_at)) => Ok(AppendOutcome::Written {
@@ -512,6 +526,13 @@ impl EventReader for PostgresEventStore {
             .map_err(|_| Error::TooManyProjections {
                 limit: self.inner.config.max_concurrent_projections,
             })
+    }
+
+    /// Woken by this store's appends and, through LISTEN, by other processes' (see
+    /// [`StoreConfig::notify_on_append`]). A store built with `from_pool` has no URL for the
+    /// listener's own connection: its subscribers are woken by its own appends and poll.
+    fn change_feed(&self) -> Option<dcb_core::ChangeFeed> {
+        Some(self.inner.changes.feed())
     }
 }
 
