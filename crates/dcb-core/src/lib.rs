@@ -31,6 +31,7 @@ mod matching;
 mod projection;
 mod query;
 mod store;
+mod subscribe;
 mod tag;
 mod validate;
 
@@ -46,6 +47,9 @@ pub use projection::{
 pub use query::{Query, QueryItem};
 pub use store::{
     Direction, EventReader, EventReaderExt, EventStore, EventStream, ProjectionPermit, ReadOptions,
+};
+pub use subscribe::{
+    is_fatal_for_subscription, subscribe, ChangeFeed, ChangeNotifier, SubscribeExt, SubscribeOptions,
 };
 pub use tag::Tag;
 pub use validate::{

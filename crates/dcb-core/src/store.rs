@@ -115,6 +115,12 @@ pub trait EventReader: Send + Sync {
     fn projection_permit(&self) -> Result<ProjectionPermit, Error> {
         Ok(ProjectionPermit::unlimited())
     }
+
+    /// Wake-ups for subscriptions ([`subscribe`](crate::subscribe())): a feed that is woken
+    /// after appends. The default, `None`, makes subscriptions poll.
+    fn change_feed(&self) -> Option<crate::ChangeFeed> {
+        None
+    }
 }
 
 /// Writing side of a store: unconditional and conditional appends, plus what the command layer

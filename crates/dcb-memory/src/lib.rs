@@ -98,6 +98,8 @@ impl Log {
 pub struct InMemoryEventStore {
     log: Arc<Mutex<Log>>,
     limits: Limits,
+    /// Wakes subscriptions after every commit (in-process, so they never need to poll).
+    changes: dcb_core::ChangeNotifier,
 }
 
 impl std::fmt::Debug for InMemoryEventStore {
@@ -125,6 +127,7 @@ impl InMemoryEventStore {
         Ok(Self {
             log: Arc::default(),
             limits,
+            changes: dcb_core::ChangeNotifier::new(),
         })
     }
 
@@ -156,6 +159,7 @@ impl InMemoryEventStore {
         let mut log = self.lock();
         log.check(condition)?;
         let (_, last) = log.write(events);
+        self.changes.notify();
         last.ok_or_else(|| unreachable_empty("append"))
     }
 }
@@ -244,6 +248,10 @@ impl EventReader for InMemoryEventStore {
                 tokio_yield().await;
             }
         }))
+    }
+
+    fn change_feed(&self) -> Option<dcb_core::ChangeFeed> {
+        Some(self.changes.feed())
     }
 }
 
@@ -364,6 +372,7 @@ impl CommandSession for MemoryCommandSession {
             occurred_at: SystemTime::now(),
         };
         log.commands.push(record.clone());
+        self.store.changes.notify();
         Ok(CommitOutcome::Committed(record))
     }
 }

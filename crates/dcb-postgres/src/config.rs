@@ -67,6 +67,16 @@ pub struct StoreConfig {
     /// Whether [`PostgresEventStore::connect`](crate::PostgresEventStore::connect) runs the
     /// migrations before checking the schema version. Default `false`.
     pub auto_migrate: bool,
+    /// Whether appends wake subscribers in *other* processes with a PostgreSQL NOTIFY on the
+    /// channel `crablet_<schema>`, sent after the commit by a background task (never inside the
+    /// append transaction). Subscribers of the same store instance are woken in process either
+    /// way, and every subscriber also polls. Default `true`.
+    pub notify_on_append: bool,
+    /// Least time between two of those notifications from one store instance: the first append
+    /// after a quiet period notifies at once, later ones within the interval are coalesced into
+    /// one notification at its end. Bounds what NOTIFY costs the database under load. Default
+    /// 10 ms.
+    pub notify_interval: Duration,
 }
 
 impl Default for StoreConfig {
@@ -82,6 +92,8 @@ impl Default for StoreConfig {
             max_concurrent_projections: 256,
             pool_size: 16,
             auto_migrate: false,
+            notify_on_append: true,
+            notify_interval: Duration::from_millis(10),
         }
     }
 }
@@ -120,6 +132,10 @@ impl StoreConfig {
         pool_size: usize);
     setter!(/// Sets whether `connect` runs the migrations.
         auto_migrate: bool);
+    setter!(/// Sets whether appends send a NOTIFY for subscribers in other processes.
+        notify_on_append: bool);
+    setter!(/// Sets the least time between two notifications of one store instance.
+        notify_interval: Duration);
 
     /// Checks every field, naming the first invalid one.
     pub fn validate(&self) -> Result<(), Error> {
@@ -160,6 +176,9 @@ impl StoreConfig {
         }
         if self.max_concurrent_projections == 0 {
             return bad("max_concurrent_projections", "must be at least 1");
+        }
+        if self.notify_interval > Duration::from_secs(60) {
+            return bad("notify_interval", "must be at most 60 s");
         }
         if self.pool_size == 0 {
             return bad("pool_size", "must be at least 1");

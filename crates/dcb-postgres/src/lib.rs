@@ -14,6 +14,13 @@
 //!   A reader that continues after its last cursor never skips an event committed out of order,
 //!   sees its own writes, and is not held back by unrelated long transactions.
 //!
+//! - **Subscriptions** (`dcb_core::SubscribeExt::subscribe`) are loops of fenced reads, woken in
+//!   process by this store's appends and across processes by LISTEN/NOTIFY (sent after commit by
+//!   a background task, see [`StoreConfig::notify_on_append`]), with a polling fallback.
+//! - **Durable handlers** ([`EventHandler`], [`PostgresEventStore::run_handler`]) process events
+//!   in a transaction that also advances their checkpoint: exactly once per event, one instance
+//!   at a time, with [`PostgresEventStore::wait_until_processed`] for reading your own writes.
+//!
 //! The full argument is in `docs/design.md`.
 //!
 //! ```no_run
@@ -33,8 +40,10 @@
 
 mod config;
 mod conn;
+mod handlers;
 mod keys;
 mod migrate;
+mod notify;
 mod session;
 mod sql;
 mod store;
@@ -43,5 +52,10 @@ mod xid8;
 
 pub use config::{IsolationLevel, StoreConfig};
 pub use deadpool_postgres::Pool;
+pub use handlers::{
+    EventHandler, HandlerError, HandlerOptions, HandlerRecord, HandlerStatus, RunningHandler,
+};
 pub use migrate::SCHEMA_VERSION;
 pub use store::PostgresEventStore;
+/// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.
+pub use tokio_postgres;

@@ -4,10 +4,13 @@ use dcb_core::Error;
 use tokio_postgres::Client;
 
 /// The schema version this library reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../../../sql/001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../sql/001_init.sql"),
+    include_str!("../../../sql/002_handlers.sql"),
+];
 
 /// Applies the missing migrations in one transaction, serialized across processes by an
 /// advisory lock on the schema name, so concurrent `migrate()` calls are safe.

@@ -1,0 +1,886 @@
+//! Durable event handlers (see [`EventHandler`]): read models and reactions that process every
+//! event of a query exactly once, across crashes and across application instances.
+use crate::conn::{db_error, db_error_with_timeout, Conn};
+use crate::sql;
+use crate::store::{check_options, event_from_row, prepare, PostgresEventStore};
+use crate::xid8::Xid8;
+use async_trait::async_trait;
+use dcb_core::{validate_query, ChangeFeed, Cursor, Error, Event, Query, ReadOptions};
+use deadpool_postgres::{ClientWrapper, Object};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// What an [`EventHandler`] returns when it fails: any error, for instance a
+/// `tokio_postgres::Error` from its own statements (`?` converts it).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Processes the events of a query, batch by batch, inside the runner's transaction.
+///
+/// Everything the handler writes through `tx` commits together with the handler's checkpoint, so
+/// it takes effect exactly once per event. A handler that fails (returns `Err` or panics) has
+/// its transaction rolled back, and the same batch is delivered again after a backoff. Effects
+/// outside `tx` (e-mails, HTTP calls) are at-least-once: make them idempotent.
+///
+/// A runner ([`PostgresEventStore::run_handler`]) feeds the handler batches of
+/// events inside a PostgreSQL transaction in which the handler writes its own tables; the runner
+/// advances the handler's checkpoint (`handler_checkpoints`) in the **same** transaction. Either
+/// both commit or neither does: after a crash, the batch is delivered again, and never skipped.
+///
+/// **One instance at a time.** Every instance running a handler competes for a *lease*: a
+/// session-level advisory lock (`pg_try_advisory_lock`) on a key derived from the schema and the
+/// handler name, held on the runner's dedicated connection, which also runs the handler's
+/// transactions. The holder processes; the others retry every `lease_retry_interval`. When the
+/// holder dies its connection closes, PostgreSQL releases the lock, and another instance takes
+/// over from the committed checkpoint. As a second line of defence each batch locks the
+/// checkpoint row and checks it is still the one the batch was read after, so two processors
+/// can never both commit the same batch. The lease needs a real session: run handlers against
+/// PostgreSQL directly or through a pooler in *session* mode.
+///
+/// **Checkpoints past the last event.** Reads are fenced (see `docs/design.md`): a read that
+/// returned fewer events than asked for is complete up to the transaction id horizon of its
+/// snapshot, so the runner also advances the checkpoint over non-matching events (at most every
+/// `idle_checkpoint_interval`). That is what lets
+/// [`wait_until_processed`](PostgresEventStore::wait_until_processed) wait for *any* cursor,
+/// including that of an event the handler does not care about.
+///
+/// ```no_run
+/// use dcb_core::{Event, Query};
+/// use dcb_postgres::{tokio_postgres, EventHandler, HandlerError, HandlerOptions, PostgresEventStore};
+///
+/// struct Balances;
+///
+/// #[async_trait::async_trait]
+/// impl EventHandler for Balances {
+///     fn name(&self) -> &str {
+///         "balances"
+///     }
+///     fn query(&self) -> Query {
+///         Query::types(["Deposited"])
+///     }
+///     async fn handle(
+///         &self,
+///         tx: &tokio_postgres::Transaction<'_>,
+///         events: &[Event],
+///     ) -> Result<(), HandlerError> {
+///         for event in events {
+///             let account = event.tags[0].value.as_str();
+///             let amount = event.data["amount"].as_i64().unwrap_or(0);
+///             tx.execute(
+///                 "INSERT INTO balances (account, balance) VALUES ($1, $2) \
+///                  ON CONFLICT (account) DO UPDATE SET balance = balances.balance + $2",
+///                 &[&account, &amount],
+///             )
+///             .await?;
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// # async fn demo(store: PostgresEventStore, cursor: dcb_core::Cursor) -> dcb_core::Result<()> {
+/// let running = store.run_handler(Balances, HandlerOptions::default())?;
+/// // ... after appending an event at `cursor`, read your own write from the read model:
+/// store.wait_until_processed("balances", cursor, std::time::Duration::from_secs(5)).await?;
+/// println!("{:?}", running.status());
+/// running.stop().await;
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait EventHandler: Send + Sync + 'static {
+    /// The handler's stable name: the key of its checkpoint and of its lease. Renaming a
+    /// handler starts it from the beginning.
+    fn name(&self) -> &str;
+
+    /// The events the handler processes.
+    fn query(&self) -> Query;
+
+    /// Processes `events` (non-empty, in cursor order) inside `tx`. Do not commit or roll back
+    /// `tx` yourself.
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), HandlerError>;
+}
+
+/// Settings of a handler runner.
+///
+/// ```
+/// use dcb_postgres::HandlerOptions;
+/// use std::time::Duration;
+/// let options = HandlerOptions::default().batch_size(50).lease_retry_interval(Duration::from_millis(500));
+/// assert!(options.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandlerOptions {
+    /// The most events per batch (per transaction). Default 100.
+    pub batch_size: usize,
+    /// How long a caught-up runner waits for a wake-up before it reads again anyway. Default 1 s.
+    pub poll_interval: Duration,
+    /// How often an instance without the lease tries to take it. Default 1 s.
+    pub lease_retry_interval: Duration,
+    /// Delay before the first retry of a failed batch; doubled per consecutive failure.
+    /// Default 100 ms.
+    pub retry_initial: Duration,
+    /// Longest delay between retries of a failed batch. Default 30 s.
+    pub retry_max: Duration,
+    /// Least time between checkpoint writes that only skip non-matching events. Default 100 ms.
+    pub idle_checkpoint_interval: Duration,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            poll_interval: Duration::from_secs(1),
+            lease_retry_interval: Duration::from_secs(1),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            idle_checkpoint_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+macro_rules! option_setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+impl HandlerOptions {
+    option_setter!(/// Sets the batch size.
+        batch_size: usize);
+    option_setter!(/// Sets the polling fallback interval.
+        poll_interval: Duration);
+    option_setter!(/// Sets how often a standby instance tries to take the lease.
+        lease_retry_interval: Duration);
+    option_setter!(/// Sets the delay before the first retry of a failed batch.
+        retry_initial: Duration);
+    option_setter!(/// Sets the longest delay between retries of a failed batch.
+        retry_max: Duration);
+    option_setter!(/// Sets the least time between checkpoint writes over non-matching events.
+        idle_checkpoint_interval: Duration);
+
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(Error::Config {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return bad("batch_size", "must be between 1 and 100000");
+        }
+        if self.poll_interval.is_zero() {
+            return bad("poll_interval", "must be longer than zero");
+        }
+        if self.lease_retry_interval.is_zero() {
+            return bad("lease_retry_interval", "must be longer than zero");
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return bad(
+                "retry_initial",
+                "must be longer than zero and at most retry_max",
+            );
+        }
+        Ok(())
+    }
+
+    fn retry_delay(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+        self.retry_initial
+            .saturating_mul(factor)
+            .min(self.retry_max)
+    }
+}
+
+/// What one runner knows about its handler, from [`RunningHandler::status`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HandlerStatus {
+    /// The handler's name.
+    pub name: String,
+    /// Whether this instance holds the lease (is the one processing).
+    pub holds_lease: bool,
+    /// The last committed checkpoint this instance saw (`None`: nothing processed yet, or not
+    /// known because this instance never held the lease).
+    pub checkpoint: Option<Cursor>,
+    /// Events this instance processed (committed).
+    pub processed: u64,
+    /// Consecutive failed attempts at the current batch (0 when healthy). A growing number
+    /// means the handler is stuck on the batch after `checkpoint`.
+    pub attempts: u32,
+    /// The most recent failure (handler error or panic, lost connection, failed read), if the
+    /// runner has not succeeded since.
+    pub last_error: Option<String>,
+    /// When `last_error` happened.
+    pub last_error_at: Option<SystemTime>,
+    /// True once the runner has stopped.
+    pub stopped: bool,
+}
+
+/// A handler's stored state, visible from any instance: [`PostgresEventStore::handler_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerRecord {
+    /// The handler's name.
+    pub name: String,
+    /// The committed checkpoint (`None`: nothing processed yet).
+    pub checkpoint: Option<Cursor>,
+    /// When the checkpoint (or error) was last written.
+    pub updated_at: SystemTime,
+    /// Consecutive failed attempts at the batch after the checkpoint.
+    pub attempts: u32,
+    /// The most recent failure of that batch.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_at: Option<SystemTime>,
+    /// Whether some instance currently holds the handler's lease.
+    pub lease_held: bool,
+}
+
+/// A handler running in the background, returned by [`PostgresEventStore::run_handler`].
+///
+/// Dropping it aborts the runner at once (like a crash: an open batch rolls back and is
+/// processed again by whoever takes over); [`stop`](Self::stop) stops it gracefully.
+pub struct RunningHandler {
+    name: String,
+    status: watch::Receiver<HandlerStatus>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RunningHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningHandler")
+            .field("name", &self.name)
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningHandler {
+    /// The handler's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A snapshot of the runner's status.
+    pub fn status(&self) -> HandlerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status updates (for dashboards, health checks and tests).
+    pub fn status_updates(&self) -> watch::Receiver<HandlerStatus> {
+        self.status.clone()
+    }
+
+    /// Stops gracefully: a batch in progress is finished (committed or rolled back), then the
+    /// lease is released.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Aborts at once, as if the process died: an open transaction is rolled back by the
+    /// server when the connection closes, and the lease is released.
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for RunningHandler {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl PostgresEventStore {
+    /// Starts running `handler` in the background on this store (must be called inside a Tokio
+    /// runtime). Several instances may run the same handler; one processes at a time.
+    pub fn run_handler<H: EventHandler>(
+        &self,
+        handler: H,
+        options: HandlerOptions,
+    ) -> Result<RunningHandler, Error> {
+        options.validate()?;
+        let name = handler.name().to_string();
+        check_name(&name)?;
+        let query = handler.query();
+        validate_query(&query)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::Config {
+            field: "runtime",
+            reason: "run_handler must be called inside a Tokio runtime".into(),
+        })?;
+        let (status_tx, status_rx) = watch::channel(HandlerStatus {
+            name: name.clone(),
+            ..HandlerStatus::default()
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let runner = Runner {
+            lease_key: format!("crablet/handler/{}/{}", self.inner.config.schema, name),
+            sql: Statements::new(&self.inner.schema),
+            store: self.clone(),
+            handler: Arc::new(handler),
+            name: name.clone(),
+            query,
+            options,
+            status: status_tx,
+            stop: stop_rx,
+        };
+        let span = tracing::info_span!("pg.handler", handler = %name);
+        let task = runtime.spawn(runner.run().instrument(span));
+        Ok(RunningHandler {
+            name,
+            status: status_rx,
+            stop: stop_tx,
+            task: Some(task),
+        })
+    }
+
+    /// Waits until `handler` has processed everything up to and including `cursor` (its
+    /// committed checkpoint is at or past it), so a caller can read its own write from the
+    /// handler's read model. `cursor` does not have to match the handler's query. Fails with
+    /// [`Error::Timeout`] after `timeout`.
+    #[tracing::instrument(name = "pg.wait_until_processed", skip(self), fields(%cursor))]
+    pub async fn wait_until_processed(
+        &self,
+        handler: &str,
+        cursor: Cursor,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        // Runners of this store wake us at once; others are polled.
+        let mut feed = self.inner.changes.checkpoints.feed();
+        let mut delay = Duration::from_millis(5);
+        loop {
+            feed.mark_seen();
+            if self.handler_checkpoint(handler).await? >= Some(cursor) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    operation: "wait_until_processed",
+                    timeout,
+                });
+            }
+            let _ = tokio::time::timeout(delay.min(deadline - now), feed.changed()).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// The committed checkpoint of `handler` (`None` if it processed nothing yet or is unknown).
+    pub async fn handler_checkpoint(&self, handler: &str) -> Result<Option<Cursor>, Error> {
+        let conn = Conn::get(&self.inner.pool, "handler_checkpoint").await?;
+        let client = conn.object();
+        let stmt = prepare(
+            client,
+            &Statements::new(&self.inner.schema).select_checkpoint,
+            "handler_checkpoint",
+        )
+        .await?;
+        let row = client
+            .query_opt(&stmt, &[&handler])
+            .await
+            .map_err(|e| db_error("handler_checkpoint", e, false))?;
+        match row {
+            Some(row) => {
+                checkpoint_from(&row).map_err(|e| db_error("handler_checkpoint", e, false))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The stored state of `handler`, as any instance sees it: checkpoint, current failure
+    /// streak, and whether some instance holds the lease. `None` if it never ran.
+    pub async fn handler_status(&self, handler: &str) -> Result<Option<HandlerRecord>, Error> {
+        let conn = Conn::get(&self.inner.pool, "handler_status").await?;
+        let client = conn.object();
+        let sql = format!(
+            "SELECT c.transaction_id, c.position, c.updated_at, c.attempts, c.last_error, \
+                    c.last_error_at, \
+                    EXISTS (SELECT 1 FROM pg_locks l, \
+                                   (SELECT hashtextextended($2, 0) AS k) hk \
+                            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                              AND l.database = (SELECT oid FROM pg_database \
+                                                WHERE datname = current_database()) \
+                              AND l.classid::int8 = ((hk.k >> 32) & 4294967295) \
+                              AND l.objid::int8 = (hk.k & 4294967295)) \
+             FROM {}.handler_checkpoints c WHERE c.handler_name = $1",
+            self.inner.schema
+        );
+        let stmt = prepare(client, &sql, "handler_status").await?;
+        let key = format!("crablet/handler/{}/{}", self.inner.config.schema, handler);
+        let row = client
+            .query_opt(&stmt, &[&handler, &key])
+            .await
+            .map_err(|e| db_error("handler_status", e, false))?;
+        let Some(row) = row else { return Ok(None) };
+        let get = |e| db_error("handler_status", e, false);
+        let attempts: i32 = row.try_get(3).map_err(get)?;
+        Ok(Some(HandlerRecord {
+            name: handler.to_string(),
+            checkpoint: checkpoint_from(&row).map_err(get)?,
+            updated_at: row.try_get(2).map_err(get)?,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            last_error: row.try_get(4).map_err(get)?,
+            last_error_at: row.try_get(5).map_err(get)?,
+            lease_held: row.try_get(6).map_err(get)?,
+        }))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.contains('\0') {
+        return Err(Error::Config {
+            field: "handler.name",
+            reason: "must be non-empty and contain no NUL".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads the (nullable) checkpoint from columns 0 and 1.
+fn checkpoint_from(row: &tokio_postgres::Row) -> Result<Option<Cursor>, tokio_postgres::Error> {
+    let tx: Option<Xid8> = row.try_get(0)?;
+    let position: Option<i64> = row.try_get(1)?;
+    Ok(match (tx, position) {
+        (Some(tx), Some(position)) => Some(Cursor::new(tx.0, position)),
+        _ => None,
+    })
+}
+
+/// The SQL of the runner, for one schema.
+struct Statements {
+    ensure_row: String,
+    select_checkpoint: String,
+    lock_checkpoint: String,
+    advance: String,
+    record_failure: String,
+}
+
+impl Statements {
+    fn new(schema: &str) -> Self {
+        let table = format!("{schema}.handler_checkpoints");
+        Self {
+            ensure_row: format!(
+                "INSERT INTO {table} (handler_name) VALUES ($1) ON CONFLICT (handler_name) DO NOTHING"
+            ),
+            select_checkpoint: format!(
+                "SELECT transaction_id, position FROM {table} WHERE handler_name = $1"
+            ),
+            lock_checkpoint: format!(
+                "SELECT transaction_id, position FROM {table} WHERE handler_name = $1 FOR UPDATE"
+            ),
+            advance: format!(
+                "UPDATE {table} SET transaction_id = $2, position = $3, updated_at = now(), \
+                 attempts = 0, last_error = NULL, last_error_at = NULL WHERE handler_name = $1"
+            ),
+            record_failure: format!(
+                "UPDATE {table} SET attempts = attempts + 1, last_error = $2, \
+                 last_error_at = now(), updated_at = now() WHERE handler_name = $1"
+            ),
+        }
+    }
+}
+
+/// Why a batch did not commit.
+enum Failure {
+    /// The handler failed or panicked; the batch is retried on the same lease.
+    Handler(String),
+    /// The lease connection failed or another instance moved the checkpoint: give up the lease.
+    Lost(String),
+}
+
+/// Why leading ended.
+enum LeadEnd {
+    Stopped,
+    Lost(String),
+}
+
+/// What the leading loop does before its next read.
+enum Next {
+    Read,
+    Wait(Duration),
+    Backoff(Duration),
+}
+
+struct Runner {
+    store: PostgresEventStore,
+    handler: Arc<dyn EventHandler>,
+    name: String,
+    query: Query,
+    options: HandlerOptions,
+    lease_key: String,
+    sql: Statements,
+    status: watch::Sender<HandlerStatus>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        let mut client: Option<ClientWrapper> = None;
+        loop {
+            if self.stop_requested() {
+                break;
+            }
+            // A dedicated connection, detached from the pool: dropping it closes the session and
+            // releases the lease, whatever state it is in.
+            let mut conn = match client.take() {
+                Some(c) if !c.is_closed() => c,
+                _ => match self.store.inner.pool.get().await {
+                    Ok(object) => Object::take(object),
+                    Err(err) => {
+                        failures = failures.saturating_add(1);
+                        self.note_error(format!("could not connect: {err}"));
+                        if self.pause(self.options.retry_delay(failures)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                },
+            };
+            match conn
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                    &[&self.lease_key],
+                )
+                .await
+                .and_then(|row| row.try_get::<_, bool>(0))
+            {
+                Ok(true) => {
+                    tracing::info!("lease acquired");
+                    failures = 0;
+                    self.status.send_modify(|s| s.holds_lease = true);
+                    let end = self.lead(&mut conn).await;
+                    self.status.send_modify(|s| s.holds_lease = false);
+                    // Closing the session releases the lease (and rolls back anything open).
+                    drop(conn);
+                    match end {
+                        LeadEnd::Stopped => break,
+                        LeadEnd::Lost(reason) => {
+                            tracing::warn!(%reason, "lease lost");
+                            failures = failures.saturating_add(1);
+                            self.note_error(reason);
+                            if self.pause(self.options.retry_delay(failures)).await {
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(false) => {
+                    client = Some(conn);
+                    if self.pause(self.options.lease_retry_interval).await {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    self.note_error(format!("lease attempt failed: {err}"));
+                    if self.pause(self.options.retry_delay(failures)).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.status.send_modify(|s| {
+            s.holds_lease = false;
+            s.stopped = true;
+        });
+    }
+
+    /// Processes batches while holding the lease on `conn`.
+    async fn lead(&mut self, conn: &mut ClientWrapper) -> LeadEnd {
+        let mut checkpoint = match self.load_checkpoint(conn).await {
+            Ok(c) => c,
+            Err(err) => return LeadEnd::Lost(format!("could not load the checkpoint: {err}")),
+        };
+        self.status.send_modify(|s| s.checkpoint = checkpoint);
+        let mut feed: Option<ChangeFeed> = dcb_core::EventReader::change_feed(&self.store);
+        let mut next = Next::Read;
+        let mut failures = 0u32;
+        let mut last_idle_advance: Option<Instant> = None;
+        loop {
+            if self.stop_requested() {
+                return LeadEnd::Stopped;
+            }
+            match next {
+                Next::Read => {}
+                Next::Wait(limit) => {
+                    let stop = self.stop.wait_for(|s| *s);
+                    let woken = async {
+                        match feed.as_mut() {
+                            Some(f) => {
+                                if !f.changed().await {
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                            None => std::future::pending::<()>().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = stop => return LeadEnd::Stopped,
+                        _ = tokio::time::timeout(limit, woken) => {}
+                    }
+                }
+                Next::Backoff(delay) => {
+                    if self.pause(delay).await {
+                        return LeadEnd::Stopped;
+                    }
+                }
+            }
+            if let Some(f) = feed.as_mut() {
+                f.mark_seen();
+            }
+            let (events, horizon) = match read_with_horizon(
+                &self.store,
+                &self.query,
+                checkpoint,
+                self.options.batch_size,
+            )
+            .await
+            {
+                Ok(read) => read,
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    self.note_error(format!("read failed: {err}"));
+                    next = Next::Backoff(self.options.retry_delay(failures));
+                    continue;
+                }
+            };
+            if conn.is_closed() {
+                return LeadEnd::Lost("the lease connection closed".into());
+            }
+            let full = events.len() >= self.options.batch_size;
+            let last = events.last().map(|e| e.cursor);
+            let target = if full { last } else { last.max(Some(horizon)) };
+            let Some(target) = target else {
+                next = Next::Wait(self.options.poll_interval);
+                continue;
+            };
+            if events.is_empty() {
+                if Some(target) <= checkpoint {
+                    next = Next::Wait(self.options.poll_interval);
+                    continue;
+                }
+                // Only skipping non-matching events: throttle these writes.
+                if let Some(at) = last_idle_advance {
+                    let due = at + self.options.idle_checkpoint_interval;
+                    let now = Instant::now();
+                    if now < due {
+                        next = Next::Wait(due - now);
+                        continue;
+                    }
+                }
+                last_idle_advance = Some(Instant::now());
+            }
+            let span = tracing::debug_span!("pg.handler.batch", events = events.len(), after = ?checkpoint);
+            match self
+                .process(conn, &events, checkpoint, target)
+                .instrument(span)
+                .await
+            {
+                Ok(()) => {
+                    failures = 0;
+                    checkpoint = Some(target);
+                    let n = events.len() as u64;
+                    self.status.send_modify(|s| {
+                        s.checkpoint = checkpoint;
+                        s.processed += n;
+                        s.attempts = 0;
+                        s.last_error = None;
+                        s.last_error_at = None;
+                    });
+                    self.store.inner.changes.checkpoints.notify();
+                    next = if full {
+                        Next::Read
+                    } else {
+                        Next::Wait(self.options.poll_interval)
+                    };
+                }
+                Err(Failure::Handler(message)) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(%message, attempts = failures, "handler failed; the batch will be retried");
+                    if let Err(err) = conn
+                        .execute(&self.sql.record_failure, &[&self.name, &message])
+                        .await
+                    {
+                        tracing::debug!(%err, "could not record the failure");
+                    }
+                    self.status.send_modify(|s| {
+                        s.attempts = failures;
+                        s.last_error = Some(message.clone());
+                        s.last_error_at = Some(SystemTime::now());
+                    });
+                    if conn.is_closed() {
+                        return LeadEnd::Lost(format!("the lease connection closed: {message}"));
+                    }
+                    next = Next::Backoff(self.options.retry_delay(failures));
+                }
+                Err(Failure::Lost(reason)) => return LeadEnd::Lost(reason),
+            }
+        }
+    }
+
+    /// One batch: lock and verify the checkpoint row, run the handler, advance the checkpoint,
+    /// commit, all in one transaction on the lease connection.
+    async fn process(
+        &self,
+        conn: &mut ClientWrapper,
+        events: &[Event],
+        from: Option<Cursor>,
+        to: Cursor,
+    ) -> Result<(), Failure> {
+        let lost = |e: tokio_postgres::Error| Failure::Lost(e.to_string());
+        // Prepared once per connection, so a batch costs no extra parse round trips.
+        let lock_checkpoint = conn
+            .prepare_cached(&self.sql.lock_checkpoint)
+            .await
+            .map_err(lost)?;
+        let advance = conn.prepare_cached(&self.sql.advance).await.map_err(lost)?;
+        let client: &mut tokio_postgres::Client = conn;
+        let tx = client.transaction().await.map_err(lost)?;
+        let row = tx
+            .query_opt(&lock_checkpoint, &[&self.name])
+            .await
+            .map_err(lost)?;
+        let current = match row {
+            Some(row) => checkpoint_from(&row).map_err(lost)?,
+            None => return Err(Failure::Lost("the checkpoint row disappeared".into())),
+        };
+        if current != from {
+            return Err(Failure::Lost(format!(
+                "the checkpoint moved from {from:?} to {current:?}: another instance processed"
+            )));
+        }
+        if !events.is_empty() {
+            let outcome = AssertUnwindSafe(self.handler.handle(&tx, events))
+                .catch_unwind()
+                .await;
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(err.to_string()),
+                Err(panic) => Some(format!("handler panicked: {}", panic_message(&panic))),
+            };
+            if let Some(message) = failure {
+                if let Err(err) = tx.rollback().await {
+                    return Err(Failure::Lost(format!("{message}; rollback failed: {err}")));
+                }
+                return Err(Failure::Handler(message));
+            }
+        }
+        tx.execute(
+            &advance,
+            &[&self.name, &Xid8(to.transaction_id), &to.position],
+        )
+        .await
+        .map_err(lost)?;
+        // A failed commit has an unknown outcome: give up the lease and reload the checkpoint.
+        tx.commit().await.map_err(lost)
+    }
+
+    async fn load_checkpoint(
+        &self,
+        conn: &ClientWrapper,
+    ) -> Result<Option<Cursor>, tokio_postgres::Error> {
+        conn.execute(&self.sql.ensure_row, &[&self.name]).await?;
+        let row = conn
+            .query_one(&self.sql.select_checkpoint, &[&self.name])
+            .await?;
+        checkpoint_from(&row)
+    }
+
+    fn stop_requested(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps `delay`; returns true if a stop was requested meanwhile.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.wait_for(|s| *s) => true,
+            _ = tokio::time::sleep(delay) => false,
+        }
+    }
+
+    fn note_error(&self, message: String) {
+        tracing::debug!(%message, "handler runner error");
+        self.status.send_modify(|s| {
+            s.last_error = Some(message);
+            s.last_error_at = Some(SystemTime::now());
+        });
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".into()
+    }
+}
+
+/// A fenced read after `after` that also returns its horizon: every event matching `query` that
+/// is not returned and ever commits has a cursor above the last returned event, and, when fewer
+/// than `limit` events came back, above the horizon too.
+async fn read_with_horizon(
+    store: &PostgresEventStore,
+    query: &Query,
+    after: Option<Cursor>,
+    limit: usize,
+) -> Result<(Vec<Event>, Cursor), Error> {
+    let inner = &store.inner;
+    let options = ReadOptions::default().after_opt(after).limit(limit);
+    check_options(&options)?;
+    let conn = Conn::get(&inner.pool, "handler_read").await?;
+    let read = async {
+        let (xmax, xip) = store.fence(&conn, query).await?;
+        let stmt = sql::read(&inner.schema, query, &options, xmax, xip);
+        let client = conn.object();
+        let prepared = prepare(client, &stmt.sql, "handler_read").await?;
+        let params = stmt.param_refs();
+        conn.begin_exchange();
+        let (begin, rows, commit) = tokio::join!(
+            client.batch_execute(&inner.begin_read),
+            client.query(&prepared, &params),
+            client.batch_execute("COMMIT"),
+        );
+        conn.end_exchange();
+        let timeout = Some(inner.config.query_timeout);
+        let map = |e| db_error_with_timeout("handler_read", e, false, timeout);
+        begin.map_err(map)?;
+        let rows = rows.map_err(map)?;
+        commit.map_err(map)?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Every transaction that gets an id after the fence's snapshot has an id >= xmax.
+        let horizon = Cursor::new(xmax.0.saturating_sub(1), i64::MAX);
+        Ok((events, horizon))
+    };
+    let limit = inner.config.query_timeout * 2 + Duration::from_secs(2);
+    match tokio::time::timeout(limit, read).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout {
+            operation: "handler_read",
+            timeout: inner.config.query_timeout,
+        }),
+    }
+}

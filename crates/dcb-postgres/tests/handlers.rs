@@ -1,0 +1,417 @@
+//! Durable event handlers on PostgreSQL: exactly-once read models, replay after a failure
+//! between handling and checkpointing, one processing instance at a time with takeover, and
+//! `wait_until_processed`.
+mod support;
+
+use async_trait::async_trait;
+use dcb_core::{Cursor, Error, Event, EventReader, EventStore, NewEvent, Query};
+use dcb_postgres::{
+    EventHandler, HandlerError, HandlerOptions, HandlerStatus, PostgresEventStore, RunningHandler,
+    StoreConfig,
+};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::{test_store, TestStore};
+
+fn deposit(account: &str) -> NewEvent {
+    NewEvent::builder("Deposited")
+        .tag("account", account)
+        .data(&serde_json::json!({ "amount": 1 }))
+        .build()
+        .expect("event")
+}
+
+fn options() -> HandlerOptions {
+    HandlerOptions::default()
+        .batch_size(7)
+        .lease_retry_interval(Duration::from_millis(100))
+        .retry_initial(Duration::from_millis(20))
+        .retry_max(Duration::from_millis(200))
+}
+
+/// Records every event it sees in `<schema>.seen`, tagged with the instance that processed it,
+/// and checks that no two instances ever process at the same time.
+struct Recorder {
+    name: String,
+    instance: &'static str,
+    seen_table: String,
+    busy: Arc<AtomicBool>,
+    overlaps: Arc<AtomicU32>,
+    /// Fail (after writing!) this many times when the batch contains position `fail_at`.
+    fail_at: Option<i64>,
+    failures_left: Arc<AtomicU32>,
+    panic_instead: bool,
+}
+
+impl Recorder {
+    fn new(
+        ts: &TestStore,
+        instance: &'static str,
+        busy: Arc<AtomicBool>,
+        overlaps: Arc<AtomicU32>,
+    ) -> Self {
+        Self {
+            name: "recorder".into(),
+            instance,
+            seen_table: ts.table("seen"),
+            busy,
+            overlaps,
+            fail_at: None,
+            failures_left: Arc::new(AtomicU32::new(0)),
+            panic_instead: false,
+        }
+    }
+}
+
+#[async_trait]
+impl EventHandler for Recorder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn query(&self) -> Query {
+        Query::types(["Deposited"])
+    }
+
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), HandlerError> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        let result = async {
+            for event in events {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {} (position, instance) VALUES ($1, $2)",
+                        self.seen_table
+                    ),
+                    &[&event.cursor.position, &self.instance],
+                )
+                .await?;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let hit = self
+                .fail_at
+                .is_some_and(|p| events.iter().any(|e| e.cursor.position == p));
+            if hit
+                && self
+                    .failures_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                if self.panic_instead && self.failures_left.load(Ordering::SeqCst) == 0 {
+                    self.busy.store(false, Ordering::SeqCst);
+                    panic!("crash after writing");
+                }
+                return Err::<(), HandlerError>("failure after writing".into());
+            }
+            Ok(())
+        }
+        .await;
+        self.busy.store(false, Ordering::SeqCst);
+        result
+    }
+}
+
+async fn create_seen(ts: &TestStore) {
+    ts.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {} (position bigint NOT NULL, instance text NOT NULL)",
+            ts.table("seen")
+        ))
+        .await
+        .expect("create seen");
+}
+
+/// (rows, distinct positions) of the read model.
+async fn seen_counts(ts: &TestStore, instance: Option<&str>) -> (i64, i64) {
+    let row = ts
+        .admin()
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT position) FROM {} WHERE $1::text IS NULL OR instance = $1",
+                ts.table("seen")
+            ),
+            &[&instance],
+        )
+        .await
+        .expect("count seen");
+    (row.get(0), row.get(1))
+}
+
+async fn append_deposits(store: &PostgresEventStore, n: usize) -> Cursor {
+    let mut last = None;
+    for i in 0..n {
+        let batch = if i % 4 == 0 {
+            vec![deposit("a"), deposit("b")]
+        } else {
+            vec![deposit("a")]
+        };
+        last = Some(store.append(batch).await.expect("append"));
+    }
+    last.expect("at least one append")
+}
+
+async fn wait_status(
+    running: &RunningHandler,
+    what: &str,
+    predicate: impl Fn(&HandlerStatus) -> bool,
+) -> HandlerStatus {
+    let mut updates = running.status_updates();
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        updates.wait_for(|s| predicate(s)).await.map(|s| s.clone())
+    })
+    .await;
+    match found {
+        Ok(Ok(status)) => status,
+        _ => panic!("status never became {what}: {:?}", running.status()),
+    }
+}
+
+fn with_application_name(url: &str, name: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={name}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_model_is_built_exactly_once_and_wait_until_processed_reads_own_writes() {
+    let ts = test_store(StoreConfig::default()).await;
+    create_seen(&ts).await;
+    let busy = Arc::default();
+    let overlaps = Arc::default();
+    append_deposits(&ts, 20).await; // 25 events before the handler starts
+    let running = ts
+        .run_handler(Recorder::new(&ts, "one", busy, overlaps), options())
+        .expect("run");
+    let last = append_deposits(&ts, 20).await; // 25 more while it runs
+    ts.wait_until_processed("recorder", last, Duration::from_secs(5))
+        .await
+        .expect("caught up");
+    assert_eq!(seen_counts(&ts, None).await, (50, 50));
+    let status = running.status();
+    assert!(
+        status.holds_lease && status.checkpoint >= Some(last) && status.processed == 50,
+        "{status:?}"
+    );
+
+    // An event the handler does not care about is "processed" too (the checkpoint moves past it).
+    let other = ts
+        .append(vec![NewEvent::builder("Unrelated").build().expect("e")])
+        .await
+        .expect("append");
+    ts.wait_until_processed("recorder", other, Duration::from_secs(5))
+        .await
+        .expect("checkpoint passes non-matching events");
+    // A cursor that will not be reached soon times out cleanly.
+    let far = Cursor::new(other.transaction_id + 1_000_000, 0);
+    let err = ts
+        .wait_until_processed("recorder", far, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+
+    let record = ts
+        .handler_status("recorder")
+        .await
+        .expect("status")
+        .expect("exists");
+    assert!(
+        record.lease_held && record.attempts == 0 && record.last_error.is_none(),
+        "{record:?}"
+    );
+    assert!(record.checkpoint >= Some(other));
+    running.stop().await;
+    let record = ts
+        .handler_status("recorder")
+        .await
+        .expect("status")
+        .expect("exists");
+    assert!(!record.lease_held, "stopping releases the lease");
+    assert_eq!(seen_counts(&ts, None).await, (50, 50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_between_handling_and_checkpointing_replays_the_batch_but_never_skips() {
+    let ts = test_store(StoreConfig::default()).await;
+    create_seen(&ts).await;
+    append_deposits(&ts, 8).await; // 10 events
+    let target = ts
+        .query(
+            &Query::types(["Deposited"]),
+            dcb_core::ReadOptions::default(),
+        )
+        .await
+        .expect("read")[5]
+        .cursor;
+    let mut handler = Recorder::new(&ts, "one", Arc::default(), Arc::default());
+    handler.fail_at = Some(target.position);
+    // Three failures after writing: two errors, then a panic.
+    handler.failures_left = Arc::new(AtomicU32::new(3));
+    handler.panic_instead = true;
+    let failures_left = Arc::clone(&handler.failures_left);
+    let running = ts
+        .run_handler(
+            handler,
+            options()
+                .retry_initial(Duration::from_millis(150))
+                .retry_max(Duration::from_millis(300)),
+        )
+        .expect("run");
+
+    // While it fails, the failure is visible locally and from the database.
+    let stuck = wait_status(&running, "failing", |s| s.attempts >= 1).await;
+    assert!(
+        stuck
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("failure after writing"),
+        "{stuck:?}"
+    );
+    assert!(stuck.holds_lease);
+    let record = ts
+        .handler_status("recorder")
+        .await
+        .expect("status")
+        .expect("exists");
+    assert!(record.attempts >= 1 && record.lease_held, "{record:?}");
+    assert!(record.last_error.is_some());
+    assert!(
+        record.checkpoint < Some(target),
+        "the failed batch is not checkpointed"
+    );
+
+    let last = append_deposits(&ts, 4).await;
+    ts.wait_until_processed("recorder", last, Duration::from_secs(8))
+        .await
+        .expect("recovers");
+    assert_eq!(
+        failures_left.load(Ordering::SeqCst),
+        0,
+        "it failed three times, the last by panicking"
+    );
+    // The writes of the failed attempts were rolled back with them: every event exactly once.
+    assert_eq!(seen_counts(&ts, None).await, (15, 15));
+    let status = running.status();
+    assert_eq!(status.attempts, 0);
+    assert!(status.last_error.is_none());
+    let record = ts
+        .handler_status("recorder")
+        .await
+        .expect("status")
+        .expect("exists");
+    assert!(
+        record.attempts == 0 && record.last_error.is_none(),
+        "{record:?}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_instance_processes_at_a_time_and_another_takes_over_when_it_dies() {
+    let ts = test_store(StoreConfig::default()).await;
+    create_seen(&ts).await;
+    let app_b = format!("b_{}", ts.schema.schema);
+    let instance = |url: String| {
+        let config = StoreConfig::default().schema(ts.schema.schema.clone());
+        async move {
+            PostgresEventStore::connect(&url, config)
+                .await
+                .expect("instance")
+        }
+    };
+    let store_a = instance(ts.schema.url.clone()).await;
+    let store_b = instance(with_application_name(&ts.schema.url, &app_b)).await;
+    let busy: Arc<AtomicBool> = Arc::default();
+    let overlaps: Arc<AtomicU32> = Arc::default();
+    // Poll rarely: B must be woken by NOTIFY from the writer instance.
+    let opts = options().poll_interval(Duration::from_secs(3));
+    let a = store_a
+        .run_handler(
+            Recorder::new(&ts, "a", busy.clone(), overlaps.clone()),
+            opts,
+        )
+        .expect("run a");
+    wait_status(&a, "leading", |s| s.holds_lease).await;
+    let b = store_b
+        .run_handler(
+            Recorder::new(&ts, "b", busy.clone(), overlaps.clone()),
+            opts,
+        )
+        .expect("run b");
+
+    let last = append_deposits(&ts, 16).await; // 20 events
+    ts.wait_until_processed("recorder", last, Duration::from_secs(5))
+        .await
+        .expect("a processes");
+    assert!(a.status().holds_lease && !b.status().holds_lease);
+    assert_eq!(seen_counts(&ts, Some("a")).await, (20, 20));
+    assert_eq!(
+        seen_counts(&ts, Some("b")).await,
+        (0, 0),
+        "the standby processed nothing"
+    );
+
+    // A dies (aborted like a crashed process): B takes over from the committed checkpoint.
+    a.abort();
+    wait_status(&b, "leading after takeover", |s| s.holds_lease).await;
+    let last = append_deposits(&ts, 8).await; // 10 events
+    ts.wait_until_processed("recorder", last, Duration::from_secs(5))
+        .await
+        .expect("b processes");
+    assert_eq!(seen_counts(&ts, Some("b")).await, (10, 10));
+
+    // B's lease connection is killed under it: B gives the lease up, takes it again, goes on.
+    let admin = ts.admin().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app_b],
+        )
+        .await
+        .expect("terminate");
+    let last = append_deposits(&ts, 8).await; // 10 events
+    ts.wait_until_processed("recorder", last, Duration::from_secs(8))
+        .await
+        .expect("b resumes");
+    wait_status(&b, "leading again", |s| s.holds_lease).await;
+
+    assert_eq!(
+        seen_counts(&ts, None).await,
+        (40, 40),
+        "every event exactly once"
+    );
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two instances processed at the same time"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_handlers_and_options_are_rejected() {
+    let ts = test_store(StoreConfig::default()).await;
+    let mut unnamed = Recorder::new(&ts, "x", Arc::default(), Arc::default());
+    unnamed.name = String::new();
+    assert!(ts.run_handler(unnamed, options()).is_err());
+    let recorder = Recorder::new(&ts, "x", Arc::default(), Arc::default());
+    assert!(ts.run_handler(recorder, options().batch_size(0)).is_err());
+    assert_eq!(
+        ts.handler_checkpoint("never-ran")
+            .await
+            .expect("checkpoint"),
+        None
+    );
+    assert!(ts
+        .handler_status("never-ran")
+        .await
+        .expect("status")
+        .is_none());
+}
