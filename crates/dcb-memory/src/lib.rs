@@ -19,6 +19,13 @@
 //! ```
 #![warn(missing_docs)]
 
+mod handlers;
+
+pub use handlers::{
+    MemoryEventHandler, MemoryHandlerError, MemoryHandlerOptions, MemoryHandlerStatus,
+    RunningMemoryHandler,
+};
+
 use async_trait::async_trait;
 use dcb_core::{
     matches, validate_condition, validate_events, validate_query, AppendCondition, CommandFilter,

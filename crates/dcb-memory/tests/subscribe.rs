@@ -240,3 +240,81 @@ async fn invalid_subscriptions_fail_at_once() {
         Some(Err(Error::Config { .. }))
     ));
 }
+
+/// Counts events per account; fails `failures` times first.
+struct Tally {
+    seen: Arc<std::sync::Mutex<Vec<Cursor>>>,
+    failures: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl dcb_memory::MemoryEventHandler for Tally {
+    fn name(&self) -> &str {
+        "tally"
+    }
+
+    fn query(&self) -> Query {
+        Query::types(["X"])
+    }
+
+    async fn handle(&self, events: &[Event]) -> Result<(), dcb_memory::MemoryHandlerError> {
+        if self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err("not yet".into());
+        }
+        let mut seen = self.seen.lock().map_err(|_| "poisoned")?;
+        seen.extend(events.iter().map(|e| e.cursor));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn memory_handlers_retry_failed_batches_and_wait_until_processed() {
+    let store = InMemoryEventStore::new();
+    for _ in 0..10 {
+        store
+            .append(vec![event("X", "a"), event("Y", "a")])
+            .await
+            .expect("append");
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = Tally {
+        seen: Arc::clone(&seen),
+        failures: Arc::new(AtomicUsize::new(2)),
+    };
+    let options = dcb_memory::MemoryHandlerOptions::default()
+        .batch_size(4)
+        .retry(Duration::from_millis(1), Duration::from_millis(5));
+    let running = store.run_handler(handler, options).expect("run");
+    let mut last = None;
+    for _ in 0..10 {
+        last = Some(store.append(vec![event("X", "a")]).await.expect("append"));
+    }
+    let last = last.expect("appended");
+    running
+        .wait_until_processed(last, Duration::from_secs(5))
+        .await
+        .expect("processed");
+    // A non-matching event is passed too.
+    let other = store.append(vec![event("Y", "b")]).await.expect("append");
+    running
+        .wait_until_processed(other, Duration::from_secs(5))
+        .await
+        .expect("passes non-matching events");
+    let all = store
+        .query(&Query::types(["X"]), ReadOptions::default())
+        .await
+        .expect("query");
+    assert_eq!(
+        *seen.lock().expect("seen"),
+        cursors(&all),
+        "each event once, in order"
+    );
+    let status = running.status();
+    assert_eq!((status.processed, status.attempts), (20, 0));
+    assert!(status.last_error.is_none());
+    running.stop().await;
+}
