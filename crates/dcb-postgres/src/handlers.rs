@@ -568,6 +568,23 @@ impl Runner {
                     failures = 0;
                     self.status.send_modify(|s| s.holds_lease = true);
                     let end = self.lead(&mut conn).await;
+                    if matches!(end, LeadEnd::Stopped) {
+                        // Release explicitly, so the lease is free when `stop` returns (the
+                        // server may notice the closed socket only a moment later).
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] =
+                            [&self.lease_key];
+                        let unlock = conn.execute(
+                            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                            &params,
+                        );
+                        if let Err(err) = tokio::time::timeout(Duration::from_secs(2), unlock)
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                        {
+                            tracing::debug!(%err, "could not release the lease explicitly");
+                        }
+                    }
                     self.status.send_modify(|s| s.holds_lease = false);
                     // Closing the session releases the lease (and rolls back anything open).
                     drop(conn);
