@@ -41,15 +41,14 @@ pub use cursor::Cursor;
 pub use error::{ConflictInfo, Error, Result, ValidationError, ValidationKind};
 pub use event::{Event, NewEvent, NewEventBuilder};
 pub use matching::matches;
-pub use projection::{
-    fold, Projection, ProjectionStep, Projectors, StateProjector,
-};
+pub use projection::{fold, Projection, ProjectionStep, Projectors, StateProjector};
 pub use query::{Query, QueryItem};
 pub use store::{
     Direction, EventReader, EventReaderExt, EventStore, EventStream, ProjectionPermit, ReadOptions,
 };
 pub use subscribe::{
-    is_fatal_for_subscription, subscribe, ChangeFeed, ChangeNotifier, SubscribeExt, SubscribeOptions,
+    is_fatal_for_subscription, subscribe, ChangeFeed, ChangeNotifier, SubscribeExt,
+    SubscribeOptions,
 };
 pub use tag::Tag;
 pub use validate::{

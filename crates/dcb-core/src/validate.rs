@@ -31,7 +31,11 @@ fn invalid(field: impl Into<String>, kind: K, message: impl Into<String>) -> Err
 
 fn check_type(field: &str, event_type: &str) -> Result<(), Error> {
     if event_type.is_empty() {
-        return Err(invalid(field, K::EmptyEventType, "event type must not be empty"));
+        return Err(invalid(
+            field,
+            K::EmptyEventType,
+            "event type must not be empty",
+        ));
     }
     let len = event_type.chars().count();
     if len > MAX_EVENT_TYPE_LEN {
@@ -57,7 +61,11 @@ fn check_no_nul(field: &str, text: &str) -> Result<(), Error> {
 
 fn check_tag(field: &str, tag: &Tag) -> Result<(), Error> {
     if tag.key.is_empty() {
-        return Err(invalid(format!("{field}.key"), K::EmptyTagKey, "tag key must not be empty"));
+        return Err(invalid(
+            format!("{field}.key"),
+            K::EmptyTagKey,
+            "tag key must not be empty",
+        ));
     }
     if tag.key.contains(':') {
         return Err(invalid(
@@ -103,7 +111,11 @@ fn check_json(field: &str, value: &Value) -> Result<(), Error> {
 /// ```
 pub fn validate_events(events: &[NewEvent], limits: &Limits) -> Result<(), Error> {
     if events.is_empty() {
-        return Err(invalid("events", K::EmptyAppend, "an append needs at least one event"));
+        return Err(invalid(
+            "events",
+            K::EmptyAppend,
+            "an append needs at least one event",
+        ));
     }
     if events.len() > limits.max_batch_size {
         return Err(invalid(
@@ -163,7 +175,10 @@ fn validate_query_at(field: &str, query: &Query) -> Result<(), Error> {
 
 /// Checks an append condition's query.
 pub fn validate_condition(condition: &AppendCondition) -> Result<(), Error> {
-    validate_query_at("condition.fail_if_events_match", &condition.fail_if_events_match)
+    validate_query_at(
+        "condition.fail_if_events_match",
+        &condition.fail_if_events_match,
+    )
 }
 
 /// Checks a command before it is recorded: a valid type, JSON without NUL characters and, if
@@ -176,7 +191,11 @@ pub fn validate_command(command: &crate::NewCommand) -> Result<(), Error> {
     }
     if let Some(id) = &command.id {
         if id.is_empty() {
-            return Err(invalid("command.id", K::EmptyTagValue, "a command id must not be empty"));
+            return Err(invalid(
+                "command.id",
+                K::EmptyTagValue,
+                "a command id must not be empty",
+            ));
         }
         check_no_nul("command.id", id)?;
     }

@@ -151,7 +151,9 @@ impl InMemoryEventStore {
     fn lock(&self) -> MutexGuard<'_, Log> {
         // A panic while holding the lock cannot leave the log half-written (every write is a
         // sequence of pushes after all checks), so a poisoned lock is still consistent.
-        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn append_checked(
@@ -198,7 +200,13 @@ fn select(log: &Log, query: &Query, options: &ReadOptions, max: usize) -> Vec<Ev
     let limit = options.limit.unwrap_or(usize::MAX).min(max);
     match options.direction {
         Direction::Forwards => slice.iter().filter(wanted).take(limit).cloned().collect(),
-        Direction::Backwards => slice.iter().rev().filter(wanted).take(limit).cloned().collect(),
+        Direction::Backwards => slice
+            .iter()
+            .rev()
+            .filter(wanted)
+            .take(limit)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -248,7 +256,12 @@ impl EventReader for InMemoryEventStore {
                     let log = w.store.lock();
                     let mut chunk_options = w.options;
                     chunk_options.limit = None;
-                    select(&log, &w.query, &chunk_options, STREAM_CHUNK.min(w.remaining))
+                    select(
+                        &log,
+                        &w.query,
+                        &chunk_options,
+                        STREAM_CHUNK.min(w.remaining),
+                    )
                 };
                 w.done = chunk.len() < STREAM_CHUNK.min(w.remaining);
                 w.buffer = chunk.into_iter();
@@ -305,7 +318,10 @@ impl EventStore for InMemoryEventStore {
             .commands
             .iter()
             .filter(|c| {
-                filter.command_type.as_ref().is_none_or(|t| &c.command_type == t)
+                filter
+                    .command_type
+                    .as_ref()
+                    .is_none_or(|t| &c.command_type == t)
                     && filter.from.is_none_or(|from| c.occurred_at >= from)
                     && filter.to.is_none_or(|to| c.occurred_at < to)
             })

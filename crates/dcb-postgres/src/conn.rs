@@ -66,7 +66,11 @@ impl Drop for Conn {
 }
 
 /// Maps a tokio-postgres error; `during_commit` marks failures whose outcome is unknown.
-pub(crate) fn db_error(operation: &'static str, err: tokio_postgres::Error, during_commit: bool) -> Error {
+pub(crate) fn db_error(
+    operation: &'static str,
+    err: tokio_postgres::Error,
+    during_commit: bool,
+) -> Error {
     db_error_with_timeout(operation, err, during_commit, None)
 }
 
@@ -83,7 +87,8 @@ pub(crate) fn db_error_with_timeout(
                 return Error::Timeout { operation, timeout };
             }
         }
-        if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
             return Error::Conflict(ConflictInfo {
                 conflicting: None,
                 after: None,

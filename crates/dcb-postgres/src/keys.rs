@@ -124,9 +124,11 @@ impl KeySpace {
             (true, None) => into.push(self.key(Level::All, &[])),
             (true, Some(g)) => into.push(self.key(Level::Tag, &[&g])),
             (false, None) => into.extend(item.types.iter().map(|t| self.key(Level::Type, &[t]))),
-            (false, Some(g)) => {
-                into.extend(item.types.iter().map(|t| self.key(Level::TypeTag, &[t, &g])))
-            }
+            (false, Some(g)) => into.extend(
+                item.types
+                    .iter()
+                    .map(|t| self.key(Level::TypeTag, &[t, &g])),
+            ),
         }
     }
 
@@ -176,7 +178,11 @@ mod tests {
         let mut set = LockSet::default();
         ks.add_query_keys(&mut set, q);
         let (keys, x) = set.into_params();
-        keys.into_iter().zip(x).filter(|(_, x)| *x).map(|(k, _)| k).collect()
+        keys.into_iter()
+            .zip(x)
+            .filter(|(_, x)| *x)
+            .map(|(k, _)| k)
+            .collect()
     }
 
     #[test]
@@ -211,13 +217,18 @@ mod tests {
         // Disjoint boundaries: different tag values never share an exclusive key.
         let q1 = Query::from(QueryItem::new().types(["A"]).tag("x", "1"));
         let e2 = event("A", &[("x", "2")]);
-        assert!(!exclusive(&ks, &q1).iter().any(|k| shared(&ks, &e2).contains(k)));
+        assert!(!exclusive(&ks, &q1)
+            .iter()
+            .any(|k| shared(&ks, &e2).contains(k)));
     }
 
     #[test]
     fn namespaces_separate_schemas() {
         let q = Query::all();
-        assert_ne!(exclusive(&KeySpace::new("a"), &q), exclusive(&KeySpace::new("b"), &q));
+        assert_ne!(
+            exclusive(&KeySpace::new("a"), &q),
+            exclusive(&KeySpace::new("b"), &q)
+        );
     }
 
     #[test]

@@ -56,9 +56,7 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str, quoted: &str) -> 
         .await
         .map_err(|e| db_error("migrate", e, false))?;
     }
-    tx.commit()
-        .await
-        .map_err(|e| db_error("migrate", e, true))
+    tx.commit().await.map_err(|e| db_error("migrate", e, true))
 }
 
 fn newer_schema(schema: &str, found: i32) -> Error {
@@ -71,7 +69,11 @@ fn newer_schema(schema: &str, found: i32) -> Error {
 }
 
 /// Fails with a clear [`Error::Schema`] unless the schema exists at exactly [`SCHEMA_VERSION`].
-pub(crate) async fn check_version(client: &Client, schema: &str, quoted: &str) -> Result<(), Error> {
+pub(crate) async fn check_version(
+    client: &Client,
+    schema: &str,
+    quoted: &str,
+) -> Result<(), Error> {
     let exists: bool = client
         .query_one(
             "SELECT to_regclass(format('%I.schema_version', $1::text)) IS NOT NULL",

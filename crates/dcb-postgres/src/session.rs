@@ -1,12 +1,12 @@
 use crate::conn::Conn;
 use crate::store::PostgresEventStore;
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use std::sync::Arc;
 use dcb_core::{
     AppendCondition, CommandFilter, CommandRecord, CommandSession, CommitOutcome, Error, Event,
     EventReader, EventStream, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
 };
+use futures_util::StreamExt;
+use std::sync::Arc;
 
 /// A command's session: every read and the final commit go through ONE pooled connection, so
 /// any number of concurrent commands needs at most one connection each.
@@ -80,7 +80,9 @@ impl CommandSession for PgCommandSession {
                     Some(original) => Ok(CommitOutcome::Duplicate(original)),
                     None => Err(Error::Storage {
                         operation: "command",
-                        message: format!("command {id:?} was reported as duplicate but is not recorded"),
+                        message: format!(
+                            "command {id:?} was reported as duplicate but is not recorded"
+                        ),
                         outcome_unknown: false,
                         source: None,
                     }),

@@ -271,18 +271,34 @@ mod tests {
     #[test]
     fn read_binds_values_and_never_inlines_them() {
         let q = Query::from(QueryItem::new().types(["A'; DROP"]).tag("k", "v'"));
-        let stmt = read("\"public\"", &q, &ReadOptions::default().limit(3), Xid8(9), vec![]);
+        let stmt = read(
+            "\"public\"",
+            &q,
+            &ReadOptions::default().limit(3),
+            Xid8(9),
+            vec![],
+        );
         assert!(!stmt.sql.contains("DROP"));
-        assert!(stmt.sql.contains("type = ANY($3::text[]) AND tags @> $4::text[]"));
+        assert!(stmt
+            .sql
+            .contains("type = ANY($3::text[]) AND tags @> $4::text[]"));
         assert!(stmt.sql.ends_with("LIMIT $5"));
         assert_eq!(stmt.params.len(), 5);
     }
 
     #[test]
     fn match_all_read_has_no_item_predicate() {
-        let stmt = read("s", &Query::all(), &ReadOptions::default().backwards(), Xid8(1), vec![]);
+        let stmt = read(
+            "s",
+            &Query::all(),
+            &ReadOptions::default().backwards(),
+            Xid8(1),
+            vec![],
+        );
         assert!(!stmt.sql.contains("ANY"));
-        assert!(stmt.sql.contains("ORDER BY transaction_id DESC, position DESC"));
+        assert!(stmt
+            .sql
+            .contains("ORDER BY transaction_id DESC, position DESC"));
     }
 
     #[test]
@@ -303,13 +319,19 @@ mod tests {
         );
         let probes = "(SELECT transaction_id, position FROM s.events WHERE";
         assert_eq!(stmt.sql.matches(probes).count(), 2, "{}", stmt.sql);
-        assert!(stmt.sql.contains("WHERE NOT EXISTS (SELECT 1 FROM conflict)"));
+        assert!(stmt
+            .sql
+            .contains("WHERE NOT EXISTS (SELECT 1 FROM conflict)"));
     }
 
     #[test]
     fn columns_slices_are_one_based_and_empty_for_no_tags() {
         let c = columns(vec![
-            NewEvent::new("A", vec![Tag::new("a", "1"), Tag::new("b", "2")], Value::Null),
+            NewEvent::new(
+                "A",
+                vec![Tag::new("a", "1"), Tag::new("b", "2")],
+                Value::Null,
+            ),
             NewEvent::new("B", vec![], Value::Null),
             NewEvent::new("C", vec![Tag::new("c", "3")], Value::Null),
         ]);

@@ -127,8 +127,12 @@ impl PostgresEventStore {
             store.migrate().await?;
         }
         let conn = Conn::get(&store.inner.pool, "connect").await?;
-        migrate::check_version(conn.object(), &store.inner.config.schema, &store.inner.schema)
-            .await?;
+        migrate::check_version(
+            conn.object(),
+            &store.inner.config.schema,
+            &store.inner.schema,
+        )
+        .await?;
         Ok(store)
     }
 
@@ -159,13 +163,22 @@ impl PostgresEventStore {
     /// Takes the fence for `query` on `conn`: exclusive locks on the query's keys, held only
     /// while the snapshot that pins the read is taken. Returns that snapshot's `xmax` and
     /// in-progress list.
-    pub(crate) async fn fence(&self, conn: &Conn, query: &Query) -> Result<(Xid8, Vec<Xid8>), Error> {
+    pub(crate) async fn fence(
+        &self,
+        conn: &Conn,
+        query: &Query,
+    ) -> Result<(Xid8, Vec<Xid8>), Error> {
         let inner = &self.inner;
         let mut locks = LockSet::default();
         inner.keys.add_query_keys(&mut locks, query);
         let (keys, exclusive) = locks.into_params();
         let client = conn.object();
-        let lock_stmt = prepare(client, &format!("SELECT {}.lock_keys($1, $2)", inner.schema), "query").await?;
+        let lock_stmt = prepare(
+            client,
+            &format!("SELECT {}.lock_keys($1, $2)", inner.schema),
+            "query",
+        )
+        .await?;
         let snap_stmt = prepare(
             client,
             "SELECT pg_snapshot_xmax(s), ARRAY(SELECT pg_snapshot_xip(s)) FROM pg_current_snapshot() AS s",
@@ -234,7 +247,9 @@ impl PostgresEventStore {
         let mut locks = LockSet::default();
         inner.keys.add_event_keys(&mut locks, &events);
         if let Some(condition) = condition {
-            inner.keys.add_query_keys(&mut locks, &condition.fail_if_events_match);
+            inner
+                .keys
+                .add_query_keys(&mut locks, &condition.fail_if_events_match);
         }
         if let Some(id) = command.and_then(|c| c.id.as_deref()) {
             inner.keys.add_command_key(&mut locks, id);
@@ -242,7 +257,12 @@ impl PostgresEventStore {
         let (keys, exclusive) = locks.into_params();
         let stmt = sql::append(&inner.schema, events, AppendParts { condition, command });
         let client = conn.object();
-        let lock_stmt = prepare(client, &format!("SELECT {}.lock_keys($1, $2)", inner.schema), "append").await?;
+        let lock_stmt = prepare(
+            client,
+            &format!("SELECT {}.lock_keys($1, $2)", inner.schema),
+            "append",
+        )
+        .await?;
         let append_stmt = prepare(client, &stmt.sql, "append").await?;
         let params = stmt.param_refs();
         let lock_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
@@ -361,7 +381,10 @@ impl PostgresEventStore {
         if let Some(condition) = condition {
             validate_condition(condition)?;
         }
-        match self.append_on(conn, events, condition, Some(command)).await? {
+        match self
+            .append_on(conn, events, condition, Some(command))
+            .await?
+        {
             AppendOutcome::Written {
                 transaction_id,
                 last_event,
@@ -395,10 +418,13 @@ impl PostgresEventStore {
             self.inner.schema
         );
         let mut params: Vec<Box<dyn postgres_types::ToSql + Sync + Send>> = Vec::new();
-        let mut bind = |sql: &mut String, clause: &str, value: Box<dyn postgres_types::ToSql + Sync + Send>| {
-            params.push(value);
-            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
-        };
+        let mut bind =
+            |sql: &mut String,
+             clause: &str,
+             value: Box<dyn postgres_types::ToSql + Sync + Send>| {
+                params.push(value);
+                sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+            };
         if let Some(id) = by_id {
             bind(&mut sql, " AND command_id = ?", Box::new(id.to_string()));
         }
@@ -413,10 +439,16 @@ impl PostgresEventStore {
         }
         sql.push_str(" ORDER BY occurred_at, transaction_id");
         if let Some(limit) = filter.limit {
-            bind(&mut sql, " LIMIT ?", Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+            bind(
+                &mut sql,
+                " LIMIT ?",
+                Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+            );
         }
-        let refs: Vec<&(dyn postgres_types::ToSql + Sync)> =
-            params.iter().map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync)).collect();
+        let refs: Vec<&(dyn postgres_types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
+            .collect();
         let client = conn.object();
         let stmt = prepare(client, &sql, "commands").await?;
         let rows = client

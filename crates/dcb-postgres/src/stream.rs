@@ -6,7 +6,11 @@ use crate::store::{check_options, event_from_row, prepare, PostgresEventStore};
 use dcb_core::{validate_query, Error, Event, EventStream, Query, ReadOptions};
 use tokio::sync::mpsc;
 
-pub(crate) fn query_stream(store: PostgresEventStore, query: Query, options: ReadOptions) -> EventStream {
+pub(crate) fn query_stream(
+    store: PostgresEventStore,
+    query: Query,
+    options: ReadOptions,
+) -> EventStream {
     let buffer = store.inner.config.stream_buffer;
     let (tx, mut rx) = mpsc::channel::<Result<Event, Error>>(buffer);
     tokio::spawn(async move {
@@ -41,7 +45,8 @@ async fn produce(
     {
         let client: &mut tokio_postgres::Client = conn.object_mut();
         let transaction = client.transaction().await.map_err(map)?;
-        transaction.batch_execute(&inner.begin_read.replacen("BEGIN", "SET TRANSACTION", 1))
+        transaction
+            .batch_execute(&inner.begin_read.replacen("BEGIN", "SET TRANSACTION", 1))
             .await
             .map_err(map)?;
         let portal = transaction
@@ -50,7 +55,10 @@ async fn produce(
             .map_err(map)?;
         let batch = i32::try_from(inner.config.stream_buffer).unwrap_or(i32::MAX);
         loop {
-            let rows = transaction.query_portal(&portal, batch).await.map_err(map)?;
+            let rows = transaction
+                .query_portal(&portal, batch)
+                .await
+                .map_err(map)?;
             let done = rows.len() < batch as usize;
             for row in &rows {
                 if tx.send(event_from_row(row)).await.is_err() {

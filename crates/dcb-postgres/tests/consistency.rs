@@ -28,7 +28,10 @@ async fn install_brake(ts: &TestStore) -> tokio_postgres::Client {
         .await
         .expect("install brake");
     let brake = ts.admin().await;
-    brake.batch_execute("SELECT pg_advisory_lock(4242)").await.expect("hold brake");
+    brake
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .expect("hold brake");
     brake
 }
 
@@ -66,10 +69,16 @@ async fn out_of_order_commit_is_never_skipped_by_a_cursor_following_reader() {
     };
     wait_until_stuck(&ts).await;
     // Writer B starts later (higher transaction id) and commits first.
-    let b = ts.append(vec![event("Fast", "stream", "s")]).await.expect("B commits");
+    let b = ts
+        .append(vec![event("Fast", "stream", "s")])
+        .await
+        .expect("B commits");
 
     // A reader of a boundary A does not touch reads B at once.
-    let fast_only = ts.query(&Query::types(["Fast"]), ReadOptions::default()).await.expect("read");
+    let fast_only = ts
+        .query(&Query::types(["Fast"]), ReadOptions::default())
+        .await
+        .expect("read");
     assert_eq!(types(&fast_only), ["Fast"]);
 
     // A reader whose query covers A's event must not return B alone: that cursor would jump
@@ -82,16 +91,32 @@ async fn out_of_order_commit_is_never_skipped_by_a_cursor_following_reader() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!follower.is_finished(), "the read returned while a matching writer was in flight");
-    brake.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("release");
+    assert!(
+        !follower.is_finished(),
+        "the read returned while a matching writer was in flight"
+    );
+    brake
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .expect("release");
     let cursor_a = a.await.expect("join").expect("A commits");
-    assert!(cursor_a < b, "A holds the lower cursor although it committed last");
+    assert!(
+        cursor_a < b,
+        "A holds the lower cursor although it committed last"
+    );
     let seen = follower.await.expect("join").expect("follower read");
-    assert_eq!(types(&seen), ["Slow", "Fast"], "cursor order, nothing skipped");
+    assert_eq!(
+        types(&seen),
+        ["Slow", "Fast"],
+        "cursor order, nothing skipped"
+    );
 
     // And a reader that had continued after B's cursor would never have been owed A:
     let after_b = ts
-        .query(&Query::from(QueryItem::new().tag("stream", "s")), ReadOptions::default().after(b))
+        .query(
+            &Query::from(QueryItem::new().tag("stream", "s")),
+            ReadOptions::default().after(b),
+        )
         .await
         .expect("read after b");
     assert!(after_b.is_empty());
@@ -102,25 +127,50 @@ async fn conflicts_are_detected_and_own_writes_read_while_an_unrelated_transacti
     let ts = test_store(StoreConfig::default()).await;
     // An unrelated transaction with an id stays open for the whole test (holds the xmin horizon).
     let long = ts.admin().await;
-    long.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.expect("open long tx");
+    long.batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .expect("open long tx");
 
-    let course = Query::from(QueryItem::new().types(["CourseDefined"]).tag("course_id", "c1"));
+    let course = Query::from(
+        QueryItem::new()
+            .types(["CourseDefined"])
+            .tag("course_id", "c1"),
+    );
     for attempt in 0..2 {
-        let decision = ts.project(StateProjector::exists(course.clone())).await.expect("project");
+        let decision = ts
+            .project(StateProjector::exists(course.clone()))
+            .await
+            .expect("project");
         let result = if decision.states {
-            Err(dcb_core::Error::Conflict(dcb_core::ConflictInfo { conflicting: None, after: None }))
+            Err(dcb_core::Error::Conflict(dcb_core::ConflictInfo {
+                conflicting: None,
+                after: None,
+            }))
         } else {
-            ts.append_if(vec![event("CourseDefined", "course_id", "c1")], decision.condition)
-                .await
+            ts.append_if(
+                vec![event("CourseDefined", "course_id", "c1")],
+                decision.condition,
+            )
+            .await
         };
-        assert_eq!(result.is_ok(), attempt == 0, "attempt {attempt}: {result:?}");
+        assert_eq!(
+            result.is_ok(),
+            attempt == 0,
+            "attempt {attempt}: {result:?}"
+        );
     }
     // A replayed stale decision conflicts too.
     let stale = AppendCondition::new(course.clone());
-    let err = ts.append_if(vec![event("CourseDefined", "course_id", "c1")], stale).await.unwrap_err();
+    let err = ts
+        .append_if(vec![event("CourseDefined", "course_id", "c1")], stale)
+        .await
+        .unwrap_err();
     assert!(err.is_conflict());
     // Reads see the store's own committed writes despite the open transaction.
-    let seen = ts.query(&course, ReadOptions::default()).await.expect("query");
+    let seen = ts
+        .query(&course, ReadOptions::default())
+        .await
+        .expect("query");
     assert_eq!(seen.len(), 1);
     long.batch_execute("ROLLBACK").await.expect("close long tx");
 }
@@ -130,7 +180,10 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
     let ts = test_store(StoreConfig::default()).await;
     let brake = install_brake(&ts).await;
     let boundary = Query::from(QueryItem::new().tag("account", "a1"));
-    let decision = ts.project(StateProjector::counter(boundary.clone())).await.expect("project");
+    let decision = ts
+        .project(StateProjector::counter(boundary.clone()))
+        .await
+        .expect("project");
     assert_eq!(decision.states, 0);
     // An unconditional writer of a matching event is in flight (has its transaction id).
     let writer = {
@@ -142,12 +195,20 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
         let store = ts.store.clone();
         let condition = decision.condition.clone();
         tokio::spawn(async move {
-            store.append_if(vec![event("Withdrawn", "account", "a1")], condition).await
+            store
+                .append_if(vec![event("Withdrawn", "account", "a1")], condition)
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!conditional.is_finished(), "the check must wait for the in-flight writer");
-    brake.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("release");
+    assert!(
+        !conditional.is_finished(),
+        "the check must wait for the in-flight writer"
+    );
+    brake
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .expect("release");
     writer.await.expect("join").expect("writer");
     let err = conditional.await.expect("join").unwrap_err();
     assert!(err.is_conflict(), "{err}");
@@ -173,11 +234,17 @@ async fn disjoint_boundary_is_not_blocked_by_an_in_flight_writer() {
     .expect("project");
     tokio::time::timeout(
         Duration::from_secs(5),
-        ts.append_if(vec![event("Withdrawn", "account", "a2")], decision.condition),
+        ts.append_if(
+            vec![event("Withdrawn", "account", "a2")],
+            decision.condition,
+        ),
     )
     .await
     .expect("a disjoint conditional append does not wait")
     .expect("append_if");
-    brake.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("release");
+    brake
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .expect("release");
     writer.await.expect("join").expect("writer");
 }

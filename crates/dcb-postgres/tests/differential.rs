@@ -67,14 +67,20 @@ async fn sql_reads_and_conditions_agree_with_the_core_matcher() {
             .collect();
         ts.append(batch).await.expect("append");
     }
-    let mut all = ts.query(&Query::all(), ReadOptions::default()).await.expect("read all");
+    let mut all = ts
+        .query(&Query::all(), ReadOptions::default())
+        .await
+        .expect("read all");
     assert_eq!(all.len(), i);
     assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
 
     for round in 0..150 {
         let query = random_query(&mut rng);
         let want = expected(&all, &query);
-        let got = ts.query(&query, ReadOptions::default()).await.expect("query");
+        let got = ts
+            .query(&query, ReadOptions::default())
+            .await
+            .expect("query");
         assert_eq!(
             got.iter().map(|e| e.cursor).collect::<Vec<_>>(),
             want.iter().map(|e| e.cursor).collect::<Vec<_>>(),
@@ -84,23 +90,50 @@ async fn sql_reads_and_conditions_agree_with_the_core_matcher() {
         // Bounds, limit and direction.
         let pivot = all[rng.gen_range(0..all.len())].cursor;
         let limit = rng.gen_range(1..=5);
-        let after: Vec<Cursor> = want.iter().map(|e| e.cursor).filter(|c| *c > pivot).take(limit).collect();
+        let after: Vec<Cursor> = want
+            .iter()
+            .map(|e| e.cursor)
+            .filter(|c| *c > pivot)
+            .take(limit)
+            .collect();
         let got_after = ts
             .query(&query, ReadOptions::default().after(pivot).limit(limit))
             .await
             .expect("after");
-        assert_eq!(got_after.iter().map(|e| e.cursor).collect::<Vec<_>>(), after, "round {round} after");
-        let before: Vec<Cursor> = want.iter().rev().map(|e| e.cursor).filter(|c| *c < pivot).take(limit).collect();
+        assert_eq!(
+            got_after.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            after,
+            "round {round} after"
+        );
+        let before: Vec<Cursor> = want
+            .iter()
+            .rev()
+            .map(|e| e.cursor)
+            .filter(|c| *c < pivot)
+            .take(limit)
+            .collect();
         let got_before = ts
-            .query(&query, ReadOptions::default().before(pivot).limit(limit).backwards())
+            .query(
+                &query,
+                ReadOptions::default()
+                    .before(pivot)
+                    .limit(limit)
+                    .backwards(),
+            )
             .await
             .expect("before");
-        assert_eq!(got_before.iter().map(|e| e.cursor).collect::<Vec<_>>(), before, "round {round} before");
+        assert_eq!(
+            got_before.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            before,
+            "round {round} before"
+        );
 
         // The condition check: a probe event that matches no random query (type "Probe", no
         // tags) unless the query has a match-all item.
         let probe_after = if rng.gen_bool(0.3) { None } else { Some(pivot) };
-        let should_conflict = want.iter().any(|e| probe_after.is_none_or(|a| e.cursor > a));
+        let should_conflict = want
+            .iter()
+            .any(|e| probe_after.is_none_or(|a| e.cursor > a));
         let condition = AppendCondition::new(query.clone()).with_after(probe_after);
         let probe = NewEvent::new("Probe", vec![], serde_json::json!({}));
         let result = if query.is_match_all() {
@@ -108,11 +141,20 @@ async fn sql_reads_and_conditions_agree_with_the_core_matcher() {
         } else {
             ts.append_if(vec![probe], condition).await
         };
-        assert_eq!(result.is_err(), should_conflict, "round {round}: {query:?} after {probe_after:?}: {result:?}");
+        assert_eq!(
+            result.is_err(),
+            should_conflict,
+            "round {round}: {query:?} after {probe_after:?}: {result:?}"
+        );
         match result {
             Err(err) => assert!(err.is_conflict(), "{err}"),
             // The probe is part of the log now; later rounds must expect it.
-            Ok(_) => all = ts.query(&Query::all(), ReadOptions::default()).await.expect("reread"),
+            Ok(_) => {
+                all = ts
+                    .query(&Query::all(), ReadOptions::default())
+                    .await
+                    .expect("reread")
+            }
         }
     }
 }

@@ -50,10 +50,21 @@ async fn append_timeout_is_enforced_and_writes_nothing() {
     let ts = test_store(StoreConfig::default().append_timeout(Duration::from_millis(300))).await;
     let _brake = install_brake(&ts).await;
     let err = ts.append(vec![event("Slow", "1")]).await.unwrap_err();
-    assert!(matches!(err, Error::Timeout { operation: "append", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                operation: "append",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(count(&ts).await, 0);
     // The pool recovers: the next append works.
-    ts.append(vec![event("Fast", "1")]).await.expect("append after timeout");
+    ts.append(vec![event("Fast", "1")])
+        .await
+        .expect("append after timeout");
     assert_eq!(count(&ts).await, 1);
 }
 
@@ -71,12 +82,29 @@ async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
         .query(&Query::types(["Slow"]), ReadOptions::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Timeout { operation: "query", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                operation: "query",
+                ..
+            }
+        ),
+        "{err}"
+    );
     // A read of an unrelated boundary is not held up.
-    let other = ts.query(&Query::types(["Other"]), ReadOptions::default()).await;
+    let other = ts
+        .query(&Query::types(["Other"]), ReadOptions::default())
+        .await;
     assert!(other.expect("unrelated read").is_empty());
-    brake.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("release");
-    writer.await.expect("join").expect("writer commits once released");
+    brake
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .expect("release");
+    writer
+        .await
+        .expect("join")
+        .expect("writer commits once released");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -85,7 +113,11 @@ async fn terminated_backend_mid_append_leaves_nothing_and_the_pool_recovers() {
     let brake = install_brake(&ts).await;
     let writer = {
         let store = ts.store.clone();
-        tokio::spawn(async move { store.append(vec![event("Slow", "1"), event("Slow", "2")]).await })
+        tokio::spawn(async move {
+            store
+                .append(vec![event("Slow", "1"), event("Slow", "2")])
+                .await
+        })
     };
     // Find the backend stuck on the brake and kill it.
     let admin = ts.admin().await;
@@ -109,7 +141,11 @@ async fn terminated_backend_mid_append_leaves_nothing_and_the_pool_recovers() {
     let err = writer.await.expect("join").unwrap_err();
     assert!(matches!(err, Error::Storage { .. }), "{err}");
     drop(brake);
-    assert_eq!(count(&ts).await, 0, "a killed append must leave nothing behind");
+    assert_eq!(
+        count(&ts).await,
+        0,
+        "a killed append must leave nothing behind"
+    );
     for i in 0..4 {
         ts.append(vec![event("Fast", &i.to_string())])
             .await
@@ -121,9 +157,12 @@ async fn terminated_backend_mid_append_leaves_nothing_and_the_pool_recovers() {
 #[tokio::test]
 async fn missing_schema_is_a_clear_error() {
     let schema = dcb_testkit::pg::TestSchema::new().await;
-    let err = PostgresEventStore::connect(&schema.url, StoreConfig::default().schema(schema.schema.clone()))
-        .await
-        .unwrap_err();
+    let err = PostgresEventStore::connect(
+        &schema.url,
+        StoreConfig::default().schema(schema.schema.clone()),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
     assert!(err.to_string().contains("migrate"), "{err}");
 }
@@ -138,20 +177,29 @@ async fn newer_or_older_schema_version_is_refused() {
         .await
         .expect("bump version");
     let config = StoreConfig::default().schema(ts.schema.schema.clone());
-    let err = PostgresEventStore::connect(&ts.schema.url, config.clone()).await.unwrap_err();
-    assert!(matches!(err, Error::Schema { .. }) && err.to_string().contains("newer"), "{err}");
+    let err = PostgresEventStore::connect(&ts.schema.url, config.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Schema { .. }) && err.to_string().contains("newer"),
+        "{err}"
+    );
     admin
         .batch_execute(&format!("DELETE FROM {versions}"))
         .await
         .expect("clear versions");
-    let err = PostgresEventStore::connect(&ts.schema.url, config).await.unwrap_err();
+    let err = PostgresEventStore::connect(&ts.schema.url, config)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations_are_safe() {
     let schema = dcb_testkit::pg::TestSchema::new().await;
-    let config = StoreConfig::default().schema(schema.schema.clone()).auto_migrate(true);
+    let config = StoreConfig::default()
+        .schema(schema.schema.clone())
+        .auto_migrate(true);
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let url = schema.url.clone();
@@ -178,7 +226,9 @@ async fn invalid_configuration_is_rejected_before_connecting() {
         StoreConfig::default().schema(""),
     ];
     for config in cases {
-        let err = PostgresEventStore::connect(url, config.clone()).await.unwrap_err();
+        let err = PostgresEventStore::connect(url, config.clone())
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Config { .. }), "{config:?}: {err}");
     }
     let err = PostgresEventStore::connect("not a url", StoreConfig::default())
@@ -203,10 +253,18 @@ async fn max_concurrent_projections_takes_effect() {
     let query = Query::types(["E"]);
     // An unfinished project_stream holds the only slot.
     let held = ts.project_stream(StateProjector::counter(query.clone()), 1);
-    let err = ts.project(StateProjector::counter(query.clone())).await.unwrap_err();
-    assert!(matches!(err, Error::TooManyProjections { limit: 1 }), "{err}");
+    let err = ts
+        .project(StateProjector::counter(query.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TooManyProjections { limit: 1 }),
+        "{err}"
+    );
     drop(held);
-    ts.project(StateProjector::counter(query)).await.expect("slot freed");
+    ts.project(StateProjector::counter(query))
+        .await
+        .expect("slot freed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -222,10 +280,13 @@ async fn dropped_stream_returns_its_connection() {
         drop(stream);
     }
     // With a pool of one, this only works if every abandoned stream gave its connection back.
-    let all = tokio::time::timeout(Duration::from_secs(10), ts.query(&Query::all(), ReadOptions::default()))
-        .await
-        .expect("a connection is free again")
-        .expect("query");
+    let all = tokio::time::timeout(
+        Duration::from_secs(10),
+        ts.query(&Query::all(), ReadOptions::default()),
+    )
+    .await
+    .expect("a connection is free again")
+    .expect("query");
     assert_eq!(all.len(), 100);
 }
 
@@ -238,7 +299,10 @@ async fn stream_reports_errors_as_items() {
         .await
         .expect("drop table");
     let items: Vec<_> = ts
-        .query_stream(&Query::from(QueryItem::new().types(["E"])), ReadOptions::default())
+        .query_stream(
+            &Query::from(QueryItem::new().types(["E"])),
+            ReadOptions::default(),
+        )
         .collect()
         .await;
     assert_eq!(items.len(), 1);

@@ -22,7 +22,9 @@ impl std::ops::Deref for TestStore {
 impl TestStore {
     /// A plain connection to the test database (for faults, triggers, open transactions).
     pub async fn admin(&self) -> tokio_postgres::Client {
-        dcb_testkit::pg::connect(&self.schema.url).await.expect("admin connection")
+        dcb_testkit::pg::connect(&self.schema.url)
+            .await
+            .expect("admin connection")
     }
 
     /// The quoted schema name for raw SQL.
