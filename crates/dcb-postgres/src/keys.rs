@@ -94,27 +94,23 @@ impl KeySpace {
     /// The shared keys of the events an append writes; over [`MAX_KEYS`], the exclusive
     /// escalation key instead (which conflicts with every conditional append and fenced read).
     pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
-        let mut keys: Vec<i64> = vec![self.key(Level::All, &[])];
+        let mut keys = std::collections::HashSet::with_capacity(MAX_KEYS + 4);
+        keys.insert(self.key(Level::All, &[]));
         for event in events {
             let t = event.event_type.as_str();
-            keys.push(self.key(Level::Type, &[t]));
+            keys.insert(self.key(Level::Type, &[t]));
             for tag in &event.tags {
                 let g = Self::tag_text(tag);
-                keys.push(self.key(Level::Tag, &[&g]));
-                keys.push(self.key(Level::TypeTag, &[t, &g]));
+                keys.insert(self.key(Level::Tag, &[&g]));
+                keys.insert(self.key(Level::TypeTag, &[t, &g]));
             }
-            if keys.len() > 4 * MAX_KEYS {
-                keys.sort_unstable();
-                keys.dedup();
+            if keys.len() > MAX_KEYS {
+                // Escalate as soon as the bound is passed: the fine keys would be dropped anyway.
+                set.add(self.key(Level::Escalation, &[]), true);
+                return;
             }
         }
-        keys.sort_unstable();
-        keys.dedup();
-        if keys.len() > MAX_KEYS {
-            set.add(self.key(Level::Escalation, &[]), true);
-        } else {
-            keys.into_iter().for_each(|k| set.add(k, false));
-        }
+        keys.into_iter().for_each(|k| set.add(k, false));
     }
 
     fn item_keys(&self, item: &QueryItem, into: &mut Vec<i64>) {
