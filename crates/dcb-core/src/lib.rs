@@ -52,8 +52,8 @@ pub use subscribe::{
 };
 pub use tag::Tag;
 pub use validate::{
-    validate_command, validate_condition, validate_events, validate_query, Limits,
-    MAX_EVENT_TYPE_LEN,
+    validate_command, validate_condition, validate_events, validate_query, validate_read_options,
+    Limits, MAX_EVENT_TYPE_LEN,
 };
 
 /// Builds a `Vec<Tag>` from `key => value` pairs.

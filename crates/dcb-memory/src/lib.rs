@@ -31,7 +31,6 @@ use dcb_core::{
     matches, validate_condition, validate_events, validate_query, AppendCondition, CommandFilter,
     CommandRecord, CommandSession, CommitOutcome, ConflictInfo, Cursor, Direction, Error, Event,
     EventReader, EventStore, EventStream, Limits, NewCommand, NewEvent, Query, ReadOptions,
-    ValidationError, ValidationKind,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -182,17 +181,6 @@ fn unreachable_empty(operation: &'static str) -> Error {
     }
 }
 
-fn check_options(options: &ReadOptions) -> Result<(), Error> {
-    if options.limit == Some(0) {
-        return Err(Error::Validation(ValidationError::new(
-            "options.limit",
-            ValidationKind::InvalidReadOption,
-            "limit must be at least 1 (use None for no limit)",
-        )));
-    }
-    Ok(())
-}
-
 fn select(log: &Log, query: &Query, options: &ReadOptions, max: usize) -> Vec<Event> {
     let (start, end) = log.bounds(options);
     let slice = &log.events[start..end];
@@ -214,12 +202,14 @@ fn select(log: &Log, query: &Query, options: &ReadOptions, max: usize) -> Vec<Ev
 impl EventReader for InMemoryEventStore {
     async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
         validate_query(query)?;
-        check_options(&options)?;
+        dcb_core::validate_read_options(&options)?;
         Ok(select(&self.lock(), query, &options, usize::MAX))
     }
 
     fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
-        if let Err(err) = validate_query(query).and_then(|()| check_options(&options)) {
+        if let Err(err) =
+            validate_query(query).and_then(|()| dcb_core::validate_read_options(&options))
+        {
             return Box::pin(futures_util::stream::once(async { Err(err) }));
         }
         struct Walk {

@@ -2,7 +2,7 @@
 //! event of a query exactly once, across crashes and across application instances.
 use crate::conn::{db_error, db_error_with_timeout, Conn};
 use crate::sql;
-use crate::store::{check_options, event_from_row, prepare, PostgresEventStore};
+use crate::store::{event_from_row, prepare, PostgresEventStore};
 use crate::xid8::Xid8;
 use async_trait::async_trait;
 use dcb_core::{validate_query, ChangeFeed, Cursor, Error, Event, Query, ReadOptions};
@@ -864,7 +864,7 @@ async fn read_with_horizon(
 ) -> Result<(Vec<Event>, Cursor), Error> {
     let inner = &store.inner;
     let options = ReadOptions::default().after_opt(after).limit(limit);
-    check_options(&options)?;
+    dcb_core::validate_read_options(&options)?;
     let conn = Conn::get(&inner.pool, "handler_read").await?;
     let read = async {
         let (xmax, xip) = store.fence(&conn, query).await?;

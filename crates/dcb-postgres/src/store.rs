@@ -10,7 +10,7 @@ use dcb_core::{
     validate_command, validate_condition, validate_events, validate_query, AppendCondition,
     CommandFilter, CommandRecord, CommandSession, ConflictInfo, Cursor, Error, Event, EventReader,
     EventStore, EventStream, Limits, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
-    Tag, ValidationError, ValidationKind,
+    Tag,
 };
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::fmt;
@@ -213,7 +213,7 @@ impl PostgresEventStore {
         options: ReadOptions,
     ) -> Result<Vec<Event>, Error> {
         validate_query(query)?;
-        check_options(&options)?;
+        dcb_core::validate_read_options(&options)?;
         let (xmax, xip) = self.fence(conn, query).await?;
         let stmt = sql::read(&self.inner.schema, query, &options, xmax, xip);
         let client = conn.object();
@@ -470,17 +470,6 @@ pub(crate) async fn prepare(
         .map_err(|e| db_error(operation, e, false))
 }
 
-pub(crate) fn check_options(options: &ReadOptions) -> Result<(), Error> {
-    if options.limit == Some(0) {
-        return Err(Error::Validation(ValidationError::new(
-            "options.limit",
-            ValidationKind::InvalidReadOption,
-            "limit must be at least 1 (use None for no limit)",
-        )));
-    }
-    Ok(())
-}
-
 fn corrupt(what: String) -> Error {
     Error::Storage {
         operation: "query",
@@ -533,7 +522,7 @@ impl EventReader for PostgresEventStore {
     #[tracing::instrument(name = "pg.query", skip_all, fields(items = query.items.len()))]
     async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
         validate_query(query)?;
-        check_options(&options)?;
+        dcb_core::validate_read_options(&options)?;
         let conn = Conn::get(&self.inner.pool, "query").await?;
         let limit = self.inner.config.query_timeout * 2 + CLIENT_GRACE;
         match tokio::time::timeout(limit, self.read_on(&conn, query, options)).await {

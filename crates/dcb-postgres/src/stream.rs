@@ -2,7 +2,7 @@
 //! time by a task that owns its connection and hands events over a bounded channel.
 use crate::conn::{db_error_with_timeout, Conn};
 use crate::sql;
-use crate::store::{check_options, event_from_row, prepare, PostgresEventStore};
+use crate::store::{event_from_row, prepare, PostgresEventStore};
 use dcb_core::{validate_query, Error, Event, EventStream, Query, ReadOptions};
 use tokio::sync::mpsc;
 
@@ -31,7 +31,7 @@ async fn produce(
     tx: &mpsc::Sender<Result<Event, Error>>,
 ) -> Result<(), Error> {
     validate_query(query)?;
-    check_options(&options)?;
+    dcb_core::validate_read_options(&options)?;
     let inner = &store.inner;
     let timeout = Some(inner.config.query_timeout);
     let map = |e| db_error_with_timeout("query_stream", e, false, timeout);

@@ -8,31 +8,10 @@ use dcb_core::{
 };
 use dcb_postgres::StoreConfig;
 use std::time::Duration;
-use support::{test_store, TestStore};
+use support::{install_brake, test_store, TestStore};
 
 fn event(t: &str, key: &str, id: &str) -> NewEvent {
     NewEvent::builder(t).tag(key, id).build().expect("event")
-}
-
-/// Inserts of `Slow` events wait on advisory lock 4242 after their transaction got its id.
-async fn install_brake(ts: &TestStore) -> tokio_postgres::Client {
-    let admin = ts.admin().await;
-    admin
-        .batch_execute(&format!(
-            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock(4242); END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
-            f = ts.table("brake"),
-            t = ts.table("events"),
-        ))
-        .await
-        .expect("install brake");
-    let brake = ts.admin().await;
-    brake
-        .batch_execute("SELECT pg_advisory_lock(4242)")
-        .await
-        .expect("hold brake");
-    brake
 }
 
 async fn wait_until_stuck(ts: &TestStore) {
@@ -61,7 +40,7 @@ fn types(events: &[Event]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn out_of_order_commit_is_never_skipped_by_a_cursor_following_reader() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4242).await;
     // Writer A gets the LOWER transaction id and is held open mid-insert.
     let a = {
         let store = ts.store.clone();
@@ -178,7 +157,7 @@ async fn conflicts_are_detected_and_own_writes_read_while_an_unrelated_transacti
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fails() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4242).await;
     let boundary = Query::from(QueryItem::new().tag("account", "a1"));
     let decision = ts
         .project(StateProjector::counter(boundary.clone()))
@@ -218,7 +197,7 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disjoint_boundary_is_not_blocked_by_an_in_flight_writer() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4242).await;
     let writer = {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "account", "a1")]).await })

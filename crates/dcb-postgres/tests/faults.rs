@@ -8,32 +8,10 @@ use dcb_core::{
 use dcb_postgres::{IsolationLevel, PostgresEventStore, StoreConfig};
 use futures_util::StreamExt;
 use std::time::Duration;
-use support::{test_store, TestStore};
+use support::{install_brake, test_store, TestStore};
 
 fn event(t: &str, id: &str) -> NewEvent {
     NewEvent::builder(t).tag("id", id).build().expect("event")
-}
-
-/// Makes every insert of an event of type `Slow` wait on advisory lock 4242 (held by the
-/// returned connection), AFTER the inserting transaction got its id: a writer stuck mid-append.
-async fn install_brake(ts: &TestStore) -> tokio_postgres::Client {
-    let admin = ts.admin().await;
-    admin
-        .batch_execute(&format!(
-            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock(4242); END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
-            f = ts.table("brake"),
-            t = ts.table("events"),
-        ))
-        .await
-        .expect("install brake");
-    let brake = ts.admin().await;
-    brake
-        .batch_execute("SELECT pg_advisory_lock(4242)")
-        .await
-        .expect("hold brake");
-    brake
 }
 
 async fn count(ts: &TestStore) -> i64 {
@@ -48,7 +26,7 @@ async fn count(ts: &TestStore) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_timeout_is_enforced_and_writes_nothing() {
     let ts = test_store(StoreConfig::default().append_timeout(Duration::from_millis(300))).await;
-    let _brake = install_brake(&ts).await;
+    let _brake = install_brake(&ts, 4242).await;
     let err = ts.append(vec![event("Slow", "1")]).await.unwrap_err();
     assert!(
         matches!(
@@ -71,7 +49,7 @@ async fn append_timeout_is_enforced_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
     let ts = test_store(StoreConfig::default().query_timeout(Duration::from_millis(300))).await;
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4242).await;
     let writer = {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "1")]).await })
@@ -110,7 +88,7 @@ async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terminated_backend_mid_append_leaves_nothing_and_the_pool_recovers() {
     let ts = test_store(StoreConfig::default().pool_size(2)).await;
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4242).await;
     let writer = {
         let store = ts.store.clone();
         tokio::spawn(async move {

@@ -10,7 +10,7 @@ use dcb_core::{
 use dcb_postgres::{PostgresEventStore, StoreConfig};
 use futures_util::StreamExt;
 use std::time::Duration;
-use support::{test_store, TestStore};
+use support::{install_brake, test_store, TestStore};
 
 fn event(t: &str, key: &str, id: &str) -> NewEvent {
     NewEvent::builder(t).tag(key, id).build().expect("event")
@@ -168,27 +168,6 @@ async fn notifications_can_be_turned_off_and_polling_still_delivers() {
     assert_eq!(got[0].cursor, cursor);
 }
 
-/// Inserts of `Slow` events wait on advisory lock 4243 after their transaction got its id.
-async fn install_brake(ts: &TestStore) -> tokio_postgres::Client {
-    let admin = ts.admin().await;
-    admin
-        .batch_execute(&format!(
-            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock(4243); END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
-            f = ts.table("brake"),
-            t = ts.table("events"),
-        ))
-        .await
-        .expect("install brake");
-    let brake = ts.admin().await;
-    brake
-        .batch_execute("SELECT pg_advisory_lock(4243)")
-        .await
-        .expect("hold brake");
-    brake
-}
-
 /// Waits until a backend (optionally of `application_name`) waits for an advisory lock.
 async fn wait_for_lock_waiter(ts: &TestStore, objid: Option<i64>, application_name: Option<&str>) {
     let admin = ts.admin().await;
@@ -215,7 +194,7 @@ async fn wait_for_lock_waiter(ts: &TestStore, objid: Option<i64>, application_na
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn out_of_order_commits_reach_a_live_subscriber_in_cursor_order() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4243).await;
     let query = Query::from(QueryItem::new().tag("stream", "s"));
     let options = SubscribeOptions::default().poll_interval(Duration::from_millis(100));
     let mut stream = ts.store.subscribe_with(&query, None, options);
@@ -293,7 +272,7 @@ async fn a_subscription_whose_connections_are_killed_resumes_without_gap_or_dupl
     }
 
     // Hold a matching writer in flight, so the subscriber's next read is stuck in its fence...
-    let brake = install_brake(&ts).await;
+    let brake = install_brake(&ts, 4243).await;
     let slow = {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "stream", "k")]).await })

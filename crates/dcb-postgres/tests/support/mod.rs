@@ -33,6 +33,29 @@ impl TestStore {
     }
 }
 
+/// Makes every insert of an event of type `Slow` wait on advisory lock `lock`, AFTER the
+/// inserting transaction got its id: a writer stuck mid-append, as long as the returned
+/// connection holds the lock (release it with `pg_advisory_unlock(lock)` or by dropping it).
+pub async fn install_brake(ts: &TestStore, lock: i64) -> tokio_postgres::Client {
+    let admin = ts.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock({lock}); END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
+            f = ts.table("brake"),
+            t = ts.table("events"),
+        ))
+        .await
+        .expect("install brake");
+    let brake = ts.admin().await;
+    brake
+        .batch_execute(&format!("SELECT pg_advisory_lock({lock})"))
+        .await
+        .expect("hold brake");
+    brake
+}
+
 pub async fn test_store(config: StoreConfig) -> TestStore {
     let schema = TestSchema::new().await;
     let store = PostgresEventStore::connect(
