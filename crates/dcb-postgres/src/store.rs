@@ -23,6 +23,12 @@ use tokio_postgres::{NoTls, Row};
 /// reports a clean, certain outcome.
 const CLIENT_GRACE: Duration = Duration::from_secs(2);
 
+/// Prepared statements switch to a generic plan after five executions; for the tag and type
+/// probes a generic plan cannot know how selective the bound values are and degenerates to a
+/// sequential scan (measured: 0.2 ms → 1 s per conditional append at 1 M events). Planning each
+/// execution with its values costs a fraction of a millisecond and keeps every probe on its index.
+const CUSTOM_PLANS: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
+
 /// crablet's event store on PostgreSQL. Cheap to clone; clones share the pool.
 #[derive(Clone)]
 pub struct PostgresEventStore {
@@ -102,7 +108,7 @@ impl PostgresEventStore {
             keys: KeySpace::new(&config.schema),
             projections: Arc::new(Semaphore::new(config.max_concurrent_projections)),
             begin_append: format!(
-                "BEGIN ISOLATION LEVEL {}; SET LOCAL statement_timeout = '{}'",
+                "BEGIN ISOLATION LEVEL {}; SET LOCAL statement_timeout = '{}'; {CUSTOM_PLANS}",
                 config.append_isolation.sql(),
                 timeout(config.append_timeout)
             ),
@@ -111,7 +117,7 @@ impl PostgresEventStore {
                 timeout(config.query_timeout)
             ),
             begin_read: format!(
-                "BEGIN ISOLATION LEVEL {} READ ONLY; SET LOCAL statement_timeout = '{}'",
+                "BEGIN ISOLATION LEVEL {} READ ONLY; SET LOCAL statement_timeout = '{}'; {CUSTOM_PLANS}",
                 config.read_isolation.sql(),
                 timeout(config.query_timeout)
             ),
