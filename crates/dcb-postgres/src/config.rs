@@ -56,8 +56,9 @@ pub struct StoreConfig {
     pub append_timeout: Duration,
     /// Longest a read may take; for streams, each fetch of `stream_buffer` rows. Default 30 s.
     pub query_timeout: Duration,
-    /// Rows fetched per round trip by streams, and the capacity of the channel between the
-    /// fetching task and the consumer. Default 1000.
+    /// Rows fetched per round trip by streams. Fetched batches are handed to the consumer whole
+    /// while the next one is fetched, so at most three batches are in memory per stream.
+    /// Default 1000.
     pub stream_buffer: usize,
     /// How many projections may run at once before `project` fails with
     /// `TooManyProjections`. Default 256.

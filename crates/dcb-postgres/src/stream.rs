@@ -1,26 +1,43 @@
 //! `query_stream`: a fenced read through a server-side portal, fetched `stream_buffer` rows at a
-//! time by a task that owns its connection and hands events over a bounded channel.
+//! time by a task that owns its connection and hands batches over a bounded channel.
 use crate::conn::{db_error_with_timeout, Conn};
 use crate::sql;
 use crate::store::{event_from_row, prepare, PostgresEventStore};
 use dcb_core::{validate_query, Error, Event, EventStream, Query, ReadOptions};
+use std::task::Poll;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub(crate) fn query_stream(
     store: PostgresEventStore,
     query: Query,
     options: ReadOptions,
 ) -> EventStream {
-    let buffer = store.inner.config.stream_buffer;
-    let (tx, mut rx) = mpsc::channel::<Result<Event, Error>>(buffer);
-    tokio::spawn(async move {
-        let span = tracing::debug_span!("pg.query_stream", items = query.items.len());
-        let _enter = span.enter();
-        if let Err(err) = produce(&store, &query, options, &tx).await {
-            let _ = tx.send(Err(err)).await;
+    // Events travel in fetched batches: one hand-off per batch instead of per event, and the
+    // producer fetches the next batch while the consumer drains this one. At most three batches
+    // of `stream_buffer` events exist at once (being fetched, queued, being consumed).
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<Event>, Error>>(1);
+    let span = tracing::debug_span!("pg.query_stream", items = query.items.len());
+    tokio::spawn(
+        async move {
+            if let Err(err) = produce(&store, &query, options, &tx).await {
+                let _ = tx.send(Err(err)).await;
+            }
         }
-    });
-    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+        .instrument(span),
+    );
+    let mut current = Vec::new().into_iter();
+    Box::pin(futures_util::stream::poll_fn(move |cx| loop {
+        if let Some(event) = current.next() {
+            return Poll::Ready(Some(Ok(event)));
+        }
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(batch))) => current = batch.into_iter(),
+            Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        }
+    }))
 }
 
 /// Sends every event of the read; returns early (without error) when the consumer is gone.
@@ -28,7 +45,7 @@ async fn produce(
     store: &PostgresEventStore,
     query: &Query,
     options: ReadOptions,
-    tx: &mpsc::Sender<Result<Event, Error>>,
+    tx: &mpsc::Sender<Result<Vec<Event>, Error>>,
 ) -> Result<(), Error> {
     validate_query(query)?;
     dcb_core::validate_read_options(&options)?;
@@ -60,10 +77,13 @@ async fn produce(
                 .await
                 .map_err(map)?;
             let done = rows.len() < batch as usize;
-            for row in &rows {
-                if tx.send(event_from_row(row)).await.is_err() {
-                    return Ok(());
-                }
+            let events = rows
+                .iter()
+                .map(event_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            if !events.is_empty() && tx.send(Ok(events)).await.is_err() {
+                // The consumer is gone: the transaction rolls back when dropped.
+                return Ok(());
             }
             if done {
                 break;
