@@ -52,7 +52,8 @@ pub struct StoreConfig {
     /// Reads are pinned to a fenced snapshot either way (docs/design.md); a stricter level adds
     /// its own guarantees for the read transaction.
     pub read_isolation: IsolationLevel,
-    /// Longest an append (including waiting for locks) may take. Default 10 s.
+    /// Longest an append (including waiting for locks) may take. Default 10 s. Also the
+    /// `statement_timeout` of the sessions a store opens with `connect`.
     pub append_timeout: Duration,
     /// Longest a read may take; for streams, each fetch of `stream_buffer` rows. Default 30 s.
     pub query_timeout: Duration,

@@ -1,7 +1,6 @@
 //! Durable event handlers (see [`EventHandler`]): read models and reactions that process every
 //! event of a query exactly once, across crashes and across application instances.
-use crate::conn::{db_error, db_error_with_timeout, Conn};
-use crate::sql;
+use crate::conn::{db_error, Conn};
 use crate::store::{event_from_row, prepare, PostgresEventStore};
 use crate::xid8::Xid8;
 use async_trait::async_trait;
@@ -867,29 +866,15 @@ async fn read_with_horizon(
     dcb_core::validate_read_options(&options)?;
     let conn = Conn::get(&inner.pool, "handler_read").await?;
     let read = async {
-        let (xmax, xip) = store.fence(&conn, query).await?;
-        let stmt = sql::read(&inner.schema, query, &options, xmax, xip);
-        let client = conn.object();
-        let prepared = prepare(client, &stmt.sql, "handler_read").await?;
-        let params = stmt.param_refs();
-        conn.begin_exchange();
-        let (begin, rows, commit) = tokio::join!(
-            client.batch_execute(&inner.begin_read),
-            client.query(&prepared, &params),
-            client.batch_execute("COMMIT"),
-        );
-        conn.end_exchange();
-        let timeout = Some(inner.config.query_timeout);
-        let map = |e| db_error_with_timeout("handler_read", e, false, timeout);
-        begin.map_err(map)?;
-        let rows = rows.map_err(map)?;
-        commit.map_err(map)?;
+        let (rows, xmax) = store
+            .fenced_rows(&conn, query, &options, "handler_read")
+            .await?;
         let events = rows
             .iter()
             .map(event_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         // Every transaction that gets an id after the fence's snapshot has an id >= xmax.
-        let horizon = Cursor::new(xmax.0.saturating_sub(1), i64::MAX);
+        let horizon = Cursor::new(xmax.saturating_sub(1), i64::MAX);
         Ok((events, horizon))
     };
     let limit = inner.config.query_timeout * 2 + Duration::from_secs(2);

@@ -10,7 +10,8 @@
 //!   Writers on disjoint boundaries never share a key, so they never wait for or fail because
 //!   of each other.
 //! - **Reads are fenced.** A read first takes the same exclusive keys for an instant and records
-//!   the snapshot it got; it then returns exactly the matching events visible in that snapshot.
+//!   the snapshot it got; it then returns exactly the matching events visible in that snapshot,
+//!   in the same transaction and round trip.
 //!   A reader that continues after its last cursor never skips an event committed out of order,
 //!   sees its own writes, and is not held back by unrelated long transactions.
 //!

@@ -4,12 +4,13 @@ use dcb_core::Error;
 use tokio_postgres::Client;
 
 /// The schema version this library reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../sql/001_init.sql"),
     include_str!("../../../sql/002_handlers.sql"),
+    include_str!("../../../sql/003_fence.sql"),
 ];
 
 /// Applies the missing migrations in one transaction, serialized across processes by an
@@ -17,6 +18,10 @@ const MIGRATIONS: &[&str] = &[
 pub(crate) async fn migrate(client: &mut Client, schema: &str, quoted: &str) -> Result<(), Error> {
     let tx = client
         .transaction()
+        .await
+        .map_err(|e| db_error("migrate", e, false))?;
+    // The store's sessions default to the append timeout; a migration may take longer.
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
         .await
         .map_err(|e| db_error("migrate", e, false))?;
     tx.execute(

@@ -1,8 +1,9 @@
 //! `query_stream`: a fenced read through a server-side portal, fetched `stream_buffer` rows at a
 //! time by a task that owns its connection and hands batches over a bounded channel.
+use crate::config::IsolationLevel;
 use crate::conn::{db_error_with_timeout, Conn};
 use crate::sql;
-use crate::store::{event_from_row, prepare, PostgresEventStore};
+use crate::store::{event_from_row, prepare, PostgresEventStore, SET_FENCE};
 use dcb_core::{validate_query, Error, Event, EventStream, Query, ReadOptions};
 use std::task::Poll;
 use tokio::sync::mpsc;
@@ -53,9 +54,20 @@ async fn produce(
     let timeout = Some(inner.config.query_timeout);
     let map = |e| db_error_with_timeout("query_stream", e, false, timeout);
     let mut conn = Conn::get(&inner.pool, "query_stream").await?;
-    let (xmax, xip) = store.fence(&conn, query).await?;
-    let stmt = sql::read(&inner.schema, query, &options, xmax, xip);
+    // Under READ COMMITTED the fence runs inside the read's transaction, just before the portal
+    // opens; a transaction-wide snapshot must be taken after the fence, so there it runs first.
+    let taken = if inner.config.read_isolation == IsolationLevel::ReadCommitted {
+        None
+    } else {
+        Some(store.fence_alone(&conn, query, "query_stream").await?)
+    };
+    let (keys, exclusive) = store.fence_params(query);
+    let stmt = sql::read(&inner.schema, query, &options);
     let prepared = prepare(conn.object(), &stmt.sql, "query_stream").await?;
+    let fence = match taken {
+        None => prepare(conn.object(), &inner.fence_sql, "query_stream").await?,
+        Some(_) => prepare(conn.object(), SET_FENCE, "query_stream").await?,
+    };
     // Dropped mid-stream (consumer gone, runtime shutting down): the connection is inside a
     // transaction with an open portal, so it must not go back to the pool as is.
     conn.begin_exchange();
@@ -66,6 +78,16 @@ async fn produce(
             .batch_execute(&inner.begin_read.replacen("BEGIN", "SET TRANSACTION", 1))
             .await
             .map_err(map)?;
+        match &taken {
+            None => transaction
+                .execute(&fence, &[&keys, &exclusive])
+                .await
+                .map_err(map)?,
+            Some(snapshot) => transaction
+                .execute(&fence, &[snapshot])
+                .await
+                .map_err(map)?,
+        };
         let portal = transaction
             .bind(&prepared, &stmt.param_refs())
             .await

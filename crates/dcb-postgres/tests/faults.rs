@@ -49,7 +49,7 @@ async fn append_timeout_is_enforced_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
     let ts = test_store(StoreConfig::default().query_timeout(Duration::from_millis(300))).await;
-    let brake = install_brake(&ts, 4242).await;
+    let brake = install_brake(&ts, 4343).await;
     let writer = {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "1")]).await })
@@ -76,13 +76,19 @@ async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
         .await;
     assert!(other.expect("unrelated read").is_empty());
     brake
-        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .batch_execute("SELECT pg_advisory_unlock(4343)")
         .await
         .expect("release");
     writer
         .await
         .expect("join")
         .expect("writer commits once released");
+    // The timed-out fence held its keys as session locks; it must have released them, or this
+    // writer of a matching event would wait on a pooled connection's leftover lock.
+    tokio::time::timeout(Duration::from_secs(5), ts.append(vec![event("Slow", "2")]))
+        .await
+        .expect("no fence lock left behind")
+        .expect("append after the timed-out fence");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -285,4 +291,54 @@ async fn stream_reports_errors_as_items() {
         .await;
     assert_eq!(items.len(), 1);
     assert!(items[0].is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timed_out_fence_leaves_no_session_lock_behind() {
+    // The store's sessions are recognisable by their application name.
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let sep = if schema.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}application_name=crablet_fence_leak", schema.url);
+    let config = StoreConfig::default()
+        .schema(schema.schema.clone())
+        .auto_migrate(true)
+        .query_timeout(Duration::from_millis(300));
+    let store = PostgresEventStore::connect(&url, config)
+        .await
+        .expect("store");
+    let ts = TestStore { store, schema };
+    let brake = install_brake(&ts, 4444).await;
+    let writer = {
+        let store = ts.store.clone();
+        tokio::spawn(async move { store.append(vec![event("Slow", "1")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Many keys, so the fence almost surely holds some of them when it times out on `Slow`.
+    let items = (0..30)
+        .map(|i| QueryItem::new().types([format!("Other{i}")]))
+        .chain([QueryItem::new().types(["Slow"])]);
+    let err = ts
+        .query(&Query::from_items(items), ReadOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    // An idle session holds no transaction locks: any advisory lock it holds is a session lock.
+    let held: i64 = ts
+        .admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND a.application_name = 'crablet_fence_leak' \
+             AND a.state = 'idle'",
+            &[],
+        )
+        .await
+        .expect("pg_locks")
+        .get(0);
+    assert_eq!(held, 0, "a timed-out fence left session locks behind");
+    brake
+        .batch_execute("SELECT pg_advisory_unlock(4444)")
+        .await
+        .expect("release");
+    writer.await.expect("join").expect("writer commits");
 }

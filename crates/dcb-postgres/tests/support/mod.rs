@@ -56,6 +56,25 @@ pub async fn install_brake(ts: &TestStore, lock: i64) -> tokio_postgres::Client 
     brake
 }
 
+/// A store in a fresh schema built by `from_pool` on a pool the test made, whose sessions keep
+/// the server's defaults.
+pub async fn test_store_from_pool(config: StoreConfig) -> TestStore {
+    let schema = TestSchema::new().await;
+    let pg_config: tokio_postgres::Config = schema.url.parse().expect("test url");
+    let manager = deadpool_postgres::Manager::new(pg_config, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(8)
+        .build()
+        .expect("pool");
+    let store = PostgresEventStore::from_pool(
+        pool,
+        config.schema(schema.schema.clone()).auto_migrate(true),
+    )
+    .await
+    .expect("store from pool");
+    TestStore { store, schema }
+}
+
 pub async fn test_store(config: StoreConfig) -> TestStore {
     let schema = TestSchema::new().await;
     let store = PostgresEventStore::connect(
@@ -71,6 +90,7 @@ pub async fn test_store(config: StoreConfig) -> TestStore {
 #[derive(Default)]
 pub struct PgFactory {
     config: StoreConfig,
+    from_pool: bool,
     schemas: Mutex<Vec<TestSchema>>,
 }
 
@@ -78,7 +98,16 @@ impl PgFactory {
     pub fn with_config(config: StoreConfig) -> Self {
         Self {
             config,
+            from_pool: false,
             schemas: Mutex::default(),
+        }
+    }
+
+    /// Stores built by `from_pool` on a pool of the test's own.
+    pub fn from_pool() -> Self {
+        Self {
+            from_pool: true,
+            ..Self::default()
         }
     }
 }
@@ -86,7 +115,11 @@ impl PgFactory {
 #[async_trait]
 impl dcb_testkit::StoreFactory for PgFactory {
     async fn new_store(&self) -> Arc<dyn dcb_core::EventStore> {
-        let TestStore { store, schema } = test_store(self.config.clone()).await;
+        let TestStore { store, schema } = if self.from_pool {
+            test_store_from_pool(self.config.clone()).await
+        } else {
+            test_store(self.config.clone()).await
+        };
         self.schemas.lock().expect("schemas").push(schema);
         Arc::new(store)
     }
