@@ -37,6 +37,8 @@ pub struct Ctx {
     pub events_per_append: usize,
     pub batch_size: usize,
     pub boundary_size: u64,
+    /// Base of the jittered backoff between conflicting hot decisions (zero: none).
+    pub hot_backoff: Duration,
     /// Successful decisions on the hot boundary, shared by all its clients.
     pub hot_successes: AtomicU64,
     fixtures: Mutex<Vec<Scenario>>,
@@ -124,6 +126,7 @@ impl Ctx {
             events_per_append: args.events_per_append,
             batch_size: args.batch_size,
             boundary_size: args.boundary_size.max(1),
+            hot_backoff: Duration::from_secs_f64(args.hot_backoff_ms.max(0.0) / 1000.0),
             hot_successes: AtomicU64::new(0),
             fixtures: Mutex::new(Vec::new()),
         };

@@ -168,6 +168,11 @@ pub struct Args {
     /// decisions, so decision reads stay the size of a realistic boundary.
     #[arg(long, default_value_t = 100)]
     pub boundary_size: u64,
+    /// `append-if-hot`: after the n-th conflict of an operation, wait a random time in
+    /// `[b/2, b]` with `b = min(32, 2^(n-1)) x this many ms` before deciding again, as a client
+    /// with a retry policy would (dcb-command's `RetryPolicy`). 0 (the default) retries at once.
+    #[arg(long, default_value_t = 0.0)]
+    pub hot_backoff_ms: f64,
 }
 
 impl Args {

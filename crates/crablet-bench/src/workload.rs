@@ -332,6 +332,11 @@ async fn op(
                         if Instant::now() >= deadline {
                             return Err(OpError::Conflict(conflicts));
                         }
+                        if !ctx.hot_backoff.is_zero() {
+                            let bound = ctx.hot_backoff * (1_u32 << (conflicts - 1).min(5));
+                            let wait = client.rng.gen_range(bound / 2..=bound);
+                            tokio::time::sleep(wait).await;
+                        }
                     }
                     Err(e) => return Err(other(e)),
                 }
