@@ -36,6 +36,8 @@ pub struct Ctx {
     pub run_id: String,
     pub events_per_append: usize,
     pub batch_size: usize,
+    /// `bench_raw`, or `bench_raw_indexed` with `--raw-indexes` (quoted, schema-qualified).
+    pub raw_table: String,
     pub boundary_size: u64,
     /// Base of the jittered backoff between conflicting hot decisions (zero: none).
     pub hot_backoff: Duration,
@@ -108,7 +110,13 @@ impl Ctx {
         admin
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {quoted}.bench_raw (\
-                    id bigserial PRIMARY KEY, type text, tags text[], data jsonb)"
+                    id bigserial PRIMARY KEY, type text, tags text[], data jsonb); \
+                 CREATE TABLE IF NOT EXISTS {quoted}.bench_raw_indexed (\
+                    id bigserial PRIMARY KEY, type text, tags text[], data jsonb); \
+                 CREATE INDEX IF NOT EXISTS bench_raw_indexed_tags \
+                    ON {quoted}.bench_raw_indexed USING gin (tags) WITH (fastupdate = off); \
+                 CREATE INDEX IF NOT EXISTS bench_raw_indexed_type \
+                    ON {quoted}.bench_raw_indexed (type, id)"
             ))
             .await
             .map_err(|e| format!("create {quoted}.bench_raw: {e}"))?;
@@ -116,6 +124,11 @@ impl Ctx {
             .duration_since(UNIX_EPOCH)
             .map(|d| format!("r{}", d.as_millis()))
             .unwrap_or_else(|_| "r0".into());
+        let raw_table = if args.raw_indexes {
+            format!("{quoted}.bench_raw_indexed")
+        } else {
+            format!("{quoted}.bench_raw")
+        };
         let ctx = Self {
             url,
             schema: schema.to_string(),
@@ -125,6 +138,7 @@ impl Ctx {
             run_id,
             events_per_append: args.events_per_append,
             batch_size: args.batch_size,
+            raw_table,
             boundary_size: args.boundary_size.max(1),
             hot_backoff: Duration::from_secs_f64(args.hot_backoff_ms.max(0.0) / 1000.0),
             hot_successes: AtomicU64::new(0),
@@ -239,7 +253,9 @@ impl Ctx {
         let admin = admin_connect(&self.url).await?;
         let q = &self.quoted;
         admin
-            .batch_execute(&format!("ANALYZE {q}.events, {q}.bench_raw"))
+            .batch_execute(&format!(
+                "ANALYZE {q}.events, {q}.bench_raw, {q}.bench_raw_indexed"
+            ))
             .await
             .map_err(|e| format!("analyze: {e}"))
     }

@@ -173,6 +173,11 @@ pub struct Args {
     /// with a retry policy would (dcb-command's `RetryPolicy`). 0 (the default) retries at once.
     #[arg(long, default_value_t = 0.0)]
     pub hot_backoff_ms: f64,
+    /// Raw inserts (`raw-insert`, `raw-batch`) go to `bench_raw_indexed`, which carries the
+    /// store's secondary indexes (GIN on tags with fastupdate off, B-tree on type): the cost
+    /// PostgreSQL charges for those indexes, apart from crablet's own.
+    #[arg(long)]
+    pub raw_indexes: bool,
 }
 
 impl Args {

@@ -379,7 +379,7 @@ async fn op(
     }
 }
 
-/// The raw baseline's write: one autocommit INSERT of all `events` as rows of `bench_raw`
+/// The raw baseline's write: one autocommit INSERT of all `events` as rows of `ctx.raw_table`
 /// (type, `key:value` tags, data), the same values the store writes.
 async fn raw_insert(ctx: &Ctx, client: &mut Client, events: Vec<NewEvent>) -> Result<(), OpError> {
     let rows = events.len();
@@ -388,8 +388,8 @@ async fn raw_insert(ctx: &Ctx, client: &mut Client, events: Vec<NewEvent>) -> Re
             .map(|r| format!("(${}, ${}, ${})", 3 * r + 1, 3 * r + 2, 3 * r + 3))
             .collect();
         format!(
-            "INSERT INTO {}.bench_raw (type, tags, data) VALUES {}",
-            ctx.quoted,
+            "INSERT INTO {} (type, tags, data) VALUES {}",
+            ctx.raw_table,
             values.join(", ")
         )
     });

@@ -68,8 +68,15 @@ impl KeySpace {
     }
 
     fn key(&self, level: Level, parts: &[&str]) -> i64 {
+        self.key_with_tag(level, parts, None)
+    }
+
+    /// The key of `parts` followed by the part `"{key}:{value}"` of `tag`, hashed without
+    /// building that string (appends derive two such keys per tag).
+    fn key_with_tag(&self, level: Level, parts: &[&str], tag: Option<&Tag>) -> i64 {
         // FNV-1a over length-prefixed parts: stable across processes, versions and platforms
-        // (std's hasher is not), and unambiguous.
+        // (std's hasher is not), and unambiguous. Keys must never change between releases:
+        // processes of two versions may append to one store at once.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let mut feed = |bytes: &[u8]| {
             for b in bytes {
@@ -83,6 +90,12 @@ impl KeySpace {
         for part in parts {
             feed(&(part.len() as u32).to_le_bytes());
             feed(part.as_bytes());
+        }
+        if let Some(tag) = tag {
+            feed(&((tag.key.len() + 1 + tag.value.len()) as u32).to_le_bytes());
+            feed(tag.key.as_bytes());
+            feed(b":");
+            feed(tag.value.as_bytes());
         }
         hash as i64
     }
@@ -100,9 +113,8 @@ impl KeySpace {
             let t = event.event_type.as_str();
             keys.insert(self.key(Level::Type, &[t]));
             for tag in &event.tags {
-                let g = Self::tag_text(tag);
-                keys.insert(self.key(Level::Tag, &[&g]));
-                keys.insert(self.key(Level::TypeTag, &[t, &g]));
+                keys.insert(self.key_with_tag(Level::Tag, &[], Some(tag)));
+                keys.insert(self.key_with_tag(Level::TypeTag, &[t], Some(tag)));
             }
             if keys.len() > MAX_KEYS {
                 // Escalate as soon as the bound is passed: the fine keys would be dropped anyway.
@@ -216,6 +228,27 @@ mod tests {
         assert!(!exclusive(&ks, &q1)
             .iter()
             .any(|k| shared(&ks, &e2).contains(k)));
+    }
+
+    #[test]
+    fn keys_are_stable_and_tag_keys_need_no_tag_string() {
+        let ks = KeySpace::new("public");
+        let tag = Tag::new("course", "c:1");
+        assert_eq!(
+            ks.key_with_tag(Level::TypeTag, &["A"], Some(&tag)),
+            ks.key(Level::TypeTag, &["A", "course:c:1"])
+        );
+        assert_eq!(
+            ks.key_with_tag(Level::Tag, &[], Some(&tag)),
+            ks.key(Level::Tag, &["course:c:1"])
+        );
+        // Pinned: a release that changes key derivation would let processes of two versions
+        // append to one store without excluding each other.
+        assert_eq!(ks.key(Level::All, &[]), -1_960_495_108_338_426_506);
+        assert_eq!(
+            ks.key_with_tag(Level::TypeTag, &["A"], Some(&tag)),
+            -382_084_374_653_877_292
+        );
     }
 
     #[test]
