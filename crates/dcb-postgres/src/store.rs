@@ -58,7 +58,11 @@ pub(crate) struct Inner {
     projections: Arc<Semaphore>,
     begin_append: String,
     begin_fence: String,
-    pub(crate) begin_read: String,
+    begin_read: String,
+    /// `begin_read` for match-all reads: every row qualifies, so the primary key's order is the
+    /// plan; unhindered, the planner sorted the whole log instead (no first row before the
+    /// sort finished, temporary files; measured 474 ms vs 232 ms at 1 M events).
+    begin_read_all: String,
     pub(crate) fence_sql: String,
     /// Takes an append's advisory locks, in its own statement before the checking insert.
     lock_sql: String,
@@ -163,6 +167,12 @@ impl PostgresEventStore {
                 config.read_isolation.sql(),
                 timeout(config.query_timeout)
             ),
+            begin_read_all: format!(
+                "BEGIN ISOLATION LEVEL {} READ ONLY; SET LOCAL statement_timeout = '{}'; {CUSTOM_PLANS}; \
+                 SET LOCAL enable_sort = off",
+                config.read_isolation.sql(),
+                timeout(config.query_timeout)
+            ),
             fence_sql: format!("SELECT {schema}.fence($1, $2)"),
             lock_sql: sql::lock_rows("$1", "$2"),
             session_timeout,
@@ -208,6 +218,15 @@ impl PostgresEventStore {
     fn limits(&self) -> Limits {
         Limits {
             max_batch_size: self.inner.config.max_batch_size,
+        }
+    }
+
+    /// The statements that open a read transaction for `query`.
+    pub(crate) fn begin_read(&self, query: &Query) -> &str {
+        if query.is_match_all() {
+            &self.inner.begin_read_all
+        } else {
+            &self.inner.begin_read
         }
     }
 
@@ -272,7 +291,7 @@ impl PostgresEventStore {
             let fence_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
             conn.begin_exchange();
             let (begin, snapshot, rows, commit) = tokio::join!(
-                client.batch_execute(&inner.begin_read),
+                client.batch_execute(self.begin_read(query)),
                 client.query_one(&fence, &fence_params),
                 client.query(&read, &params),
                 client.batch_execute("COMMIT"),
@@ -292,7 +311,7 @@ impl PostgresEventStore {
             let set_params: [&(dyn postgres_types::ToSql + Sync); 1] = [&snapshot];
             conn.begin_exchange();
             let (begin, set, rows, commit) = tokio::join!(
-                client.batch_execute(&inner.begin_read),
+                client.batch_execute(self.begin_read(query)),
                 client.execute(&set, &set_params),
                 client.query(&read, &params),
                 client.batch_execute("COMMIT"),
@@ -594,7 +613,8 @@ pub(crate) fn event_from_row(row: &Row) -> Result<Event, Error> {
     let tx: Xid8 = row.try_get(0).map_err(get_err)?;
     let position: i64 = row.try_get(1).map_err(get_err)?;
     let event_type: String = row.try_get(2).map_err(get_err)?;
-    let raw_tags: Vec<String> = row.try_get(3).map_err(get_err)?;
+    // Borrowed from the row: one allocation per key and per value, none for the stored text.
+    let raw_tags: Vec<&str> = row.try_get(3).map_err(get_err)?;
     let tags = raw_tags
         .into_iter()
         .map(|t| match t.split_once(':') {
