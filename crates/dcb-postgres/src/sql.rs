@@ -186,38 +186,47 @@ pub(crate) fn lock_rows(keys: &str, exclusive: &str) -> String {
     )
 }
 
-/// The probe of one condition item: matching events after the condition's cursor.
+/// The probe of one condition item: matching events after the condition's cursor, as the body
+/// of a CTE and a filter to apply to its rows.
 ///
 /// Written so that even a generic plan (prepared statements switch to one after five
-/// executions, and no per-execution planning is paid then) drives it from an index: a
-/// MATERIALIZED CTE is planned for its whole result, where a `LIMIT 1` would make a sequential
-/// scan look cheap (measured: 0.2 ms → 1 s per check at 1 M events). A match-all item is
-/// ordered on the primary key instead, so it reads from the cursor on.
+/// executions, and no per-execution planning is paid then) drives it from the right index:
+/// - The body is a MATERIALIZED CTE, planned for its whole result: a `LIMIT 1` inside would make
+///   a sequential scan look cheap (measured: 0.2 ms → 1 s per check at 1 M events).
+/// - With tags, the tag index drives it and the cursor bound filters the CTE's rows outside
+///   it: inside, a generic plan ANDs the tag index with a primary-key range it estimates at a
+///   third of the table (measured: 6.6 ms per check at 4.8 M events).
+/// - With types only, the bound stays inside: it is part of the `(type, transaction_id,
+///   position)` index range.
+/// - A match-all item is ordered on the primary key, so it reads from the cursor on.
 fn probe(
     stmt: &mut Statement,
     schema: &str,
     item: &dcb_core::QueryItem,
     after: Option<Cursor>,
-) -> String {
-    let mut conds = Vec::new();
-    if !item.is_match_all() {
-        conds.push(items_predicate(stmt, &Query::from(item.clone())));
-    }
-    if let Some(after) = after {
-        conds.push(cursor_bound(stmt, ">", after));
-    }
-    let filter = if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", conds.join(" AND "))
-    };
-    if item.is_match_all() {
-        format!(
-            "SELECT transaction_id, position FROM {schema}.events{filter} \
-             ORDER BY transaction_id, position LIMIT 1"
-        )
-    } else {
-        format!("SELECT transaction_id, position FROM {schema}.events{filter}")
+) -> (String, String) {
+    let select = format!("SELECT transaction_id, position FROM {schema}.events");
+    let predicate =
+        (!item.is_match_all()).then(|| items_predicate(stmt, &Query::from(item.clone())));
+    let bound = after.map(|after| cursor_bound(stmt, ">", after));
+    match (predicate, bound) {
+        (None, None) => (
+            format!("{select} ORDER BY transaction_id, position LIMIT 1"),
+            String::new(),
+        ),
+        (None, Some(bound)) => (
+            format!("{select} WHERE {bound} ORDER BY transaction_id, position LIMIT 1"),
+            String::new(),
+        ),
+        (Some(predicate), None) => (format!("{select} WHERE {predicate}"), String::new()),
+        (Some(predicate), Some(bound)) if item.tags.is_empty() => (
+            format!("{select} WHERE {predicate} AND {bound}"),
+            String::new(),
+        ),
+        (Some(predicate), Some(bound)) => (
+            format!("{select} WHERE {predicate}"),
+            format!(" WHERE {bound}"),
+        ),
     }
 }
 
@@ -249,9 +258,9 @@ pub(crate) fn append(schema: &str, events: Vec<NewEvent>, parts: AppendParts<'_>
     if let Some(condition) = parts.condition {
         let mut hits = Vec::new();
         for (i, item) in condition.fail_if_events_match.items.iter().enumerate() {
-            let probe = probe(&mut stmt, schema, item, condition.after);
+            let (probe, filter) = probe(&mut stmt, schema, item, condition.after);
             ctes.push(format!("probe{i} AS MATERIALIZED ({probe})"));
-            hits.push(format!("(SELECT * FROM probe{i} LIMIT 1)"));
+            hits.push(format!("(SELECT * FROM probe{i}{filter} LIMIT 1)"));
         }
         ctes.push(format!(
             "conflict AS MATERIALIZED (SELECT * FROM ({}) AS hits LIMIT 1)",

@@ -75,11 +75,11 @@ async fn produce(
         let client: &mut tokio_postgres::Client = conn.object_mut();
         let transaction = client.transaction().await.map_err(map)?;
         transaction
-            .batch_execute(
-                &store
-                    .begin_read(query)
-                    .replacen("BEGIN", "SET TRANSACTION", 1),
-            )
+            .batch_execute(&store.begin_read(query, &options).replacen(
+                "BEGIN",
+                "SET TRANSACTION",
+                1,
+            ))
             .await
             .map_err(map)?;
         match &taken {
