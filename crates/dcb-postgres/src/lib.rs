@@ -45,6 +45,8 @@ mod handlers;
 mod keys;
 mod migrate;
 mod notify;
+#[cfg(test)]
+mod plan_tests;
 mod session;
 mod sql;
 mod store;

@@ -386,6 +386,24 @@ mod tests {
         );
         let probes = "AS MATERIALIZED (SELECT transaction_id, position FROM s.events WHERE";
         assert_eq!(stmt.sql.matches(probes).count(), 2, "{}", stmt.sql);
+        // The type-only probe bounds its index range; the tagged one filters its CTE's rows
+        // (inside, a generic plan ANDs a third of the primary key; at 200 k rows the planner
+        // does not yet, so plan_tests cannot catch it).
+        assert!(
+            stmt.sql.contains(
+                "type = ANY($1::text[]) AND (transaction_id, position) > ($2::xid8, $3::int8))"
+            ),
+            "{}",
+            stmt.sql
+        );
+        assert!(stmt.sql.contains("tags @> $4::text[]), "), "{}", stmt.sql);
+        assert!(
+            stmt.sql.contains(
+                "FROM probe1 WHERE (transaction_id, position) > ($5::xid8, $6::int8) LIMIT 1)"
+            ),
+            "{}",
+            stmt.sql
+        );
         assert!(!stmt.sql.contains("locked"));
         assert!(stmt
             .sql

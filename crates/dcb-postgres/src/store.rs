@@ -82,6 +82,10 @@ pub(crate) struct Inner {
     pub(crate) keys: KeySpace,
     projections: Arc<Semaphore>,
     begin_append: String,
+    /// `begin_append` for conditions with a type-only item: how selective a type is and how
+    /// recent the cursor is decide between the type index and the primary key, and only a
+    /// plan made with the values knows.
+    begin_append_custom: String,
     begin_fence: String,
     begin_read: String,
     /// `begin_read` for match-all reads: every row qualifies, so the primary key's order is the
@@ -189,6 +193,12 @@ impl PostgresEventStore {
                 config.append_timeout,
                 &[GENERIC_PLANS],
             ),
+            begin_append_custom: begin(
+                config.append_isolation,
+                "",
+                config.append_timeout,
+                &[CUSTOM_PLANS],
+            ),
             begin_fence: begin(
                 IsolationLevel::ReadCommitted,
                 " READ ONLY",
@@ -258,6 +268,20 @@ impl PostgresEventStore {
     fn limits(&self) -> Limits {
         Limits {
             max_batch_size: self.inner.config.max_batch_size,
+        }
+    }
+
+    /// The statements that open an append transaction with `condition`.
+    fn begin_append(&self, condition: Option<&AppendCondition>) -> &str {
+        let type_only = |c: &AppendCondition| {
+            c.fail_if_events_match
+                .items
+                .iter()
+                .any(|i| i.tags.is_empty() && !i.types.is_empty())
+        };
+        match condition {
+            Some(c) if type_only(c) => &self.inner.begin_append_custom,
+            _ => &self.inner.begin_append,
         }
     }
 
@@ -452,7 +476,7 @@ impl PostgresEventStore {
             conn.begin_exchange();
             let exchange = async {
                 tokio::join!(
-                    client.batch_execute(&inner.begin_append),
+                    client.batch_execute(self.begin_append(condition)),
                     client.execute(&lock_stmt, &lock_params),
                     client.query(&append_stmt, &params),
                     client.batch_execute("COMMIT"),

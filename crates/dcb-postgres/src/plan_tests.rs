@@ -1,0 +1,175 @@
+//! Plan guards: the statements crablet prepares must stay index-driven under the plans
+//! PostgreSQL actually caches for them, on a store large enough for a bad plan to matter.
+//!
+//! A generic plan is planned without parameter values; three of them went wrong before these
+//! tests existed (a `LIMIT 1` probe as a sequential scan, a tag probe ANDed with a third of the
+//! primary key, a decision read on parallel workers). Each check prepares the statement exactly
+//! as generated, under the settings of the transaction that runs it, and inspects its plan.
+//! (The primary-key AND only appears at millions of rows; `sql`'s unit tests pin the statement
+//! shape that avoids it.)
+use crate::sql::{self, AppendParts};
+use dcb_core::{AppendCondition, Cursor, NewEvent, Query, QueryItem, ReadOptions, Tag};
+use dcb_testkit::pg::TestSchema;
+use tokio_postgres::Client;
+
+/// Rows in the store: enough that a scan of it would cost far more than an index probe.
+const ROWS: i64 = 200_000;
+
+async fn store_with_rows() -> (TestSchema, Client, String) {
+    let schema = TestSchema::new().await;
+    let mut client = schema.connect().await.expect("connect");
+    let quoted = format!("\"{}\"", schema.schema);
+    crate::migrate::migrate(&mut client, &schema.schema, &quoted)
+        .await
+        .expect("migrate");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {quoted}.events (type, tags, data) \
+             SELECT CASE WHEN g % 50 = 0 THEN 'CourseDefined' ELSE 'StudentEnrolled' END, \
+                    ARRAY['course_id:c' || (g % 5000), 'student_id:s' || g], '{{}}'::jsonb \
+             FROM generate_series(1, {ROWS}) AS g; \
+             ANALYZE {quoted}.events"
+        ))
+        .await
+        .expect("load rows");
+    (schema, client, quoted)
+}
+
+/// The plan of `statement` with `args` (SQL literals), under `settings`.
+async fn plan(client: &Client, settings: &str, statement: &str, args: &[&str]) -> String {
+    client
+        .batch_execute(&format!(
+            "DEALLOCATE ALL; SET jit = off; SET max_parallel_workers_per_gather = 0; {settings}; \
+             PREPARE probe AS {statement}"
+        ))
+        .await
+        .expect("prepare");
+    // Six executions: the plan cache decides between custom and generic plans after five.
+    let mut text = String::new();
+    for _ in 0..6 {
+        let rows = client
+            .query(
+                &if args.is_empty() {
+                    "EXPLAIN (COSTS OFF) EXECUTE probe".to_string()
+                } else {
+                    format!("EXPLAIN (COSTS OFF) EXECUTE probe({})", args.join(", "))
+                },
+                &[],
+            )
+            .await
+            .expect("explain");
+        text = rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    text
+}
+
+fn course_model() -> Query {
+    Query::from_items([
+        QueryItem::new()
+            .types(["CourseDefined"])
+            .tag("course_id", "c7"),
+        QueryItem::new()
+            .types(["StudentEnrolled"])
+            .tag("course_id", "c7"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_keep_index_driven_plans_at_scale() {
+    let (_schema, client, quoted) = store_with_rows().await;
+    let generic = "SET plan_cache_mode = force_generic_plan";
+
+    // A conditional append: two tagged probes after a cursor, then the insert.
+    let condition = AppendCondition::new(course_model()).with_after(Some(Cursor::new(1, 1)));
+    let event = NewEvent::new(
+        "StudentEnrolled",
+        vec![Tag::new("course_id", "c7")],
+        serde_json::json!({}),
+    );
+    let stmt = sql::append(
+        &quoted,
+        vec![event],
+        AppendParts {
+            condition: Some(&condition),
+            command: None,
+            lock: None,
+        },
+    );
+    let args = [
+        "'{CourseDefined}'",
+        "'{course_id:c7}'",
+        "'1'",
+        "1",
+        "'{StudentEnrolled}'",
+        "'{course_id:c7}'",
+        "'1'",
+        "1",
+        "'{StudentEnrolled}'",
+        "'{\"{\\\"course_id:c7\\\"}\"}'",
+        "'{\"{}\"}'",
+        "'{NULL}'",
+    ];
+    let p = plan(&client, generic, &stmt.sql, &args).await;
+    assert!(!p.contains("Seq Scan on events"), "{p}");
+    assert!(
+        !p.contains("events_pkey"),
+        "a tagged probe must not touch the primary key:\n{p}"
+    );
+    assert_eq!(p.matches("events_tags_idx").count(), 2, "{p}");
+
+    // A type-only condition is planned with its values (see `begin_append`) and then uses the
+    // type index, cursor bound included.
+    let types_only =
+        AppendCondition::new(Query::types(["CourseDefined"])).with_after(Some(Cursor::new(1, 1)));
+    let event = NewEvent::new("CourseDefined", vec![], serde_json::json!({}));
+    let stmt = sql::append(
+        &quoted,
+        vec![event],
+        AppendParts {
+            condition: Some(&types_only),
+            command: None,
+            lock: None,
+        },
+    );
+    let args = [
+        "'{CourseDefined}'",
+        "'1'",
+        "1",
+        "'{CourseDefined}'",
+        "'{\"{}\"}'",
+        "'{\"{}\"}'",
+        "'{NULL}'",
+    ];
+    let custom = "SET plan_cache_mode = force_custom_plan";
+    let p = plan(&client, custom, &stmt.sql, &args).await;
+    assert!(!p.contains("Seq Scan on events"), "{p}");
+    assert!(p.contains("events_type_idx"), "{p}");
+
+    // A decision read (tagged items, no bounds) runs on generic plans too.
+    let stmt = sql::read(&quoted, &course_model(), &ReadOptions::default());
+    let args = [
+        "'{CourseDefined}'",
+        "'{course_id:c7}'",
+        "'{StudentEnrolled}'",
+        "'{course_id:c7}'",
+    ];
+    let p = plan(&client, generic, &stmt.sql, &args).await;
+    assert!(!p.contains("Seq Scan on events"), "{p}");
+    assert!(!p.contains("events_pkey"), "{p}");
+    assert!(p.contains("events_tags_idx"), "{p}");
+
+    // Match-all reads follow the primary key instead of sorting the log.
+    let stmt = sql::read(&quoted, &Query::all(), &ReadOptions::default());
+    let p = plan(
+        &client,
+        "SET plan_cache_mode = force_custom_plan; SET enable_sort = off",
+        &stmt.sql,
+        &[],
+    )
+    .await;
+    assert!(p.contains("Index Scan using events_pkey"), "{p}");
+}
