@@ -38,6 +38,10 @@ pub enum Scenario {
     AppendIf,
     /// All clients decide and `append_if` on ONE boundary; conflicts are retried.
     AppendIfHot,
+    /// The unprotected decision `append-if` makes safe: one autocommit SELECT of the client's
+    /// own boundary, then one autocommit INSERT into the store's `events` table, no locks and
+    /// no check (what a store without concurrency control costs; racy by design).
+    RawDecision,
     /// `append` of `--batch-size` (1,000) events.
     Batch,
     /// Baseline of `batch`: one multi-row INSERT of the same rows into the raw table.
@@ -65,6 +69,7 @@ impl Scenario {
             Scenario::Append => "append",
             Scenario::AppendIf => "append-if",
             Scenario::AppendIfHot => "append-if-hot",
+            Scenario::RawDecision => "raw-decision",
             Scenario::Batch => "batch",
             Scenario::RawBatch => "raw-batch",
             Scenario::Query => "query",

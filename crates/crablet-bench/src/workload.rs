@@ -51,7 +51,7 @@ struct Client {
     decisions: u64,
     /// Appends so far (unique boundaries of `batch`).
     appends: u64,
-    raw_sql: HashMap<usize, String>,
+    raw_sql: HashMap<(String, usize), String>,
 }
 
 /// Runs `clients` concurrent clients of `scenario` for `duration`; with `measured`, prints a
@@ -308,6 +308,15 @@ async fn op(
                 Err(e) => Err(other(e)),
             }
         }
+        Scenario::RawDecision => {
+            let generation = client.decisions / ctx.boundary_size;
+            let course = format!("{}-raw{}-{generation}", ctx.run_id, client.id);
+            let types = ["CourseDefined", "StudentEnrolled"];
+            let seen = raw_select(ctx, &course, &types).await?;
+            raw_insert_into(ctx, client, "events", enrolments(&course, seen as u64, k)).await?;
+            client.decisions += 1;
+            written(k)
+        }
         Scenario::AppendIfHot => {
             let mut conflicts = 0;
             loop {
@@ -382,17 +391,37 @@ async fn op(
 /// The raw baseline's write: one autocommit INSERT of all `events` as rows of `ctx.raw_table`
 /// (type, `key:value` tags, data), the same values the store writes.
 async fn raw_insert(ctx: &Ctx, client: &mut Client, events: Vec<NewEvent>) -> Result<(), OpError> {
+    let table = ctx.raw_table.clone();
+    raw_insert_into(ctx, client, &table, events).await
+}
+
+/// One autocommit multi-row INSERT of `events` into `table` (schema-qualified, or `events` for
+/// the store's own table).
+async fn raw_insert_into(
+    ctx: &Ctx,
+    client: &mut Client,
+    table: &str,
+    events: Vec<NewEvent>,
+) -> Result<(), OpError> {
     let rows = events.len();
-    let sql = client.raw_sql.entry(rows).or_insert_with(|| {
-        let values: Vec<String> = (0..rows)
-            .map(|r| format!("(${}, ${}, ${})", 3 * r + 1, 3 * r + 2, 3 * r + 3))
-            .collect();
-        format!(
-            "INSERT INTO {} (type, tags, data) VALUES {}",
-            ctx.raw_table,
-            values.join(", ")
-        )
-    });
+    let table = if table == "events" {
+        format!("{}.events", ctx.quoted)
+    } else {
+        table.to_string()
+    };
+    let sql = client
+        .raw_sql
+        .entry((table.clone(), rows))
+        .or_insert_with(|| {
+            let values: Vec<String> = (0..rows)
+                .map(|r| format!("(${}, ${}, ${})", 3 * r + 1, 3 * r + 2, 3 * r + 3))
+                .collect();
+            format!(
+                "INSERT INTO {} (type, tags, data) VALUES {}",
+                table,
+                values.join(", ")
+            )
+        });
     let columns: Vec<(String, Vec<String>, Value)> = events
         .into_iter()
         .map(|e| {
