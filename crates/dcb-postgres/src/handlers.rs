@@ -554,13 +554,16 @@ impl Runner {
                     }
                 },
             };
+            // The store's sessions default to the append timeout; a handler's batch is the
+            // application's own work and is not bounded by it.
             match conn
                 .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                    "SELECT set_config('statement_timeout', '0', false), \
+                     pg_try_advisory_lock(hashtextextended($1, 0))",
                     &[&self.lease_key],
                 )
                 .await
-                .and_then(|row| row.try_get::<_, bool>(0))
+                .and_then(|row| row.try_get::<_, bool>(1))
             {
                 Ok(true) => {
                     tracing::info!("lease acquired");

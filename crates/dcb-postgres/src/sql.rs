@@ -37,7 +37,12 @@ pub(crate) fn tag_text(tag: &Tag) -> String {
 }
 
 /// `(item1) OR (item2) ...` over the `events` columns, binding the items' values.
-fn items_predicate(stmt: &mut Statement, query: &Query) -> String {
+///
+/// With `tag_driven`, the type test of an item that also has tags is written so that no index
+/// can serve it (`type || ''`): the statement runs on a generic plan, which cannot tell a rare
+/// type from a common one and might otherwise walk every event of a type instead of the few
+/// carrying the item's tag.
+fn items_predicate(stmt: &mut Statement, query: &Query, tag_driven: bool) -> String {
     let items: Vec<String> = query
         .items
         .iter()
@@ -45,7 +50,11 @@ fn items_predicate(stmt: &mut Statement, query: &Query) -> String {
             let mut parts = Vec::new();
             if !item.types.is_empty() {
                 let p = stmt.bind(item.types.clone());
-                parts.push(format!("type = ANY({p}::text[])"));
+                if tag_driven && !item.tags.is_empty() {
+                    parts.push(format!("(type || '') = ANY({p}::text[])"));
+                } else {
+                    parts.push(format!("type = ANY({p}::text[])"));
+                }
             }
             if !item.tags.is_empty() {
                 let p = stmt.bind(item.tags.iter().map(tag_text).collect::<Vec<_>>());
@@ -71,6 +80,16 @@ fn cursor_bound(stmt: &mut Statement, op: &str, cursor: Cursor) -> String {
     format!("(transaction_id, position) {op} ({x}::xid8, {p}::int8)")
 }
 
+/// Whether a read of `query` within `options` is driven by the tag index whatever the values:
+/// every item has a tag, and no limit or cursor bound invites an ordered scan of the primary
+/// key. Such reads (a decision's read) run on cached generic plans.
+pub(crate) fn is_tag_driven(query: &Query, options: &ReadOptions) -> bool {
+    options.limit.is_none()
+        && options.after.is_none()
+        && options.before.is_none()
+        && query.items.iter().all(|i| !i.tags.is_empty())
+}
+
 /// The fence snapshot of the current transaction, as left by `fence()` (sql/003_fence.sql); an
 /// init plan, so it is read and parsed once per statement.
 const FENCE_SNAPSHOT: &str = "(SELECT current_setting('crablet.fence')::pg_snapshot)";
@@ -85,7 +104,11 @@ pub(crate) fn read(schema: &str, query: &Query, options: &ReadOptions) -> Statem
         "pg_visible_in_snapshot(transaction_id, {FENCE_SNAPSHOT})"
     )];
     if !query.is_match_all() {
-        conditions.push(items_predicate(&mut stmt, query));
+        conditions.push(items_predicate(
+            &mut stmt,
+            query,
+            is_tag_driven(query, options),
+        ));
     }
     if let Some(after) = options.after {
         conditions.push(cursor_bound(&mut stmt, ">", after));
@@ -207,7 +230,7 @@ fn probe(
 ) -> (String, String) {
     let select = format!("SELECT transaction_id, position FROM {schema}.events");
     let predicate =
-        (!item.is_match_all()).then(|| items_predicate(stmt, &Query::from(item.clone())));
+        (!item.is_match_all()).then(|| items_predicate(stmt, &Query::from(item.clone()), true));
     let bound = after.map(|after| cursor_bound(stmt, ">", after));
     match (predicate, bound) {
         (None, None) => (

@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     /// recent the cursor is decide between the type index and the primary key, and only a
     /// plan made with the values knows.
     begin_append_custom: String,
+    /// A READ COMMITTED, read-only transaction bounded by `query_timeout`: fences of reads
+    /// under stricter isolation, and the commands audit query.
     begin_fence: String,
     begin_read: String,
     /// `begin_read` for match-all reads: every row qualifies, so the primary key's order is the
@@ -180,6 +182,7 @@ impl PostgresEventStore {
 
     async fn build(pool: Pool, config: StoreConfig, session_timeout: bool) -> Result<Self, Error> {
         config.validate()?;
+        let session_timeout = session_timeout && session_settings_hold(&pool, &config).await?;
         let schema = config.quoted_schema();
         let inner = Inner {
             keys: KeySpace::new(&config.schema),
@@ -289,11 +292,7 @@ impl PostgresEventStore {
     pub(crate) fn begin_read(&self, query: &Query, options: &ReadOptions) -> &str {
         if query.is_match_all() {
             &self.inner.begin_read_all
-        } else if options.limit.is_none()
-            && options.after.is_none()
-            && options.before.is_none()
-            && query.items.iter().all(|i| !i.tags.is_empty())
-        {
+        } else if sql::is_tag_driven(query, options) {
             &self.inner.begin_read_tagged
         } else {
             &self.inner.begin_read
@@ -650,12 +649,50 @@ impl PostgresEventStore {
             .collect();
         let client = conn.object();
         let stmt = prepare(client, &sql, "commands").await?;
-        let rows = client
-            .query(&stmt, &refs)
-            .await
-            .map_err(|e| db_error("commands", e, false))?;
+        conn.begin_exchange();
+        let (begin, rows, commit) = tokio::join!(
+            client.batch_execute(&self.inner.begin_fence),
+            client.query(&stmt, &refs),
+            client.batch_execute("COMMIT"),
+        );
+        conn.end_exchange();
+        let timeout = Some(self.inner.config.query_timeout);
+        let map = |e| db_error_with_timeout("commands", e, false, timeout);
+        begin.map_err(map)?;
+        let rows = rows.map_err(map)?;
+        commit.map_err(map)?;
         rows.iter().map(command_from_row).collect()
     }
+}
+
+/// Whether the sessions of a store built by `connect` really run with the settings its
+/// connection options ask for (`statement_timeout = append_timeout`, READ COMMITTED by
+/// default), which the one-statement append relies on. A pooler may drop startup options, and
+/// a role or database may default to another isolation level; the store then appends in
+/// explicit transactions, as on a pool it did not build.
+async fn session_settings_hold(pool: &Pool, config: &StoreConfig) -> Result<bool, Error> {
+    let conn = Conn::get(pool, "connect").await?;
+    let row = conn
+        .object()
+        .query_one(
+            "SELECT (SELECT setting::int8 FROM pg_settings WHERE name = 'statement_timeout'), \
+                    current_setting('default_transaction_isolation')",
+            &[],
+        )
+        .await
+        .map_err(|e| db_error("connect", e, false))?;
+    let timeout: i64 = row.try_get(0).map_err(|e| db_error("connect", e, false))?;
+    let isolation: String = row.try_get(1).map_err(|e| db_error("connect", e, false))?;
+    let expected = i64::try_from(config.append_timeout.as_millis()).unwrap_or(i64::MAX);
+    let holds = timeout == expected && isolation == "read committed";
+    if !holds {
+        tracing::warn!(
+            timeout,
+            isolation,
+            "the store's session settings did not take effect; appends use explicit transactions"
+        );
+    }
+    Ok(holds)
 }
 
 pub(crate) async fn prepare(

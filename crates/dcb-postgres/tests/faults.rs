@@ -83,8 +83,8 @@ async fn query_timeout_is_enforced_while_a_matching_writer_is_stuck() {
         .await
         .expect("join")
         .expect("writer commits once released");
-    // The timed-out fence held its keys as session locks; it must have released them, or this
-    // writer of a matching event would wait on a pooled connection's leftover lock.
+    // The timed-out fence must have released its keys, or this writer of a matching event would
+    // wait on a pooled connection's leftover lock.
     tokio::time::timeout(Duration::from_secs(5), ts.append(vec![event("Slow", "2")]))
         .await
         .expect("no fence lock left behind")
@@ -294,7 +294,7 @@ async fn stream_reports_errors_as_items() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_timed_out_fence_leaves_no_session_lock_behind() {
+async fn a_timed_out_fence_leaves_no_lock_behind() {
     // The store's sessions are recognisable by their application name.
     let schema = dcb_testkit::pg::TestSchema::new().await;
     let sep = if schema.url.contains('?') { '&' } else { '?' };
@@ -335,10 +335,43 @@ async fn a_timed_out_fence_leaves_no_session_lock_behind() {
         .await
         .expect("pg_locks")
         .get(0);
-    assert_eq!(held, 0, "a timed-out fence left session locks behind");
+    assert_eq!(held, 0, "a timed-out fence left locks behind");
     brake
         .batch_execute("SELECT pg_advisory_unlock(4444)")
         .await
         .expect("release");
     writer.await.expect("join").expect("writer commits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_defaulting_to_another_isolation_append_in_explicit_transactions() {
+    // A role or database defaulting to SERIALIZABLE: the one-statement append would run under
+    // it, so the store notices at connect and appends in READ COMMITTED transactions instead.
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let sep = if schema.url.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{}{sep}options=-c%20default_transaction_isolation%3Dserializable",
+        schema.url
+    );
+    let config = StoreConfig::default()
+        .schema(schema.schema.clone())
+        .auto_migrate(true);
+    let store = PostgresEventStore::connect(&url, config)
+        .await
+        .expect("store");
+    let ts = TestStore { store, schema };
+    let first = ts.append(vec![event("Opened", "1")]).await.expect("append");
+    let second = ts.append(vec![event("Opened", "2")]).await.expect("append");
+    assert!(second > first);
+    let decision = ts
+        .project(StateProjector::counter(Query::types(["Opened"])))
+        .await
+        .expect("project");
+    assert_eq!(decision.states, 2);
+    ts.append(vec![event("Opened", "3")]).await.expect("append");
+    let err = ts
+        .append_if(vec![event("Opened", "4")], decision.condition)
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
 }
