@@ -43,6 +43,8 @@ pub struct Ctx {
     pub hot_backoff: Duration,
     /// Successful decisions on the hot boundary, shared by all its clients.
     pub hot_successes: AtomicU64,
+    /// Timed runs started so far (see `Client::run`).
+    pub runs: AtomicU64,
     fixtures: Mutex<Vec<Scenario>>,
 }
 
@@ -142,6 +144,7 @@ impl Ctx {
             boundary_size: args.boundary_size.max(1),
             hot_backoff: Duration::from_secs_f64(args.hot_backoff_ms.max(0.0) / 1000.0),
             hot_successes: AtomicU64::new(0),
+            runs: AtomicU64::new(0),
             fixtures: Mutex::new(Vec::new()),
         };
         ctx.preload(&admin, preload).await?;

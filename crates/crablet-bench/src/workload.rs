@@ -46,6 +46,9 @@ struct Counters {
 /// Per-client state: identity, a private random generator, cached raw SQL.
 struct Client {
     id: usize,
+    /// Which timed run of this process (warm-ups included): part of every boundary name, so a
+    /// run never continues the boundaries of an earlier one (they would grow run after run).
+    run: u64,
     rng: StdRng,
     /// Successful decisions on this client's own boundaries (`append-if`).
     decisions: u64,
@@ -79,11 +82,12 @@ pub async fn run_timed(
     }
     let start = Instant::now();
     let deadline = start + duration;
+    let run = ctx.runs.fetch_add(1, Ordering::AcqRel);
     let tasks: Vec<_> = (0..clients)
         .map(|id| {
             let ctx = ctx.clone();
             let counters = counters.clone();
-            tokio::spawn(client_loop(ctx, scenario, id, deadline, counters))
+            tokio::spawn(client_loop(ctx, scenario, (run, id), deadline, counters))
         })
         .collect();
     let mut latencies = Vec::new();
@@ -156,12 +160,13 @@ async fn progress(label: String, counters: Arc<Counters>, done: Arc<AtomicBool>,
 async fn client_loop(
     ctx: Arc<Ctx>,
     scenario: Scenario,
-    id: usize,
+    (run, id): (u64, usize),
     deadline: Instant,
     counters: Arc<Counters>,
 ) -> Vec<u64> {
     let mut client = Client {
         id,
+        run,
         rng: StdRng::seed_from_u64(0x5eed_0000 + id as u64),
         decisions: 0,
         appends: 0,
@@ -282,7 +287,10 @@ async fn op(
         }
         Scenario::Batch => {
             client.appends += 1;
-            let course = format!("{}-b{}-{}", ctx.run_id, client.id, client.appends);
+            let course = format!(
+                "{}-{}-b{}-{}",
+                ctx.run_id, client.run, client.id, client.appends
+            );
             ctx.store
                 .append(enrolments(&course, 0, ctx.batch_size))
                 .await
@@ -291,7 +299,10 @@ async fn op(
         }
         Scenario::AppendIf => {
             let generation = client.decisions / ctx.boundary_size;
-            let course = format!("{}-own{}-{generation}", ctx.run_id, client.id);
+            let course = format!(
+                "{}-{}-own{}-{generation}",
+                ctx.run_id, client.run, client.id
+            );
             let decision = ctx
                 .store
                 .project(enrolment_model(&course))
@@ -310,7 +321,10 @@ async fn op(
         }
         Scenario::RawDecision => {
             let generation = client.decisions / ctx.boundary_size;
-            let course = format!("{}-raw{}-{generation}", ctx.run_id, client.id);
+            let course = format!(
+                "{}-{}-raw{}-{generation}",
+                ctx.run_id, client.run, client.id
+            );
             let types = ["CourseDefined", "StudentEnrolled"];
             let seen = raw_select(ctx, &course, &types).await?;
             raw_insert_into(ctx, client, "events", enrolments(&course, seen as u64, k)).await?;
