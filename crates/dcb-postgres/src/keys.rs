@@ -29,7 +29,7 @@ pub(crate) struct KeySpace {
     namespace: String,
 }
 
-/// A set of keys with their modes, ready for `lock_keys(keys, exclusive)`: sorted, distinct,
+/// A set of keys with their modes, ready for the lock statement (`sql::lock_rows`): sorted, distinct,
 /// exclusive where any requester needs exclusive.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct LockSet {
