@@ -14,13 +14,16 @@ fn event(t: &str, key: &str, id: &str) -> NewEvent {
     NewEvent::builder(t).tag(key, id).build().expect("event")
 }
 
-async fn wait_until_stuck(ts: &TestStore) {
+/// Waits until some backend waits on brake lock `key` (each test has its own key: tests of one
+/// binary run in parallel against one database, where advisory locks are shared).
+async fn wait_until_stuck(ts: &TestStore, key: i64) {
     let admin = ts.admin().await;
     for _ in 0..100 {
         let n: i64 = admin
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted",
-                &[],
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1::int8::oid \
+                 AND NOT granted",
+                &[&key],
             )
             .await
             .expect("pg_locks")
@@ -40,13 +43,13 @@ fn types(events: &[Event]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn out_of_order_commit_is_never_skipped_by_a_cursor_following_reader() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts, 4242).await;
+    let brake = install_brake(&ts, 4251).await;
     // Writer A gets the LOWER transaction id and is held open mid-insert.
     let a = {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "stream", "s")]).await })
     };
-    wait_until_stuck(&ts).await;
+    wait_until_stuck(&ts, 4251).await;
     // Writer B starts later (higher transaction id) and commits first.
     let b = ts
         .append(vec![event("Fast", "stream", "s")])
@@ -75,7 +78,7 @@ async fn out_of_order_commit_is_never_skipped_by_a_cursor_following_reader() {
         "the read returned while a matching writer was in flight"
     );
     brake
-        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .batch_execute("SELECT pg_advisory_unlock(4251)")
         .await
         .expect("release");
     let cursor_a = a.await.expect("join").expect("A commits");
@@ -157,7 +160,7 @@ async fn conflicts_are_detected_and_own_writes_read_while_an_unrelated_transacti
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fails() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts, 4242).await;
+    let brake = install_brake(&ts, 4252).await;
     let boundary = Query::from(QueryItem::new().tag("account", "a1"));
     let decision = ts
         .project(StateProjector::counter(boundary.clone()))
@@ -169,7 +172,7 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "account", "a1")]).await })
     };
-    wait_until_stuck(&ts).await;
+    wait_until_stuck(&ts, 4252).await;
     let conditional = {
         let store = ts.store.clone();
         let condition = decision.condition.clone();
@@ -185,7 +188,7 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
         "the check must wait for the in-flight writer"
     );
     brake
-        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .batch_execute("SELECT pg_advisory_unlock(4252)")
         .await
         .expect("release");
     writer.await.expect("join").expect("writer");
@@ -197,12 +200,12 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disjoint_boundary_is_not_blocked_by_an_in_flight_writer() {
     let ts = test_store(StoreConfig::default()).await;
-    let brake = install_brake(&ts, 4242).await;
+    let brake = install_brake(&ts, 4253).await;
     let writer = {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "account", "a1")]).await })
     };
-    wait_until_stuck(&ts).await;
+    wait_until_stuck(&ts, 4253).await;
     let other = Query::from(QueryItem::new().types(["Withdrawn"]).tag("account", "a2"));
     let decision = tokio::time::timeout(
         Duration::from_secs(5),
@@ -222,7 +225,7 @@ async fn disjoint_boundary_is_not_blocked_by_an_in_flight_writer() {
     .expect("a disjoint conditional append does not wait")
     .expect("append_if");
     brake
-        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .batch_execute("SELECT pg_advisory_unlock(4253)")
         .await
         .expect("release");
     writer.await.expect("join").expect("writer");

@@ -26,7 +26,7 @@ async fn count(ts: &TestStore) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_timeout_is_enforced_and_writes_nothing() {
     let ts = test_store(StoreConfig::default().append_timeout(Duration::from_millis(300))).await;
-    let _brake = install_brake(&ts, 4242).await;
+    let _brake = install_brake(&ts, 4141).await;
     let err = ts.append(vec![event("Slow", "1")]).await.unwrap_err();
     assert!(
         matches!(
