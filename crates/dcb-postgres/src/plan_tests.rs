@@ -67,6 +67,16 @@ async fn plan(client: &Client, settings: &str, statement: &str, args: &[&str]) -
     text
 }
 
+/// The statement of a conditional append of `event` under `condition`.
+fn conditional_append(schema: &str, condition: &AppendCondition, event: NewEvent) -> String {
+    let parts = AppendParts {
+        condition: Some(condition),
+        command: None,
+        lock: None,
+    };
+    sql::append(schema, vec![event], parts).sql
+}
+
 fn course_model() -> Query {
     Query::from_items([
         QueryItem::new()
@@ -90,15 +100,7 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
         vec![Tag::new("course_id", "c7")],
         serde_json::json!({}),
     );
-    let stmt = sql::append(
-        &quoted,
-        vec![event],
-        AppendParts {
-            condition: Some(&condition),
-            command: None,
-            lock: None,
-        },
-    );
+    let statement = conditional_append(&quoted, &condition, event);
     let args = [
         "'{CourseDefined}'",
         "'{course_id:c7}'",
@@ -113,7 +115,7 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
         "'{\"{}\"}'",
         "'{NULL}'",
     ];
-    let p = plan(&client, generic, &stmt.sql, &args).await;
+    let p = plan(&client, generic, &statement, &args).await;
     assert!(!p.contains("Seq Scan on events"), "{p}");
     assert!(
         !p.contains("events_pkey"),
@@ -126,15 +128,7 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
     let types_only =
         AppendCondition::new(Query::types(["CourseDefined"])).with_after(Some(Cursor::new(1, 1)));
     let event = NewEvent::new("CourseDefined", vec![], serde_json::json!({}));
-    let stmt = sql::append(
-        &quoted,
-        vec![event],
-        AppendParts {
-            condition: Some(&types_only),
-            command: None,
-            lock: None,
-        },
-    );
+    let statement = conditional_append(&quoted, &types_only, event);
     let args = [
         "'{CourseDefined}'",
         "'1'",
@@ -145,7 +139,7 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
         "'{NULL}'",
     ];
     let custom = "SET plan_cache_mode = force_custom_plan";
-    let p = plan(&client, custom, &stmt.sql, &args).await;
+    let p = plan(&client, custom, &statement, &args).await;
     assert!(!p.contains("Seq Scan on events"), "{p}");
     assert!(p.contains("events_type_idx"), "{p}");
 

@@ -352,47 +352,76 @@ impl PostgresEventStore {
         let client = conn.object();
         let read = prepare(client, &stmt.sql, operation).await?;
         let params = stmt.param_refs();
-        let timeout = Some(inner.config.query_timeout);
-        let map = |e| db_error_with_timeout(operation, e, false, timeout);
+        let begin = self.begin_read(query, options);
         let (snapshot, rows) = if inner.config.read_isolation == IsolationLevel::ReadCommitted {
             let (keys, exclusive) = self.fence_params(query);
             let fence = prepare(client, &inner.fence_sql, operation).await?;
             let fence_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
-            conn.begin_exchange();
-            let (begin, snapshot, rows, commit) = tokio::join!(
-                client.batch_execute(self.begin_read(query, options)),
-                client.query_one(&fence, &fence_params),
-                client.query(&read, &params),
-                client.batch_execute("COMMIT"),
-            );
-            conn.end_exchange();
-            begin.map_err(map)?;
-            let snapshot: String = snapshot
-                .map_err(map)?
+            let (fenced, rows) = self
+                .read_transaction(
+                    conn,
+                    begin,
+                    (&fence, &fence_params),
+                    (&read, &params),
+                    operation,
+                )
+                .await?;
+            let snapshot: String = fenced
+                .first()
+                .ok_or_else(|| corrupt("fence() returned no row".into()))?
                 .try_get(0)
                 .map_err(|e| db_error(operation, e, false))?;
-            let rows = rows.map_err(map)?;
-            commit.map_err(map)?;
             (snapshot, rows)
         } else {
             let snapshot = self.fence_alone(conn, query, operation).await?;
             let set = prepare(client, SET_FENCE, operation).await?;
             let set_params: [&(dyn postgres_types::ToSql + Sync); 1] = [&snapshot];
-            conn.begin_exchange();
-            let (begin, set, rows, commit) = tokio::join!(
-                client.batch_execute(self.begin_read(query, options)),
-                client.execute(&set, &set_params),
-                client.query(&read, &params),
-                client.batch_execute("COMMIT"),
-            );
-            conn.end_exchange();
-            begin.map_err(map)?;
-            set.map_err(map)?;
-            let rows = rows.map_err(map)?;
-            commit.map_err(map)?;
+            let (_, rows) = self
+                .read_transaction(
+                    conn,
+                    begin,
+                    (&set, &set_params),
+                    (&read, &params),
+                    operation,
+                )
+                .await?;
             (snapshot, rows)
         };
         Ok((rows, snapshot_xmax(&snapshot)?))
+    }
+
+    /// `begin`, a first statement (the fence, or restoring its snapshot), the read, `COMMIT`:
+    /// one transaction, pipelined in one round trip. Returns both statements' rows.
+    async fn read_transaction(
+        &self,
+        conn: &Conn,
+        begin: &str,
+        first: (
+            &tokio_postgres::Statement,
+            &[&(dyn postgres_types::ToSql + Sync)],
+        ),
+        read: (
+            &tokio_postgres::Statement,
+            &[&(dyn postgres_types::ToSql + Sync)],
+        ),
+        operation: &'static str,
+    ) -> Result<(Vec<Row>, Vec<Row>), Error> {
+        let client = conn.object();
+        conn.begin_exchange();
+        let (begin, first, rows, commit) = tokio::join!(
+            client.batch_execute(begin),
+            client.query(first.0, first.1),
+            client.query(read.0, read.1),
+            client.batch_execute("COMMIT"),
+        );
+        conn.end_exchange();
+        let timeout = Some(self.inner.config.query_timeout);
+        let map = |e| db_error_with_timeout(operation, e, false, timeout);
+        begin.map_err(map)?;
+        let first = first.map_err(map)?;
+        let rows = rows.map_err(map)?;
+        commit.map_err(map)?;
+        Ok((first, rows))
     }
 
     /// A fenced, buffered read on `conn`.
