@@ -375,3 +375,56 @@ async fn sessions_defaulting_to_another_isolation_append_in_explicit_transaction
         .unwrap_err();
     assert!(err.is_conflict(), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_2_store_upgrades_in_place_and_keeps_its_events() {
+    // A schema as the previous release left it: migrations 1 and 2, with events in it.
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let quoted = format!("\"{}\"", schema.schema);
+    let admin = schema.connect().await.expect("admin");
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {quoted}.schema_version (\
+                version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now()); \
+             {} {} \
+             INSERT INTO {quoted}.schema_version (version) VALUES (1), (2); \
+             INSERT INTO {quoted}.events (type, tags, data) \
+             VALUES ('Opened', ARRAY['id:1'], '{{}}'), ('Opened', ARRAY['id:2'], '{{}}')",
+            include_str!("../../../sql/001_init.sql").replace("__SCHEMA__", &quoted),
+            include_str!("../../../sql/002_handlers.sql").replace("__SCHEMA__", &quoted),
+        ))
+        .await
+        .expect("version 2 schema");
+    let config = StoreConfig::default().schema(schema.schema.clone());
+    let err = PostgresEventStore::connect(&schema.url, config.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("migrate"), "{err}");
+
+    let store = PostgresEventStore::connect(&schema.url, config.auto_migrate(true))
+        .await
+        .expect("upgrade to the current version");
+    let ts = TestStore { store, schema };
+    let before = ts
+        .query(&Query::types(["Opened"]), ReadOptions::default())
+        .await
+        .expect("read old events");
+    assert_eq!(before.len(), 2);
+    let decision = ts
+        .project(StateProjector::counter(Query::types(["Opened"])))
+        .await
+        .expect("project");
+    assert_eq!(decision.states, 2);
+    ts.append_if(vec![event("Opened", "3")], decision.condition)
+        .await
+        .expect("append_if after the upgrade");
+    let version: i32 = admin
+        .query_one(
+            &format!("SELECT max(version) FROM {quoted}.schema_version"),
+            &[],
+        )
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, dcb_postgres::SCHEMA_VERSION);
+}
