@@ -535,8 +535,10 @@ impl PostgresEventStore {
                 // An already recorded command wins over a conflict: the retry gets the original.
                 "duplicate" => return Ok(AppendOutcome::Duplicate),
                 "event" => {
+                    // One row for the last event, or one per event (the caller keeps the last).
                     let entry = written.get_or_insert((tx.0, None, occurred_at));
-                    entry.1 = position.map(|p| Cursor::new(tx.0, p));
+                    let cursor = position.map(|p| Cursor::new(tx.0, p));
+                    entry.1 = entry.1.max(cursor);
                 }
                 _ => {
                     let entry = written.get_or_insert((tx.0, None, occurred_at));
