@@ -8,29 +8,8 @@ use crablet::{
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::time::{Duration, SystemTime};
 
-fn course_item(event_type: &str, course: &str) -> Query {
-    Query::from(
-        QueryItem::new()
-            .types([event_type])
-            .tag("course_id", course),
-    )
-}
-
-/// go-crablet's course-subscription decision model: course exists, enrolled count, left count.
-#[allow(clippy::type_complexity)]
-fn course_model(
-    course: &str,
-) -> (
-    StateProjector<bool>,
-    StateProjector<u64>,
-    StateProjector<u64>,
-) {
-    (
-        StateProjector::exists(course_item("CourseDefined", course)),
-        StateProjector::counter(course_item("StudentEnrolled", course)),
-        StateProjector::counter(course_item("StudentLeft", course)),
-    )
-}
+mod common;
+use common::{course_item, course_model};
 
 fn event(n: u64, event_type: &str, course: &str) -> Event {
     Event {

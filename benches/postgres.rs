@@ -11,13 +11,16 @@
 use crablet::postgres::{PostgresEventStore, StoreConfig};
 use crablet::{
     AppendCondition, EventReader, EventReaderExt, EventStore, NewEvent, Query, QueryItem,
-    ReadOptions, StateProjector, Tag,
+    ReadOptions, Tag,
 };
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::runtime::Runtime;
+
+mod common;
+use common::{course_item, course_model};
 
 /// Counts bytes and allocations requested from the system allocator, by every thread.
 struct Counting;
@@ -84,29 +87,6 @@ fn enrolments(k: usize) -> (String, Vec<NewEvent>) {
         })
         .collect();
     (course, events)
-}
-
-fn course_item(event_type: &str, course: &str) -> Query {
-    Query::from(
-        QueryItem::new()
-            .types([event_type])
-            .tag("course_id", course),
-    )
-}
-
-#[allow(clippy::type_complexity)]
-fn course_model(
-    course: &str,
-) -> (
-    StateProjector<bool>,
-    StateProjector<u64>,
-    StateProjector<u64>,
-) {
-    (
-        StateProjector::exists(course_item("CourseDefined", course)),
-        StateProjector::counter(course_item("StudentEnrolled", course)),
-        StateProjector::counter(course_item("StudentLeft", course)),
-    )
 }
 
 /// Connects within a few seconds and recreates the bench schema, or explains why not.

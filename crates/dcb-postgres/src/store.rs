@@ -90,7 +90,7 @@ pub(crate) struct Inner {
     begin_append_custom: String,
     /// A READ COMMITTED, read-only transaction bounded by `query_timeout`: fences of reads
     /// under stricter isolation, and the commands audit query.
-    begin_fence: String,
+    begin_short_read: String,
     begin_read: String,
     /// `begin_read` for match-all reads: every row qualifies, so the primary key's order is the
     /// plan; unhindered, the planner sorted the whole log instead (no first row before the
@@ -204,7 +204,7 @@ impl PostgresEventStore {
                 config.append_timeout,
                 &[CUSTOM_PLANS],
             ),
-            begin_fence: begin(
+            begin_short_read: begin(
                 IsolationLevel::ReadCommitted,
                 " READ ONLY",
                 config.query_timeout,
@@ -324,7 +324,7 @@ impl PostgresEventStore {
         let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
         conn.begin_exchange();
         let (begin, snapshot, commit) = tokio::join!(
-            client.batch_execute(&inner.begin_fence),
+            client.batch_execute(&inner.begin_short_read),
             client.query_one(&fence, &params),
             client.batch_execute("COMMIT"),
         );
@@ -684,7 +684,7 @@ impl PostgresEventStore {
         let stmt = prepare(client, &sql, "commands").await?;
         conn.begin_exchange();
         let (begin, rows, commit) = tokio::join!(
-            client.batch_execute(&self.inner.begin_fence),
+            client.batch_execute(&self.inner.begin_short_read),
             client.query(&stmt, &refs),
             client.batch_execute("COMMIT"),
         );
@@ -879,6 +879,36 @@ mod tests {
             "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL statement_timeout = \
              '1500ms'; SET LOCAL jit = off; SET LOCAL max_parallel_workers_per_gather = 0; \
              SET LOCAL plan_cache_mode = force_generic_plan"
+        );
+    }
+
+    async fn pool_with_options(options: &str) -> Pool {
+        let schema = dcb_testkit::pg::TestSchema::new().await;
+        let mut config: tokio_postgres::Config = schema.url.parse().expect("url");
+        config.options(options);
+        let manager = deadpool_postgres::Manager::new(config, NoTls);
+        Pool::builder(manager).max_size(1).build().expect("pool")
+    }
+
+    #[tokio::test]
+    async fn the_one_statement_append_needs_the_session_settings_it_asked_for() {
+        let config = StoreConfig::default().append_timeout(Duration::from_millis(1500));
+        let holds = |options: &'static str| {
+            let config = config.clone();
+            async move {
+                session_settings_hold(&pool_with_options(options).await, &config)
+                    .await
+                    .expect("settings")
+            }
+        };
+        assert!(holds("-c statement_timeout=1500").await);
+        assert!(
+            !holds("-c statement_timeout=1000").await,
+            "a timeout that did not take"
+        );
+        assert!(
+            !holds("-c statement_timeout=1500 -c default_transaction_isolation=serializable").await,
+            "sessions defaulting to another isolation level"
         );
     }
 }
