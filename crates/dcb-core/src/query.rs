@@ -127,6 +127,93 @@ impl Query {
         }
         Query { items }
     }
+
+    /// The same selection with as few items as this query allows, for backends to evaluate:
+    /// types and tags sorted and kept once, items with the same tags merged into one (their
+    /// types joined), items that another item already covers dropped, and any match-all item
+    /// turned into [`Query::all`]. Matches exactly the events `self` matches.
+    ///
+    /// A decision model of several projectors on one entity asks for the same tags with
+    /// different types; as one item, a store looks its tags up once instead of once per
+    /// projector.
+    ///
+    /// ```
+    /// use dcb_core::{Query, QueryItem};
+    /// let query = Query::from_items([
+    ///     QueryItem::new().types(["CourseDefined"]).tag("course_id", "c1"),
+    ///     QueryItem::new().types(["StudentEnrolled"]).tag("course_id", "c1"),
+    ///     QueryItem::new().types(["StudentEnrolled"]).tag("course_id", "c1").tag("student_id", "s1"),
+    /// ]);
+    /// let simple = query.simplified();
+    /// assert_eq!(
+    ///     simple,
+    ///     Query::from(QueryItem::new().types(["CourseDefined", "StudentEnrolled"]).tag("course_id", "c1"))
+    /// );
+    /// ```
+    pub fn simplified(&self) -> Query {
+        if self.is_match_all() {
+            return Query::all();
+        }
+        // Merge items with equal (sorted, distinct) tags; `types` empty means any type.
+        let mut merged: Vec<QueryItem> = Vec::with_capacity(self.items.len());
+        let mut by_tags: std::collections::HashMap<Vec<Tag>, usize> =
+            std::collections::HashMap::with_capacity(self.items.len());
+        for item in &self.items {
+            let mut tags = item.tags.clone();
+            tags.sort_unstable();
+            tags.dedup();
+            match by_tags.get(&tags) {
+                Some(&i) => {
+                    let types = &mut merged[i].types;
+                    if types.is_empty() || item.types.is_empty() {
+                        types.clear();
+                    } else {
+                        types.extend(item.types.iter().cloned());
+                    }
+                }
+                None => {
+                    by_tags.insert(tags.clone(), merged.len());
+                    merged.push(QueryItem {
+                        types: item.types.clone(),
+                        tags,
+                    });
+                }
+            }
+        }
+        for item in &mut merged {
+            item.types.sort_unstable();
+            item.types.dedup();
+        }
+        // Drop items another item covers. After the merge no two items have equal tags, so
+        // covering is a strict order and every dropped item's cover (or its cover's) stays.
+        // Quadratic: only for queries of a size that decision models have.
+        if merged.len() <= MAX_ITEMS_TO_SUBSUME {
+            let keep: Vec<bool> = merged
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    !merged
+                        .iter()
+                        .enumerate()
+                        .any(|(j, other)| i != j && covers(other, item))
+                })
+                .collect();
+            let mut keep = keep.into_iter();
+            merged.retain(|_| keep.next().unwrap_or(true));
+        }
+        Query { items: merged }
+    }
+}
+
+/// Past this many (merged) items, [`Query::simplified`] does not look for covered items.
+const MAX_ITEMS_TO_SUBSUME: usize = 64;
+
+/// True when every event `b` matches is matched by `a` (both with sorted, distinct parts).
+fn covers(a: &QueryItem, b: &QueryItem) -> bool {
+    let tags = a.tags.iter().all(|t| b.tags.binary_search(t).is_ok());
+    let types = a.types.is_empty()
+        || (!b.types.is_empty() && b.types.iter().all(|t| a.types.binary_search(t).is_ok()));
+    tags && types
 }
 
 impl From<QueryItem> for Query {

@@ -68,6 +68,14 @@ fn item_matches_by_definition(item: &QueryItem, event_type: &str, tags: &[Tag]) 
     type_ok && tags_ok
 }
 
+/// Every event `b` matches is matched by `a`.
+fn covers_by_definition(a: &QueryItem, b: &QueryItem) -> bool {
+    let tags = a.tags.iter().all(|t| b.tags.contains(t));
+    let types =
+        a.types.is_empty() || (!b.types.is_empty() && b.types.iter().all(|t| a.types.contains(t)));
+    tags && types
+}
+
 fn event(n: i64, event_type: String, tags: Vec<Tag>) -> Event {
     Event {
         cursor: Cursor::new(n as u64, n),
@@ -156,6 +164,27 @@ proptest! {
         let expected = matches(&q, &t, &tags);
         prop_assert_eq!(matches(&reversed, &t, &tags), expected);
         prop_assert_eq!(matches(&q, &t, &reversed_tags), expected);
+    }
+
+    #[test]
+    fn simplified_matches_exactly_what_the_query_matches(q in query(), t in event_type(), tags in event_tags()) {
+        let simple = q.simplified();
+        prop_assert_eq!(matches(&simple, &t, &tags), matches(&q, &t, &tags), "{:?} -> {:?}", q, simple);
+    }
+
+    #[test]
+    fn simplified_is_minimal_and_stable(q in query()) {
+        let simple = q.simplified();
+        prop_assert!(simple.items.len() <= q.items.len());
+        prop_assert_eq!(simple.simplified(), simple.clone(), "simplifying twice changes nothing");
+        for (i, a) in simple.items.iter().enumerate() {
+            for (j, b) in simple.items.iter().enumerate() {
+                if i != j {
+                    prop_assert_ne!(&a.tags, &b.tags, "items with equal tags are merged");
+                    prop_assert!(!covers_by_definition(b, a), "{:?} covers {:?}", b, a);
+                }
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@ async fn produce(
 ) -> Result<(), Error> {
     validate_query(query)?;
     dcb_core::validate_read_options(&options)?;
+    let query = &query.simplified();
     let inner = &store.inner;
     let timeout = Some(inner.config.query_timeout);
     let map = |e| db_error_with_timeout("query_stream", e, false, timeout);

@@ -104,6 +104,7 @@ macro_rules! conformance_tests {
             condition_after_above_last_match_succeeds,
             condition_ignores_non_matching_events_after_cursor,
             condition_multi_item_second_item_matches_conflicts,
+            condition_items_sharing_tags_each_conflict,
             condition_tags_superset_of_event_tags_does_not_conflict,
             condition_tags_subset_of_event_tags_conflicts,
             condition_type_only,

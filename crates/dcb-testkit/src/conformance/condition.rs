@@ -239,6 +239,79 @@ pub async fn condition_multi_item_second_item_matches_conflicts(factory: Factory
     .await;
 }
 
+/// Items that share their tags (a decision model's projectors on one entity) or that another
+/// item covers still each conflict: a store may merge them, never lose one.
+pub async fn condition_items_sharing_tags_each_conflict(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    let start = append(&*store, vec![ev("Start", &[])], "start").await;
+    let condition = |after| {
+        AppendCondition::new(Query::from_items([
+            item(&["CourseDefined"], &[("course_id", "c1")]),
+            item(&["StudentEnrolled", "StudentLeft"], &[("course_id", "c1")]),
+            item(
+                &["StudentLeft"],
+                &[("course_id", "c1"), ("student_id", "s1")],
+            ),
+            item(
+                &["CourseRenamed"],
+                &[("course_id", "c1"), ("student_id", "s1")],
+            ),
+        ]))
+        .with_after(after)
+    };
+    append_if_ok(
+        &*store,
+        vec![ev("X", &[("course_id", "c1")])],
+        condition(Some(start)),
+        "no item matches yet",
+    )
+    .await;
+    let before = all_events(&*store).await.last().map(|e| e.cursor);
+    // Matches only the second item's second type.
+    append(
+        &*store,
+        vec![ev(
+            "StudentLeft",
+            &[("course_id", "c1"), ("student_id", "s2")],
+        )],
+        "s2 left",
+    )
+    .await;
+    append_if_conflicts(
+        &*store,
+        vec![ev("X", &[])],
+        condition(before),
+        "the second type of an item sharing its tags with the first",
+    )
+    .await;
+    let before = all_events(&*store).await.last().map(|e| e.cursor);
+    // Matches only the last item (not covered: its type is nowhere else).
+    append(
+        &*store,
+        vec![ev(
+            "CourseRenamed",
+            &[("course_id", "c1"), ("student_id", "s1")],
+        )],
+        "renamed, tagged with s1",
+    )
+    .await;
+    append_if_conflicts(
+        &*store,
+        vec![ev("X", &[])],
+        condition(before),
+        "an item with more tags and its own type",
+    )
+    .await;
+    let now = all_events(&*store).await.last().map(|e| e.cursor);
+    append_if_ok(
+        &*store,
+        vec![ev("X", &[])],
+        condition(now),
+        "no item matches after the last event",
+    )
+    .await;
+}
+
 /// A condition requiring more tags than the event carries does not match it.
 pub async fn condition_tags_superset_of_event_tags_does_not_conflict(factory: Factory<'_>) {
     let store = factory.new_store().await;

@@ -122,6 +122,35 @@ pub async fn query_or_of_items(factory: Factory<'_>) {
         "overlapping items",
     )
     .await;
+    // Items sharing their tags, with and without types, and an item another covers: a store
+    // may merge them (dcb_core::Query::simplified) but must return the same events.
+    expect(
+        &*store,
+        &all,
+        Query::from_items([
+            item(&["CourseDefined"], &[("course_id", "c1")]),
+            item(&["StudentLeft"], &[("course_id", "c1")]),
+            item(
+                &["StudentLeft"],
+                &[("student_id", "s1"), ("course_id", "c1")],
+            ),
+            item(&["CourseRenamed", "CourseDefined"], &[("course_id", "c1")]),
+        ]),
+        &[0, 5, 6],
+        "items sharing tags, one covered by another",
+    )
+    .await;
+    expect(
+        &*store,
+        &all,
+        Query::from_items([
+            item(&["CourseDefined"], &[("course_id", "c2")]),
+            item(&[], &[("course_id", "c2")]),
+        ]),
+        &[1, 3],
+        "a typed and an untyped item on the same tags",
+    )
+    .await;
     expect(
         &*store,
         &all,
