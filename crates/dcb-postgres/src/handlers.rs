@@ -129,6 +129,12 @@ pub struct HandlerOptions {
     pub retry_max: Duration,
     /// Least time between checkpoint writes that only skip non-matching events. Default 100 ms.
     pub idle_checkpoint_interval: Duration,
+    /// Longest time the handler may take over one batch. A batch that takes longer is
+    /// abandoned: the handler's statement in progress is cancelled on the server, the batch's
+    /// transaction rolled back, and the batch counts as a failed attempt (retried after the
+    /// backoff, visible in the status). Default `None`: no limit, a handler that never returns
+    /// stalls its read model (and keeps the lease).
+    pub batch_timeout: Option<Duration>,
 }
 
 impl Default for HandlerOptions {
@@ -140,6 +146,7 @@ impl Default for HandlerOptions {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             idle_checkpoint_interval: Duration::from_millis(100),
+            batch_timeout: None,
         }
     }
 }
@@ -167,6 +174,9 @@ impl HandlerOptions {
         retry_max: Duration);
     option_setter!(/// Sets the least time between checkpoint writes over non-matching events.
         idle_checkpoint_interval: Duration);
+    option_setter!(/// Sets (or, with `None`, removes) the longest time the handler may take over
+        /// one batch.
+        batch_timeout: Option<Duration>);
 
     /// Checks every field.
     pub fn validate(&self) -> Result<(), Error> {
@@ -189,6 +199,12 @@ impl HandlerOptions {
             return bad(
                 "retry_initial",
                 "must be longer than zero and at most retry_max",
+            );
+        }
+        if self.batch_timeout.is_some_and(|t| t.is_zero()) {
+            return bad(
+                "batch_timeout",
+                "must be longer than zero (None for no limit)",
             );
         }
         Ok(())
@@ -404,6 +420,67 @@ impl PostgresEventStore {
         }
     }
 
+    /// Moves `handler`'s checkpoint to `to` (`None`: before the first event): the handler then
+    /// processes every matching event after `to` again, or skips ahead to it. A handler that
+    /// never ran starts after `to`. Running instances carry on from the new checkpoint (this
+    /// process's at once, others when woken by the next append or within their
+    /// `poll_interval`); a batch in progress finishes first, and the reset waits for it.
+    ///
+    /// The handler's read model is the application's: to rebuild it, clear it and reset the
+    /// checkpoint in one transaction with [`reset_handler_in`](Self::reset_handler_in).
+    #[tracing::instrument(name = "pg.reset_handler", skip(self))]
+    pub async fn reset_handler(&self, handler: &str, to: Option<Cursor>) -> Result<(), Error> {
+        check_name(handler)?;
+        let conn = Conn::get(&self.inner.pool, "reset_handler").await?;
+        let client = conn.object();
+        let stmt = prepare(
+            client,
+            &Statements::new(&self.inner.schema).reset,
+            "reset_handler",
+        )
+        .await?;
+        let (tx, position) = checkpoint_params(to);
+        client
+            .execute(&stmt, &[&handler, &tx, &position])
+            .await
+            .map_err(|e| db_error("reset_handler", e, false))?;
+        // Wake runners (here, and through NOTIFY elsewhere) so they look at the checkpoint.
+        self.inner.changes.committed();
+        Ok(())
+    }
+
+    /// [`reset_handler`](Self::reset_handler) inside the caller's transaction, so that clearing
+    /// the read model and resetting its checkpoint commit together:
+    ///
+    /// ```no_run
+    /// # async fn demo(store: dcb_postgres::PostgresEventStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut client = store.pool().get().await?;
+    /// let tx = client.transaction().await?;
+    /// tx.batch_execute("TRUNCATE balances").await?;
+    /// store.reset_handler_in(&tx, "balances", None).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Running instances pick the new checkpoint up within their `poll_interval` (or at the
+    /// next append).
+    pub async fn reset_handler_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        handler: &str,
+        to: Option<Cursor>,
+    ) -> Result<(), Error> {
+        check_name(handler)?;
+        let (xid, position) = checkpoint_params(to);
+        tx.execute(
+            &Statements::new(&self.inner.schema).reset,
+            &[&handler, &xid, &position],
+        )
+        .await
+        .map_err(|e| db_error("reset_handler", e, false))?;
+        Ok(())
+    }
+
     /// The stored state of `handler`, as any instance sees it: checkpoint, current failure
     /// streak, and whether some instance holds the lease. `None` if it never ran.
     pub async fn handler_status(&self, handler: &str) -> Result<Option<HandlerRecord>, Error> {
@@ -453,6 +530,11 @@ fn check_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The checkpoint columns' parameters for `to`.
+fn checkpoint_params(to: Option<Cursor>) -> (Option<Xid8>, Option<i64>) {
+    (to.map(|c| Xid8(c.transaction_id)), to.map(|c| c.position))
+}
+
 /// Reads the (nullable) checkpoint from columns 0 and 1.
 fn checkpoint_from(row: &tokio_postgres::Row) -> Result<Option<Cursor>, tokio_postgres::Error> {
     let tx: Option<Xid8> = row.try_get(0)?;
@@ -463,6 +545,10 @@ fn checkpoint_from(row: &tokio_postgres::Row) -> Result<Option<Cursor>, tokio_po
     })
 }
 
+/// How long an abandoned batch's cancellation and rollback may take before the runner gives up
+/// its connection (and with it the lease) instead.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
+
 /// The SQL of the runner, for one schema.
 struct Statements {
     ensure_row: String,
@@ -470,6 +556,7 @@ struct Statements {
     lock_checkpoint: String,
     advance: String,
     record_failure: String,
+    reset: String,
 }
 
 impl Statements {
@@ -493,15 +580,24 @@ impl Statements {
                 "UPDATE {table} SET attempts = attempts + 1, last_error = $2, \
                  last_error_at = now(), updated_at = now() WHERE handler_name = $1"
             ),
+            reset: format!(
+                "INSERT INTO {table} (handler_name, transaction_id, position) VALUES ($1, $2, $3) \
+                 ON CONFLICT (handler_name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
+                 position = EXCLUDED.position, updated_at = now(), attempts = 0, \
+                 last_error = NULL, last_error_at = NULL"
+            ),
         }
     }
 }
 
 /// Why a batch did not commit.
 enum Failure {
-    /// The handler failed or panicked; the batch is retried on the same lease.
+    /// The handler failed, panicked or timed out; the batch is retried on the same lease.
     Handler(String),
-    /// The lease connection failed or another instance moved the checkpoint: give up the lease.
+    /// The stored checkpoint is not the one the batch was read after (it was reset, or another
+    /// instance processed): carry on from the stored one.
+    Moved(Option<Cursor>),
+    /// The lease connection failed: give up the lease.
     Lost(String),
 }
 
@@ -694,6 +790,8 @@ impl Runner {
             };
             if events.is_empty() {
                 if Some(target) <= checkpoint {
+                    // (A reset of the stored checkpoint wrote in a transaction of its own, so
+                    // the next horizon is past `checkpoint` and the batch below finds it moved.)
                     next = Next::Wait(self.options.poll_interval);
                     continue;
                 }
@@ -751,6 +849,12 @@ impl Runner {
                     }
                     next = Next::Backoff(self.options.retry_delay(failures));
                 }
+                Err(Failure::Moved(stored)) => {
+                    tracing::info!(from = ?checkpoint, to = ?stored, "the checkpoint was moved (reset, or processed by another instance); continuing from it");
+                    checkpoint = stored;
+                    self.status.send_modify(|s| s.checkpoint = checkpoint);
+                    next = Next::Read;
+                }
                 Err(Failure::Lost(reason)) => return LeadEnd::Lost(reason),
             }
         }
@@ -783,24 +887,47 @@ impl Runner {
             None => return Err(Failure::Lost("the checkpoint row disappeared".into())),
         };
         if current != from {
-            return Err(Failure::Lost(format!(
-                "the checkpoint moved from {from:?} to {current:?}: another instance processed"
-            )));
+            tx.rollback().await.map_err(lost)?;
+            return Err(Failure::Moved(current));
         }
         if !events.is_empty() {
-            let outcome = AssertUnwindSafe(self.handler.handle(&tx, events))
-                .catch_unwind()
-                .await;
+            let work = AssertUnwindSafe(self.handler.handle(&tx, events)).catch_unwind();
+            let outcome = match self.options.batch_timeout {
+                Some(limit) => tokio::time::timeout(limit, work).await.ok(),
+                None => Some(work.await),
+            };
             let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(err)) => Some(err.to_string()),
-                Err(panic) => Some(format!("handler panicked: {}", panic_message(&panic))),
+                Some(Ok(Ok(()))) => None,
+                Some(Ok(Err(err))) => Some(err.to_string()),
+                Some(Err(panic)) => Some(format!("handler panicked: {}", panic_message(&panic))),
+                None => {
+                    // A statement of the handler may still run on the server: cancel it, or
+                    // the rollback would wait behind it.
+                    let token = tx.cancel_token();
+                    let cancel = token.cancel_query(tokio_postgres::NoTls);
+                    if let Err(err) = tokio::time::timeout(ABANDON_GRACE, cancel)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                    {
+                        tracing::debug!(%err, "could not cancel the abandoned batch's statement");
+                    }
+                    Some(format!(
+                        "the handler did not finish the batch within {:?} (batch_timeout)",
+                        self.options.batch_timeout.unwrap_or_default()
+                    ))
+                }
             };
             if let Some(message) = failure {
-                if let Err(err) = tx.rollback().await {
-                    return Err(Failure::Lost(format!("{message}; rollback failed: {err}")));
-                }
-                return Err(Failure::Handler(message));
+                return match tokio::time::timeout(ABANDON_GRACE, tx.rollback()).await {
+                    Ok(Ok(())) => Err(Failure::Handler(message)),
+                    Ok(Err(err)) => {
+                        Err(Failure::Lost(format!("{message}; rollback failed: {err}")))
+                    }
+                    Err(_) => Err(Failure::Lost(format!(
+                        "{message}; rollback did not finish within {ABANDON_GRACE:?}"
+                    ))),
+                };
             }
         }
         tx.execute(
@@ -818,9 +945,15 @@ impl Runner {
         conn: &ClientWrapper,
     ) -> Result<Option<Cursor>, tokio_postgres::Error> {
         conn.execute(&self.sql.ensure_row, &[&self.name]).await?;
-        let row = conn
-            .query_one(&self.sql.select_checkpoint, &[&self.name])
-            .await?;
+        self.stored_checkpoint(conn).await
+    }
+
+    async fn stored_checkpoint(
+        &self,
+        conn: &ClientWrapper,
+    ) -> Result<Option<Cursor>, tokio_postgres::Error> {
+        let select = conn.prepare_cached(&self.sql.select_checkpoint).await?;
+        let row = conn.query_one(&select, &[&self.name]).await?;
         checkpoint_from(&row)
     }
 

@@ -415,3 +415,180 @@ async fn invalid_handlers_and_options_are_rejected() {
         .expect("status")
         .is_none());
 }
+
+/// Writes a row, then hangs on the server (`pg_sleep`) while `hangs_left` lasts.
+struct Hanger {
+    seen_table: String,
+    hangs_left: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl EventHandler for Hanger {
+    fn name(&self) -> &str {
+        "hanger"
+    }
+
+    fn query(&self) -> Query {
+        Query::types(["Deposited"])
+    }
+
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (position, instance) VALUES ($1, 'hanger')",
+                    self.seen_table
+                ),
+                &[&event.cursor.position],
+            )
+            .await?;
+        }
+        if self
+            .hangs_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            tx.batch_execute(&sleep_sql(&self.seen_table)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The hanging statement, unique to the test's schema (so other tests' sleeps do not count).
+fn sleep_sql(seen_table: &str) -> String {
+    format!("SELECT pg_sleep(60) -- {seen_table}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_over_its_timeout_is_cancelled_rolled_back_and_retried() {
+    let ts = test_store(StoreConfig::default()).await;
+    create_seen(&ts).await;
+    let last = append_deposits(&ts, 3).await; // 4 events, one batch
+    let hanger = Hanger {
+        seen_table: ts.table("seen"),
+        hangs_left: Arc::new(AtomicU32::new(2)),
+    };
+    let started = std::time::Instant::now();
+    let running = ts
+        .run_handler(
+            hanger,
+            options()
+                .batch_size(100)
+                .batch_timeout(Some(Duration::from_millis(300))),
+        )
+        .expect("run");
+    let failed = wait_status(&running, "failed by its timeout", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("batch_timeout"))
+    })
+    .await;
+    assert!(failed.attempts >= 1, "{failed:?}");
+    // Two hung attempts, then a good one. Without the cancellation the rollback would wait for
+    // the 60 s sleep, and the lease with it.
+    ts.wait_until_processed("hanger", last, Duration::from_secs(10))
+        .await
+        .expect("the third attempt commits");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        seen_counts(&ts, None).await,
+        (4, 4),
+        "the abandoned attempts' writes were rolled back"
+    );
+    let status = running.status();
+    assert!(
+        status.attempts == 0 && status.last_error.is_none() && status.holds_lease,
+        "{status:?}"
+    );
+    let sleeping: i64 = ts
+        .admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+            &[&sleep_sql(&ts.table("seen"))],
+        )
+        .await
+        .expect("activity")
+        .get(0);
+    assert_eq!(sleeping, 0, "the hung statements were cancelled");
+    running.stop().await;
+    assert!(ts
+        .run_handler(
+            Recorder::new(&ts, "x", Arc::default(), Arc::default()),
+            options().batch_timeout(Some(Duration::ZERO)),
+        )
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reset_handler_rebuilds_the_read_model_while_the_handler_runs() {
+    let ts = test_store(StoreConfig::default()).await;
+    create_seen(&ts).await;
+    let running = ts
+        .run_handler(
+            Recorder::new(&ts, "one", Arc::default(), Arc::default()),
+            options().poll_interval(Duration::from_millis(100)),
+        )
+        .expect("run");
+    let last = append_deposits(&ts, 8).await; // 10 events
+    ts.wait_until_processed("recorder", last, Duration::from_secs(5))
+        .await
+        .expect("caught up");
+    assert_eq!(seen_counts(&ts, None).await, (10, 10));
+
+    // Rebuild: clear the read model and rewind the checkpoint in one transaction, while idle.
+    let mut admin = ts.admin().await;
+    let tx = admin.transaction().await.expect("begin");
+    tx.batch_execute(&format!("TRUNCATE {}", ts.table("seen")))
+        .await
+        .expect("truncate");
+    ts.reset_handler_in(&tx, "recorder", None)
+        .await
+        .expect("reset in tx");
+    tx.commit().await.expect("commit");
+    wait_status(&running, "rebuilt", |s| s.processed >= 20).await;
+    assert_eq!(
+        seen_counts(&ts, None).await,
+        (10, 10),
+        "every event processed once more, exactly once"
+    );
+    assert!(ts.handler_checkpoint("recorder").await.expect("checkpoint") >= Some(last));
+
+    // Skip ahead: events up to `skip_to`, appended while no instance runs, are never processed.
+    running.stop().await;
+    let skip_to = append_deposits(&ts, 1).await; // 2 events
+    ts.reset_handler("recorder", Some(skip_to))
+        .await
+        .expect("reset");
+    let running = ts
+        .run_handler(
+            Recorder::new(&ts, "two", Arc::default(), Arc::default()),
+            options().poll_interval(Duration::from_millis(100)),
+        )
+        .expect("run again");
+    let after = append_deposits(&ts, 3).await; // 2 + 1 + 1 events
+    ts.wait_until_processed("recorder", after, Duration::from_secs(5))
+        .await
+        .expect("caught up after the skip");
+    assert_eq!(seen_counts(&ts, None).await, (14, 14));
+    assert_eq!(seen_counts(&ts, Some("two")).await, (4, 4));
+
+    // A handler that never ran starts where it is told; bad names are rejected.
+    ts.reset_handler("fresh", Some(after)).await.expect("reset");
+    assert_eq!(
+        ts.handler_checkpoint("fresh").await.expect("checkpoint"),
+        Some(after)
+    );
+    assert!(ts.reset_handler("", None).await.is_err());
+    let record = ts
+        .handler_status("recorder")
+        .await
+        .expect("status")
+        .expect("exists");
+    assert!(record.lease_held && record.attempts == 0, "{record:?}");
+    running.stop().await;
+}
