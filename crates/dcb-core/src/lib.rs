@@ -30,6 +30,7 @@ mod event;
 mod matching;
 mod projection;
 mod query;
+pub mod runner;
 mod store;
 mod subscribe;
 mod tag;

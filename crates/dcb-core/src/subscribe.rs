@@ -164,21 +164,12 @@ impl SubscribeOptions {
         if self.poll_interval.is_zero() {
             return bad("poll_interval", "must be longer than zero");
         }
-        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
-            return bad(
-                "retry_initial",
-                "must be longer than zero and at most retry_max",
-            );
-        }
-        Ok(())
+        crate::runner::validate_backoff(self.retry_initial, self.retry_max)
     }
 
     /// The delay before retry number `failures` (1-based): exponential, capped at `retry_max`.
     pub fn retry_delay(&self, failures: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
-        self.retry_initial
-            .saturating_mul(factor)
-            .min(self.retry_max)
+        crate::runner::backoff_delay(self.retry_initial, self.retry_max, failures)
     }
 }
 

@@ -4,13 +4,11 @@
 //! in a new runner starts from the beginning (or from `MemoryHandlerOptions::start_after`).
 use crate::{select, InMemoryEventStore};
 use async_trait::async_trait;
+use dcb_core::runner::{backoff_delay, guard_batch, validate_backoff, RunningTask};
 use dcb_core::{validate_query, Cursor, Error, Event, EventReader, Query, ReadOptions};
-use futures_util::FutureExt;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 /// What a [`MemoryEventHandler`] returns when it fails.
@@ -74,6 +72,9 @@ pub struct MemoryHandlerOptions {
     pub retry_max: Duration,
     /// Start after this cursor instead of at the beginning.
     pub start_after: Option<Cursor>,
+    /// Longest time the handler may take over one batch; past it the batch is abandoned and
+    /// counts as a failed attempt (retried after the backoff). Default `None`: no limit.
+    pub batch_timeout: Option<Duration>,
 }
 
 impl Default for MemoryHandlerOptions {
@@ -83,6 +84,7 @@ impl Default for MemoryHandlerOptions {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             start_after: None,
+            batch_timeout: None,
         }
     }
 }
@@ -107,6 +109,12 @@ impl MemoryHandlerOptions {
         self
     }
 
+    /// Sets (or, with `None`, removes) the longest time the handler may take over one batch.
+    pub fn batch_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.batch_timeout = timeout;
+        self
+    }
+
     fn validate(&self) -> Result<(), Error> {
         if self.batch_size == 0 {
             return Err(Error::Config {
@@ -114,20 +122,17 @@ impl MemoryHandlerOptions {
                 reason: "must be at least 1".into(),
             });
         }
-        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+        if self.batch_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::Config {
-                field: "retry_initial",
-                reason: "must be longer than zero and at most retry_max".into(),
+                field: "batch_timeout",
+                reason: "must be longer than zero (None for no limit)".into(),
             });
         }
-        Ok(())
+        validate_backoff(self.retry_initial, self.retry_max)
     }
 
     fn retry_delay(&self, failures: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
-        self.retry_initial
-            .saturating_mul(factor)
-            .min(self.retry_max)
+        backoff_delay(self.retry_initial, self.retry_max, failures)
     }
 }
 
@@ -151,29 +156,20 @@ pub struct MemoryHandlerStatus {
 }
 
 /// A handler running in the background on the in-memory store. Dropping it aborts the runner.
+#[derive(Debug)]
 pub struct RunningMemoryHandler {
-    status: watch::Receiver<MemoryHandlerStatus>,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for RunningMemoryHandler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningMemoryHandler")
-            .field("status", &*self.status.borrow())
-            .finish_non_exhaustive()
-    }
+    task: RunningTask<MemoryHandlerStatus>,
 }
 
 impl RunningMemoryHandler {
     /// A snapshot of the runner's status.
     pub fn status(&self) -> MemoryHandlerStatus {
-        self.status.borrow().clone()
+        self.task.status()
     }
 
     /// A receiver of status updates.
     pub fn status_updates(&self) -> watch::Receiver<MemoryHandlerStatus> {
-        self.status.clone()
+        self.task.status_updates()
     }
 
     /// Waits until everything up to and including `cursor` is processed; fails with
@@ -183,7 +179,7 @@ impl RunningMemoryHandler {
         cursor: Cursor,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let mut updates = self.status.clone();
+        let mut updates = self.task.status_updates();
         let reached = async {
             updates
                 .wait_for(|s| s.checkpoint >= Some(cursor))
@@ -200,19 +196,8 @@ impl RunningMemoryHandler {
     }
 
     /// Stops after the batch in progress.
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for RunningMemoryHandler {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn stop(self) {
+        self.task.stop().await;
     }
 }
 
@@ -231,29 +216,17 @@ impl InMemoryEventStore {
             reason: "run_handler must be called inside a Tokio runtime".into(),
         })?;
         let name = handler.name().to_string();
-        let (status_tx, status_rx) = watch::channel(MemoryHandlerStatus {
+        let initial = MemoryHandlerStatus {
             name: name.clone(),
             checkpoint: options.start_after,
             ..MemoryHandlerStatus::default()
-        });
-        let (stop_tx, stop_rx) = watch::channel(false);
+        };
         let span = tracing::info_span!("memory.handler", handler = %name);
-        let task = runtime.spawn(
-            run(
-                self.clone(),
-                Arc::new(handler),
-                query,
-                options,
-                status_tx,
-                stop_rx,
-            )
-            .instrument(span),
-        );
-        Ok(RunningMemoryHandler {
-            status: status_rx,
-            stop: stop_tx,
-            task: Some(task),
-        })
+        let store = self.clone();
+        let task = RunningTask::spawn(&runtime, initial, move |status, stop| {
+            run(store, Arc::new(handler), query, options, status, stop).instrument(span)
+        });
+        Ok(RunningMemoryHandler { task })
     }
 
     /// At most `limit` events matching `query` after `after`, and the last cursor of the log at
@@ -311,14 +284,9 @@ async fn run(
             }
             continue;
         }
-        let outcome = AssertUnwindSafe(handler.handle(&events))
-            .catch_unwind()
-            .await;
-        let failure = match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(err)) => Some(err.to_string()),
-            Err(_) => Some("handler panicked".to_string()),
-        };
+        let failure = guard_batch(handler.handle(&events), options.batch_timeout)
+            .await
+            .failure();
         match failure {
             None => {
                 failures = 0;

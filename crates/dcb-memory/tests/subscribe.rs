@@ -318,3 +318,69 @@ async fn memory_handlers_retry_failed_batches_and_wait_until_processed() {
     assert!(status.last_error.is_none());
     running.stop().await;
 }
+
+/// Never returns from its first `hangs` batches.
+struct Hang {
+    hangs: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<Cursor>>>,
+}
+
+#[async_trait]
+impl dcb_memory::MemoryEventHandler for Hang {
+    fn name(&self) -> &str {
+        "hang"
+    }
+
+    fn query(&self) -> Query {
+        Query::types(["X"])
+    }
+
+    async fn handle(&self, events: &[Event]) -> Result<(), dcb_memory::MemoryHandlerError> {
+        if self
+            .hangs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            std::future::pending::<()>().await;
+        }
+        let mut seen = self.seen.lock().map_err(|_| "poisoned")?;
+        seen.extend(events.iter().map(|e| e.cursor));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn memory_handlers_abandon_a_batch_past_its_timeout_and_retry_it() {
+    let store = InMemoryEventStore::new();
+    let last = store
+        .append(vec![event("X", "a"), event("X", "b")])
+        .await
+        .expect("append");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = Hang {
+        hangs: Arc::new(AtomicUsize::new(1)),
+        seen: Arc::clone(&seen),
+    };
+    let options = dcb_memory::MemoryHandlerOptions::default()
+        .retry(Duration::from_millis(1), Duration::from_millis(5))
+        .batch_timeout(Some(Duration::from_millis(50)));
+    let running = store.run_handler(handler, options).expect("run");
+    running
+        .wait_until_processed(last, Duration::from_secs(5))
+        .await
+        .expect("the retry after the abandoned attempt commits");
+    assert_eq!(seen.lock().expect("seen").len(), 2, "each event once");
+    running.stop().await;
+    let bad = dcb_memory::MemoryHandlerOptions::default().batch_timeout(Some(Duration::ZERO));
+    let hang = Hang {
+        hangs: Arc::default(),
+        seen: Arc::default(),
+    };
+    assert!(matches!(
+        store.run_handler(hang, bad),
+        Err(Error::Config {
+            field: "batch_timeout",
+            ..
+        })
+    ));
+}

@@ -4,14 +4,12 @@ use crate::conn::{db_error, Conn};
 use crate::store::{event_from_row, prepare, PostgresEventStore};
 use crate::xid8::Xid8;
 use async_trait::async_trait;
+use dcb_core::runner::{guard_batch, BatchOutcome, RunningTask};
 use dcb_core::{validate_query, ChangeFeed, Cursor, Error, Event, Query, ReadOptions};
 use deadpool_postgres::{ClientWrapper, Object};
-use futures_util::FutureExt;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 /// What an [`EventHandler`] returns when it fails: any error, for instance a
@@ -195,12 +193,7 @@ impl HandlerOptions {
         if self.lease_retry_interval.is_zero() {
             return bad("lease_retry_interval", "must be longer than zero");
         }
-        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
-            return bad(
-                "retry_initial",
-                "must be longer than zero and at most retry_max",
-            );
-        }
+        dcb_core::runner::validate_backoff(self.retry_initial, self.retry_max)?;
         if self.batch_timeout.is_some_and(|t| t.is_zero()) {
             return bad(
                 "batch_timeout",
@@ -211,10 +204,7 @@ impl HandlerOptions {
     }
 
     fn retry_delay(&self, failures: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
-        self.retry_initial
-            .saturating_mul(factor)
-            .min(self.retry_max)
+        dcb_core::runner::backoff_delay(self.retry_initial, self.retry_max, failures)
     }
 }
 
@@ -267,16 +257,14 @@ pub struct HandlerRecord {
 /// processed again by whoever takes over); [`stop`](Self::stop) stops it gracefully.
 pub struct RunningHandler {
     name: String,
-    status: watch::Receiver<HandlerStatus>,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    task: RunningTask<HandlerStatus>,
 }
 
 impl std::fmt::Debug for RunningHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningHandler")
             .field("name", &self.name)
-            .field("status", &*self.status.borrow())
+            .field("status", &self.task.status())
             .finish_non_exhaustive()
     }
 }
@@ -289,37 +277,25 @@ impl RunningHandler {
 
     /// A snapshot of the runner's status.
     pub fn status(&self) -> HandlerStatus {
-        self.status.borrow().clone()
+        self.task.status()
     }
 
     /// A receiver of status updates (for dashboards, health checks and tests).
     pub fn status_updates(&self) -> watch::Receiver<HandlerStatus> {
-        self.status.clone()
+        self.task.status_updates()
     }
 
     /// Stops gracefully: a batch in progress is finished (committed or rolled back), then the
     /// lease is released.
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn stop(self) {
+        self.task.stop().await;
     }
 
     /// Aborts at once, as if the process died: an open transaction is rolled back by the
-    /// server when the connection closes, and the lease is released.
-    pub fn abort(mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for RunningHandler {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    /// server when the connection closes, and the lease is released. (Dropping the handle does
+    /// the same.)
+    pub fn abort(self) {
+        self.task.abort();
     }
 }
 
@@ -340,30 +316,31 @@ impl PostgresEventStore {
             field: "runtime",
             reason: "run_handler must be called inside a Tokio runtime".into(),
         })?;
-        let (status_tx, status_rx) = watch::channel(HandlerStatus {
+        let initial = HandlerStatus {
             name: name.clone(),
             ..HandlerStatus::default()
-        });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let runner = Runner {
-            lease_key: format!("crablet/handler/{}/{}", self.inner.config.schema, name),
-            sql: Statements::new(&self.inner.schema),
-            store: self.clone(),
-            handler: Arc::new(handler),
-            name: name.clone(),
-            query,
-            options,
-            status: status_tx,
-            stop: stop_rx,
         };
         let span = tracing::info_span!("pg.handler", handler = %name);
-        let task = runtime.spawn(runner.run().instrument(span));
-        Ok(RunningHandler {
-            name,
-            status: status_rx,
-            stop: stop_tx,
-            task: Some(task),
-        })
+        let (store, runner_name) = (self.clone(), name.clone());
+        let task = RunningTask::spawn(&runtime, initial, move |status, stop| {
+            Runner {
+                lease_key: format!(
+                    "crablet/handler/{}/{}",
+                    store.inner.config.schema, runner_name
+                ),
+                sql: Statements::new(&store.inner.schema),
+                store,
+                handler: Arc::new(handler),
+                name: runner_name,
+                query,
+                options,
+                status,
+                stop,
+            }
+            .run()
+            .instrument(span)
+        });
+        Ok(RunningHandler { name, task })
     }
 
     /// Waits until `handler` has processed everything up to and including `cursor` (its
@@ -891,34 +868,22 @@ impl Runner {
             return Err(Failure::Moved(current));
         }
         if !events.is_empty() {
-            let work = AssertUnwindSafe(self.handler.handle(&tx, events)).catch_unwind();
-            let outcome = match self.options.batch_timeout {
-                Some(limit) => tokio::time::timeout(limit, work).await.ok(),
-                None => Some(work.await),
-            };
-            let failure = match outcome {
-                Some(Ok(Ok(()))) => None,
-                Some(Ok(Err(err))) => Some(err.to_string()),
-                Some(Err(panic)) => Some(format!("handler panicked: {}", panic_message(&panic))),
-                None => {
-                    // A statement of the handler may still run on the server: cancel it, or
-                    // the rollback would wait behind it.
-                    let token = tx.cancel_token();
-                    let cancel = token.cancel_query(tokio_postgres::NoTls);
-                    if let Err(err) = tokio::time::timeout(ABANDON_GRACE, cancel)
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
-                    {
-                        tracing::debug!(%err, "could not cancel the abandoned batch's statement");
-                    }
-                    Some(format!(
-                        "the handler did not finish the batch within {:?} (batch_timeout)",
-                        self.options.batch_timeout.unwrap_or_default()
-                    ))
+            let outcome =
+                guard_batch(self.handler.handle(&tx, events), self.options.batch_timeout).await;
+            if let BatchOutcome::TimedOut(_) = outcome {
+                // A statement of the handler may still run on the server: cancel it, or the
+                // rollback would wait behind it.
+                let token = tx.cancel_token();
+                let cancel = token.cancel_query(tokio_postgres::NoTls);
+                if let Err(err) = tokio::time::timeout(ABANDON_GRACE, cancel)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    tracing::debug!(%err, "could not cancel the abandoned batch's statement");
                 }
-            };
-            if let Some(message) = failure {
+            }
+            if let Some(message) = outcome.failure() {
                 return match tokio::time::timeout(ABANDON_GRACE, tx.rollback()).await {
                     Ok(Ok(())) => Err(Failure::Handler(message)),
                     Ok(Err(err)) => {
@@ -975,16 +940,6 @@ impl Runner {
             s.last_error = Some(message);
             s.last_error_at = Some(SystemTime::now());
         });
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(non-string panic payload)".into()
     }
 }
 

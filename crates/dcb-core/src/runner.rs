@@ -1,0 +1,177 @@
+//! Building blocks of the stores' background runners (subscriptions, durable and in-memory event
+//! handlers): the retry backoff, a guarded call of a handler's batch, and the handle of a task
+//! running in the background. They live here so that every backend's runner behaves the same.
+use crate::Error;
+use futures_util::FutureExt;
+use std::fmt::Display;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The delay before retry number `failures` (1-based): `initial`, doubled per further failure,
+/// capped at `max`.
+///
+/// ```
+/// use dcb_core::runner::backoff_delay;
+/// use std::time::Duration;
+/// let (initial, max) = (Duration::from_millis(100), Duration::from_secs(1));
+/// assert_eq!(backoff_delay(initial, max, 1), Duration::from_millis(100));
+/// assert_eq!(backoff_delay(initial, max, 3), Duration::from_millis(400));
+/// assert_eq!(backoff_delay(initial, max, 60), max);
+/// ```
+pub fn backoff_delay(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+    initial.saturating_mul(factor).min(max)
+}
+
+/// Checks backoff settings: `initial` longer than zero and at most `max` (reported as the field
+/// `retry_initial`).
+pub fn validate_backoff(initial: Duration, max: Duration) -> Result<(), Error> {
+    if initial.is_zero() || max < initial {
+        return Err(Error::Config {
+            field: "retry_initial",
+            reason: "must be longer than zero and at most retry_max".into(),
+        });
+    }
+    Ok(())
+}
+
+/// How a guarded batch ended (see [`guard_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The handler returned `Ok`.
+    Done,
+    /// The handler returned an error or panicked; the message says which.
+    Failed(String),
+    /// The handler was still running after the timeout and was dropped.
+    TimedOut(Duration),
+}
+
+impl BatchOutcome {
+    /// The failure's message, or `None` for [`BatchOutcome::Done`].
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            BatchOutcome::Done => None,
+            BatchOutcome::Failed(message) => Some(message.clone()),
+            BatchOutcome::TimedOut(limit) => Some(format!(
+                "the handler did not finish the batch within {limit:?} (batch_timeout)"
+            )),
+        }
+    }
+}
+
+/// Runs a handler's `work` on one batch: a panic becomes [`BatchOutcome::Failed`] with the panic's
+/// message, and past `timeout` the work is dropped ([`BatchOutcome::TimedOut`]).
+///
+/// ```
+/// use dcb_core::runner::{guard_batch, BatchOutcome};
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// assert_eq!(guard_batch(async { Ok::<(), String>(()) }, None).await, BatchOutcome::Done);
+/// let failed = guard_batch(async { Err::<(), _>("no") }, None).await;
+/// assert_eq!(failed, BatchOutcome::Failed("no".into()));
+/// let limit = Duration::from_millis(10);
+/// let slow = guard_batch(async { std::future::pending::<Result<(), String>>().await }, Some(limit));
+/// assert_eq!(slow.await, BatchOutcome::TimedOut(limit));
+/// # }
+/// ```
+pub async fn guard_batch<F, E>(work: F, timeout: Option<Duration>) -> BatchOutcome
+where
+    F: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let work = AssertUnwindSafe(work).catch_unwind();
+    let outcome = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, work).await {
+            Ok(outcome) => outcome,
+            Err(_) => return BatchOutcome::TimedOut(limit),
+        },
+        None => work.await,
+    };
+    match outcome {
+        Ok(Ok(())) => BatchOutcome::Done,
+        Ok(Err(err)) => BatchOutcome::Failed(err.to_string()),
+        Err(panic) => BatchOutcome::Failed(format!("handler panicked: {}", panic_message(&panic))),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".into()
+    }
+}
+
+/// A task running in the background with a watched status `S` and a stop signal. Dropping it
+/// aborts the task at once; [`stop`](Self::stop) asks it to finish and waits.
+pub struct RunningTask<S> {
+    status: watch::Receiver<S>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for RunningTask<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningTask")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> RunningTask<S> {
+    /// Spawns `run(status, stop)` on `runtime`, with `initial` as the first status. `run` should
+    /// return soon after `stop` becomes `true`.
+    pub fn spawn<F, Fut>(runtime: &tokio::runtime::Handle, initial: S, run: F) -> Self
+    where
+        F: FnOnce(watch::Sender<S>, watch::Receiver<bool>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (status_tx, status) = watch::channel(initial);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = runtime.spawn(run(status_tx, stop_rx));
+        Self {
+            status,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> S {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status updates.
+    pub fn status_updates(&self) -> watch::Receiver<S> {
+        self.status.clone()
+    }
+
+    /// Asks the task to stop and waits until it has.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Aborts the task at once.
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl<S> Drop for RunningTask<S> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
