@@ -128,7 +128,7 @@ impl Query {
         Query { items }
     }
 
-    /// The same selection with as few items as this query allows, for backends to evaluate:
+    /// The same selection, usually in fewer items, for backends to evaluate:
     /// types and tags sorted and kept once, items with the same tags merged into one (their
     /// types joined), items that another item already covers dropped, and any match-all item
     /// turned into [`Query::all`]. Matches exactly the events `self` matches.

@@ -128,10 +128,12 @@ pub struct HandlerOptions {
     /// Least time between checkpoint writes that only skip non-matching events. Default 100 ms.
     pub idle_checkpoint_interval: Duration,
     /// Longest time the handler may take over one batch. A batch that takes longer is
-    /// abandoned: the handler's statement in progress is cancelled on the server, the batch's
-    /// transaction rolled back, and the batch counts as a failed attempt (retried after the
-    /// backoff, visible in the status). Default `None`: no limit, a handler that never returns
-    /// stalls its read model (and keeps the lease).
+    /// abandoned (its future dropped), its transaction rolled back, and it counts as a failed
+    /// attempt (retried after the backoff, visible in the status). The batch's transaction also
+    /// runs with `statement_timeout` set to this limit, so a statement of the handler cannot
+    /// outlive it on the server. Code that blocks its thread without yielding is not
+    /// interrupted. Default `None`: no limit; a handler that never returns stalls its read
+    /// model (and keeps the lease).
     pub batch_timeout: Option<Duration>,
 }
 
@@ -399,12 +401,14 @@ impl PostgresEventStore {
 
     /// Moves `handler`'s checkpoint to `to` (`None`: before the first event): the handler then
     /// processes every matching event after `to` again, or skips ahead to it. A handler that
-    /// never ran starts after `to`. Running instances carry on from the new checkpoint (this
-    /// process's at once, others when woken by the next append or within their
-    /// `poll_interval`); a batch in progress finishes first, and the reset waits for it.
+    /// never ran starts after `to`. A batch in progress finishes first (the reset waits for the
+    /// checkpoint row, at most the session's statement timeout: `append_timeout` on a store
+    /// built by `connect`; a reset that times out changes nothing). Running instances carry on
+    /// from the new checkpoint: this process's at once, others when woken by the next append
+    /// or within their `poll_interval`.
     ///
-    /// The handler's read model is the application's: to rebuild it, clear it and reset the
-    /// checkpoint in one transaction with [`reset_handler_in`](Self::reset_handler_in).
+    /// The handler's read model is the application's: to rebuild it, reset the checkpoint and
+    /// clear the read model in one transaction with [`reset_handler_in`](Self::reset_handler_in).
     #[tracing::instrument(name = "pg.reset_handler", skip(self))]
     pub async fn reset_handler(&self, handler: &str, to: Option<Cursor>) -> Result<(), Error> {
         check_name(handler)?;
@@ -426,21 +430,23 @@ impl PostgresEventStore {
         Ok(())
     }
 
-    /// [`reset_handler`](Self::reset_handler) inside the caller's transaction, so that clearing
-    /// the read model and resetting its checkpoint commit together:
+    /// [`reset_handler`](Self::reset_handler) inside the caller's transaction, so that resetting
+    /// the checkpoint and clearing the read model commit together. Reset **first**: a batch in
+    /// progress holds the checkpoint row and then writes the read model, so a transaction that
+    /// locked the read model first and then waited for the row would deadlock with it.
     ///
     /// ```no_run
     /// # async fn demo(store: dcb_postgres::PostgresEventStore) -> Result<(), Box<dyn std::error::Error>> {
     /// let mut client = store.pool().get().await?;
     /// let tx = client.transaction().await?;
-    /// tx.batch_execute("TRUNCATE balances").await?;
     /// store.reset_handler_in(&tx, "balances", None).await?;
+    /// tx.batch_execute("TRUNCATE balances").await?;
     /// tx.commit().await?;
     /// # Ok(()) }
     /// ```
     ///
-    /// Running instances pick the new checkpoint up within their `poll_interval` (or at the
-    /// next append).
+    /// Running instances pick the new checkpoint up at the next append or within their
+    /// `poll_interval` (nothing wakes them when the caller commits).
     pub async fn reset_handler_in(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -522,8 +528,8 @@ fn checkpoint_from(row: &tokio_postgres::Row) -> Result<Option<Cursor>, tokio_po
     })
 }
 
-/// How long an abandoned batch's cancellation and rollback may take before the runner gives up
-/// its connection (and with it the lease) instead.
+/// How long an abandoned batch's rollback may take (beyond `batch_timeout`, during which a
+/// statement of the handler may still run) before the runner gives up its connection instead.
 const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
 /// The SQL of the runner, for one schema.
@@ -855,6 +861,17 @@ impl Runner {
         let advance = conn.prepare_cached(&self.sql.advance).await.map_err(lost)?;
         let client: &mut tokio_postgres::Client = conn;
         let tx = client.transaction().await.map_err(lost)?;
+        if let Some(limit) = self.options.batch_timeout {
+            // The server bounds each of the handler's statements too, so a statement still
+            // running when the batch is abandoned ends by itself (no out-of-band cancel, which
+            // could race the next statement or fail on TLS-only servers).
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                limit.as_millis().max(1)
+            ))
+            .await
+            .map_err(lost)?;
+        }
         let row = tx
             .query_opt(&lock_checkpoint, &[&self.name])
             .await
@@ -870,27 +887,17 @@ impl Runner {
         if !events.is_empty() {
             let outcome =
                 guard_batch(self.handler.handle(&tx, events), self.options.batch_timeout).await;
-            if let BatchOutcome::TimedOut(_) = outcome {
-                // A statement of the handler may still run on the server: cancel it, or the
-                // rollback would wait behind it.
-                let token = tx.cancel_token();
-                let cancel = token.cancel_query(tokio_postgres::NoTls);
-                if let Err(err) = tokio::time::timeout(ABANDON_GRACE, cancel)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                {
-                    tracing::debug!(%err, "could not cancel the abandoned batch's statement");
-                }
-            }
             if let Some(message) = outcome.failure() {
-                return match tokio::time::timeout(ABANDON_GRACE, tx.rollback()).await {
+                // After a timeout a statement of the handler may still run: the server ends it
+                // within `batch_timeout` (its statement_timeout), then the rollback runs.
+                let grace = ABANDON_GRACE + self.options.batch_timeout.unwrap_or_default();
+                return match tokio::time::timeout(grace, tx.rollback()).await {
                     Ok(Ok(())) => Err(Failure::Handler(message)),
                     Ok(Err(err)) => {
                         Err(Failure::Lost(format!("{message}; rollback failed: {err}")))
                     }
                     Err(_) => Err(Failure::Lost(format!(
-                        "{message}; rollback did not finish within {ABANDON_GRACE:?}"
+                        "{message}; rollback did not finish within {grace:?}"
                     ))),
                 };
             }

@@ -416,6 +416,28 @@ async fn invalid_handlers_and_options_are_rejected() {
         .is_none());
 }
 
+/// Set if `running` ever gives up its lease after having held it (watched in the background).
+fn lease_drops(running: &RunningHandler) -> Arc<AtomicBool> {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let mut updates = running.status_updates();
+    let flag = Arc::clone(&dropped);
+    tokio::spawn(async move {
+        let mut held = false;
+        while updates.changed().await.is_ok() {
+            let status = updates.borrow_and_update().clone();
+            if status.stopped {
+                break;
+            }
+            if status.holds_lease {
+                held = true;
+            } else if held {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    dropped
+}
+
 /// Writes a row, then hangs on the server (`pg_sleep`) while `hangs_left` lasts.
 struct Hanger {
     seen_table: String,
@@ -478,9 +500,10 @@ async fn a_batch_over_its_timeout_is_cancelled_rolled_back_and_retried() {
             hanger,
             options()
                 .batch_size(100)
-                .batch_timeout(Some(Duration::from_millis(300))),
+                .batch_timeout(Some(Duration::from_secs(1))),
         )
         .expect("run");
+    let dropped = lease_drops(&running);
     let failed = wait_status(&running, "failed by its timeout", |s| {
         s.last_error
             .as_deref()
@@ -490,10 +513,14 @@ async fn a_batch_over_its_timeout_is_cancelled_rolled_back_and_retried() {
     assert!(failed.attempts >= 1, "{failed:?}");
     // Two hung attempts, then a good one. Without the cancellation the rollback would wait for
     // the 60 s sleep, and the lease with it.
-    ts.wait_until_processed("hanger", last, Duration::from_secs(10))
+    ts.wait_until_processed("hanger", last, Duration::from_secs(15))
         .await
         .expect("the third attempt commits");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "abandoned batches do not cost the lease"
+    );
     assert_eq!(
         seen_counts(&ts, None).await,
         (4, 4),
@@ -543,12 +570,12 @@ async fn reset_handler_rebuilds_the_read_model_while_the_handler_runs() {
     // Rebuild: clear the read model and rewind the checkpoint in one transaction, while idle.
     let mut admin = ts.admin().await;
     let tx = admin.transaction().await.expect("begin");
-    tx.batch_execute(&format!("TRUNCATE {}", ts.table("seen")))
-        .await
-        .expect("truncate");
     ts.reset_handler_in(&tx, "recorder", None)
         .await
         .expect("reset in tx");
+    tx.batch_execute(&format!("TRUNCATE {}", ts.table("seen")))
+        .await
+        .expect("truncate");
     tx.commit().await.expect("commit");
     wait_status(&running, "rebuilt", |s| s.processed >= 20).await;
     assert_eq!(
@@ -590,5 +617,91 @@ async fn reset_handler_rebuilds_the_read_model_while_the_handler_runs() {
         .expect("status")
         .expect("exists");
     assert!(record.lease_held && record.attempts == 0, "{record:?}");
+    running.stop().await;
+}
+
+/// Records like `Recorder`, but each batch first takes a permit of `gate` (none at the start).
+struct Gated {
+    seen_table: String,
+    gate: Arc<tokio::sync::Semaphore>,
+    entered: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl EventHandler for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+
+    fn query(&self) -> Query {
+        Query::types(["Deposited"])
+    }
+
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), HandlerError> {
+        self.entered.notify_one();
+        self.gate.acquire().await?.forget();
+        for event in events {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (position, instance) VALUES ($1, 'gated')",
+                    self.seen_table
+                ),
+                &[&event.cursor.position],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_waits_for_the_batch_in_progress_and_the_runner_keeps_its_lease() {
+    let ts = test_store(StoreConfig::default()).await;
+    create_seen(&ts).await;
+    let last = append_deposits(&ts, 8).await; // 10 events
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let running = ts
+        .run_handler(
+            Gated {
+                seen_table: ts.table("seen"),
+                gate: Arc::clone(&gate),
+                entered: Arc::clone(&entered),
+            },
+            options().batch_size(4),
+        )
+        .expect("run");
+    let dropped = lease_drops(&running);
+    tokio::time::timeout(Duration::from_secs(5), entered.notified())
+        .await
+        .expect("the first batch starts");
+    // The first batch is now blocked inside its transaction, holding the checkpoint row.
+    let store = ts.store.clone();
+    let reset = tokio::spawn(async move { store.reset_handler("gated", None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !reset.is_finished(),
+        "the reset waits for the batch in progress"
+    );
+    gate.add_permits(1_000);
+    reset.await.expect("join").expect("reset");
+    ts.wait_until_processed("gated", last, Duration::from_secs(5))
+        .await
+        .expect("caught up");
+    // The batch in progress committed (4 events), then everything again from the start.
+    assert_eq!(seen_counts(&ts, None).await, (14, 10));
+    let status = running.status();
+    assert!(
+        status.last_error.is_none() && status.attempts == 0,
+        "{status:?}"
+    );
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "a moved checkpoint does not cost the lease"
+    );
     running.stop().await;
 }
