@@ -4,7 +4,7 @@ use crate::conn::{db_error, Conn};
 use crate::store::{event_from_row, prepare, PostgresEventStore};
 use crate::xid8::Xid8;
 use async_trait::async_trait;
-use dcb_core::runner::{guard_batch, BatchOutcome, RunningTask};
+use dcb_core::runner::{guard_batch, RunningTask};
 use dcb_core::{validate_query, ChangeFeed, Cursor, Error, Event, Query, ReadOptions};
 use deadpool_postgres::{ClientWrapper, Object};
 use std::sync::Arc;
