@@ -39,6 +39,8 @@ pub struct Ctx {
     /// `bench_raw`, or `bench_raw_indexed` with `--raw-indexes` (quoted, schema-qualified).
     pub raw_table: String,
     pub boundary_size: u64,
+    /// Raw inserts take the store's kind of advisory locks (`--raw-locks`).
+    pub raw_locks: bool,
     /// Base of the jittered backoff between conflicting hot decisions (zero: none).
     pub hot_backoff: Duration,
     /// Successful decisions on the hot boundary, shared by all its clients.
@@ -142,6 +144,7 @@ impl Ctx {
             batch_size: args.batch_size,
             raw_table,
             boundary_size: args.boundary_size.max(1),
+            raw_locks: args.raw_locks,
             hot_backoff: Duration::from_secs_f64(args.hot_backoff_ms.max(0.0) / 1000.0),
             hot_successes: AtomicU64::new(0),
             runs: AtomicU64::new(0),

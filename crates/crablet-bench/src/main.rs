@@ -183,6 +183,12 @@ pub struct Args {
     /// PostgreSQL charges for those indexes, apart from crablet's own.
     #[arg(long)]
     pub raw_indexes: bool,
+    /// Raw inserts (`raw-insert`, `raw-batch`) also take the advisory locks an unconditional
+    /// append takes (shared keys for the type, each tag and each type/tag pair, plus one for
+    /// the whole log; one exclusive key past 48), in the same statement: with `--raw-indexes`,
+    /// the floor of a locked, indexed append through this client stack.
+    #[arg(long)]
+    pub raw_locks: bool,
 }
 
 impl Args {
