@@ -79,6 +79,15 @@ pub struct StoreConfig {
     /// one notification at its end. Bounds what NOTIFY costs the database under load. Default
     /// 10 ms.
     pub notify_interval: Duration,
+    /// The most advisory lock keys one append or one read takes one by one. An append whose
+    /// events yield more distinct keys (about two per tag) takes one exclusive escalation key
+    /// instead, which waits for, and holds up, every concurrent read and conditional append of
+    /// this store and every other escalated append; a read or condition with more keys locks
+    /// the whole log. Default 48. Raising it lets large batches and queries run beside
+    /// unrelated decisions, at the price of that many entries in PostgreSQL's shared lock table
+    /// per transaction (sized `max_locks_per_transaction` × `max_connections`): raise
+    /// `max_locks_per_transaction` with it. Processes with different values can share a store.
+    pub max_lock_keys: usize,
 }
 
 impl Default for StoreConfig {
@@ -96,6 +105,7 @@ impl Default for StoreConfig {
             auto_migrate: false,
             notify_on_append: true,
             notify_interval: Duration::from_millis(10),
+            max_lock_keys: 48,
         }
     }
 }
@@ -138,6 +148,8 @@ impl StoreConfig {
         notify_on_append: bool);
     setter!(/// Sets the least time between two notifications of one store instance.
         notify_interval: Duration);
+    setter!(/// Sets the most lock keys one operation takes before it escalates.
+        max_lock_keys: usize);
 
     /// Checks every field, naming the first invalid one.
     pub fn validate(&self) -> Result<(), Error> {
@@ -184,6 +196,9 @@ impl StoreConfig {
         }
         if self.pool_size == 0 {
             return bad("pool_size", "must be at least 1");
+        }
+        if self.max_lock_keys == 0 || self.max_lock_keys > 10_000 {
+            return bad("max_lock_keys", "must be between 1 and 10000");
         }
         Ok(())
     }

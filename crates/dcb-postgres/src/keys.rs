@@ -8,11 +8,6 @@
 //! the same key. See docs/design.md for the full argument.
 use dcb_core::{NewEvent, Query, QueryItem, Tag};
 
-/// Past this many distinct keys a statement escalates to a coarse key instead, so huge batches
-/// and queries cannot exhaust PostgreSQL's shared lock table (sized by
-/// `max_locks_per_transaction`, 64 by default).
-pub(crate) const MAX_KEYS: usize = 48;
-
 #[derive(Clone, Copy)]
 enum Level {
     All = 0,
@@ -27,6 +22,10 @@ enum Level {
 #[derive(Debug, Clone)]
 pub(crate) struct KeySpace {
     namespace: String,
+    /// Past this many distinct keys an operation escalates to a coarse key instead, so huge
+    /// batches and queries cannot exhaust PostgreSQL's shared lock table
+    /// (`StoreConfig::max_lock_keys`).
+    max_keys: usize,
 }
 
 /// A set of keys with their modes, ready for the lock statement (`sql::lock_rows`): sorted, distinct,
@@ -61,9 +60,10 @@ impl LockSet {
 }
 
 impl KeySpace {
-    pub(crate) fn new(schema: &str) -> Self {
+    pub(crate) fn new(schema: &str, max_keys: usize) -> Self {
         Self {
             namespace: format!("crablet/{schema}"),
+            max_keys,
         }
     }
 
@@ -104,10 +104,10 @@ impl KeySpace {
         format!("{}:{}", tag.key, tag.value)
     }
 
-    /// The shared keys of the events an append writes; over [`MAX_KEYS`], the exclusive
+    /// The shared keys of the events an append writes; over `max_keys`, the exclusive
     /// escalation key instead (which conflicts with every conditional append and fenced read).
     pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
-        let mut keys = std::collections::HashSet::with_capacity(MAX_KEYS + 4);
+        let mut keys = std::collections::HashSet::with_capacity(self.max_keys.min(1024) + 4);
         keys.insert(self.key(Level::All, &[]));
         for event in events {
             let t = event.event_type.as_str();
@@ -116,7 +116,7 @@ impl KeySpace {
                 keys.insert(self.key_with_tag(Level::Tag, &[], Some(tag)));
                 keys.insert(self.key_with_tag(Level::TypeTag, &[t], Some(tag)));
             }
-            if keys.len() > MAX_KEYS {
+            if keys.len() > self.max_keys {
                 // Escalate as soon as the bound is passed: the fine keys would be dropped anyway.
                 set.add(self.key(Level::Escalation, &[]), true);
                 return;
@@ -141,7 +141,7 @@ impl KeySpace {
     }
 
     /// The exclusive keys of a query (for a condition check or a fenced read), plus the shared
-    /// escalation key; over [`MAX_KEYS`], the exclusive match-all key instead.
+    /// escalation key; over `max_keys`, the exclusive match-all key instead.
     pub(crate) fn add_query_keys(&self, set: &mut LockSet, query: &Query) {
         let mut keys = Vec::new();
         for item in &query.items {
@@ -149,7 +149,7 @@ impl KeySpace {
         }
         keys.sort_unstable();
         keys.dedup();
-        if keys.len() > MAX_KEYS {
+        if keys.len() > self.max_keys {
             set.add(self.key(Level::All, &[]), true);
         } else {
             keys.into_iter().for_each(|k| set.add(k, true));
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn matching_event_and_item_share_a_key_and_disjoint_ones_do_not() {
-        let ks = KeySpace::new("public");
+        let ks = KeySpace::new("public", 48);
         let events = [
             event("A", &[("x", "1"), ("y", "2")]),
             event("B", &[("x", "1")]),
@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn keys_are_stable_and_tag_keys_need_no_tag_string() {
-        let ks = KeySpace::new("public");
+        let ks = KeySpace::new("public", 48);
         let tag = Tag::new("course", "c:1");
         assert_eq!(
             ks.key_with_tag(Level::TypeTag, &["A"], Some(&tag)),
@@ -255,14 +255,14 @@ mod tests {
     fn namespaces_separate_schemas() {
         let q = Query::all();
         assert_ne!(
-            exclusive(&KeySpace::new("a"), &q),
-            exclusive(&KeySpace::new("b"), &q)
+            exclusive(&KeySpace::new("a", 48), &q),
+            exclusive(&KeySpace::new("b", 48), &q)
         );
     }
 
     #[test]
     fn huge_batches_escalate_to_one_exclusive_key() {
-        let ks = KeySpace::new("public");
+        let ks = KeySpace::new("public", 48);
         let events: Vec<NewEvent> = (0..100)
             .map(|i| event("A", &[("id", &i.to_string())]))
             .collect();
@@ -275,6 +275,24 @@ mod tests {
         let mut cond = LockSet::default();
         ks.add_query_keys(&mut cond, &Query::from(QueryItem::new().tag("id", "1")));
         assert!(cond.into_params().0.contains(&keys[0]));
+
+        // With room for them, the same batch takes its fine keys, all shared, and still meets
+        // every matching condition's keys; a store escalating at 48 conflicts with it too.
+        let roomy = KeySpace::new("public", 400);
+        let mut set = LockSet::default();
+        roomy.add_event_keys(&mut set, &events);
+        let (fine, x) = set.into_params();
+        assert_eq!(
+            fine.len(),
+            1 + 1 + 2 * 100,
+            "all, type, tag and type/tag per event"
+        );
+        assert!(x.iter().all(|x| !x));
+        for i in [0, 57, 99] {
+            let q = Query::from(QueryItem::new().types(["A"]).tag("id", i.to_string()));
+            assert!(exclusive(&roomy, &q).iter().any(|k| fine.contains(k)));
+            assert!(exclusive(&ks, &q).iter().any(|k| fine.contains(k)));
+        }
     }
 
     #[test]

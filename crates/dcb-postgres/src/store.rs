@@ -187,7 +187,7 @@ impl PostgresEventStore {
         let session_timeout = session_timeout && session_settings_hold(&pool, &config).await?;
         let schema = config.quoted_schema();
         let inner = Inner {
-            keys: KeySpace::new(&config.schema),
+            keys: KeySpace::new(&config.schema, config.max_lock_keys),
             projections: Arc::new(Semaphore::new(config.max_concurrent_projections)),
             // Generic plans here: the condition probes are written to be safe under one
             // (sql::append), and planning the append statement with its values cost more than

@@ -230,3 +230,50 @@ async fn disjoint_boundary_is_not_blocked_by_an_in_flight_writer() {
         .expect("release");
     writer.await.expect("join").expect("writer");
 }
+
+/// A batch stuck mid-insert with 60 events on 60 accounts (about 120 lock keys) and, once it
+/// holds its locks, a decision on another account: does the decision wait for the batch?
+async fn decision_waits_for_a_large_batch(max_lock_keys: usize, brake_key: i64) -> bool {
+    let ts = test_store(StoreConfig::default().max_lock_keys(max_lock_keys)).await;
+    let brake = install_brake(&ts, brake_key).await;
+    let batch: Vec<NewEvent> = (0..60)
+        .map(|i| event("Slow", "account", &format!("b{i}")))
+        .collect();
+    let writer = {
+        let store = ts.store.clone();
+        tokio::spawn(async move { store.append(batch).await })
+    };
+    wait_until_stuck(&ts, brake_key).await;
+    let other = Query::from(QueryItem::new().types(["Withdrawn"]).tag("account", "a2"));
+    let waited = tokio::time::timeout(
+        Duration::from_millis(1500),
+        ts.project(StateProjector::counter(other)),
+    )
+    .await
+    .is_err();
+    brake
+        .batch_execute(&format!("SELECT pg_advisory_unlock({brake_key})"))
+        .await
+        .expect("release");
+    writer.await.expect("join").expect("batch");
+    waited
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_batch_holds_up_unrelated_decisions_only_past_max_lock_keys() {
+    assert!(
+        decision_waits_for_a_large_batch(48, 4256).await,
+        "past 48 keys the batch escalates to the key every read shares"
+    );
+    assert!(
+        !decision_waits_for_a_large_batch(400, 4257).await,
+        "with room for its fine keys the batch leaves other boundaries alone"
+    );
+    assert!(matches!(
+        StoreConfig::default().max_lock_keys(0).validate(),
+        Err(dcb_core::Error::Config {
+            field: "max_lock_keys",
+            ..
+        })
+    ));
+}
