@@ -54,7 +54,7 @@ struct Client {
     decisions: u64,
     /// Appends so far (unique boundaries of `batch`).
     appends: u64,
-    raw_sql: HashMap<(String, usize), String>,
+    raw_sql: HashMap<(String, usize, bool), String>,
 }
 
 /// Runs `clients` concurrent clients of `scenario` for `duration`; with `measured`, prints a
@@ -428,10 +428,10 @@ async fn raw_insert_into(
     };
     // The unprotected decision (`events`) never locks.
     let locked = ctx.raw_locks && table != format!("{}.events", ctx.quoted);
-    let lock_params = locked.then(|| raw_lock_keys(&events));
+    let lock_params = locked.then(|| raw_lock_keys(&events, ctx.store.config().max_lock_keys));
     let sql = client
         .raw_sql
-        .entry((table.clone(), rows))
+        .entry((table.clone(), rows, locked))
         .or_insert_with(|| {
             // Parameters $1/$2 are the locks when locking, so the rows' start after them.
             let first = if locked { 3 } else { 1 };
@@ -487,8 +487,8 @@ async fn raw_insert_into(
 
 /// The locks of `--raw-locks`, derived as an unconditional append derives its own (the same
 /// number of keys), hashed in a namespace of their own: sorted distinct shared keys, or one
-/// exclusive key past 48.
-fn raw_lock_keys(events: &[NewEvent]) -> (Vec<i64>, Vec<bool>) {
+/// exclusive key past `max_keys` (as soon as it is passed, like the store).
+fn raw_lock_keys(events: &[NewEvent], max_keys: usize) -> (Vec<i64>, Vec<bool>) {
     use std::hash::{Hash, Hasher};
     let key = |parts: &[&str]| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -496,20 +496,21 @@ fn raw_lock_keys(events: &[NewEvent]) -> (Vec<i64>, Vec<bool>) {
         parts.hash(&mut h);
         h.finish() as i64
     };
-    let mut keys = vec![key(&[])];
+    let mut keys = std::collections::HashSet::new();
+    keys.insert(key(&[]));
     for e in events {
-        keys.push(key(&[&e.event_type]));
+        keys.insert(key(&[&e.event_type]));
         for t in &e.tags {
             let tag = format!("{}:{}", t.key, t.value);
-            keys.push(key(&["tag", &tag]));
-            keys.push(key(&[&e.event_type, &tag]));
+            keys.insert(key(&["tag", &tag]));
+            keys.insert(key(&[&e.event_type, &tag]));
+        }
+        if keys.len() > max_keys {
+            return (vec![key(&["escalation"])], vec![true]);
         }
     }
+    let mut keys: Vec<i64> = keys.into_iter().collect();
     keys.sort_unstable();
-    keys.dedup();
-    if keys.len() > 48 {
-        return (vec![key(&["escalation"])], vec![true]);
-    }
     let shared = vec![false; keys.len()];
     (keys, shared)
 }

@@ -55,6 +55,21 @@ fn item() -> impl Strategy<Value = QueryItem> {
         .prop_map(|(types, tags)| QueryItem::new().types(types).tags(tags))
 }
 
+/// Tags from a pool of hundreds of values, so large queries have many distinct tag sets.
+fn wide_tags() -> impl Strategy<Value = Vec<Tag>> {
+    proptest::collection::vec(
+        (proptest::sample::select(KEYS.to_vec()), 0u32..300)
+            .prop_map(|(k, v)| Tag::new(k, format!("w{v}"))),
+        1..3,
+    )
+}
+
+/// An item with at least one tag (never match-all).
+fn wide_item() -> impl Strategy<Value = QueryItem> {
+    (proptest::collection::vec(event_type(), 0..3), wide_tags())
+        .prop_map(|(types, tags)| QueryItem::new().types(types).tags(tags))
+}
+
 fn query() -> impl Strategy<Value = Query> {
     proptest::collection::vec(item(), 0..4).prop_map(Query::from_items)
 }
@@ -174,12 +189,30 @@ proptest! {
 
     #[test]
     fn simplified_keeps_the_meaning_of_large_queries(
-        items in proptest::collection::vec(item(), 60..80),
-        events in proptest::collection::vec((event_type(), event_tags()), 16),
+        items in proptest::collection::vec(wide_item(), 70..90),
+        picks in proptest::collection::vec((0usize..90, any::<bool>()), 12),
+        strangers in proptest::collection::vec((event_type(), wide_tags()), 4),
     ) {
         // Past 64 merged items the covered-item pass is skipped; the merge must still hold.
-        let q = Query::from_items(items);
+        let q = Query::from_items(items.clone());
+        let mut distinct: Vec<Vec<Tag>> = items.iter().map(|i| { let mut t = i.tags.clone(); t.sort(); t.dedup(); t }).collect();
+        distinct.sort();
+        distinct.dedup();
+        prop_assume!(distinct.len() > 64);
         let simple = q.simplified();
+        prop_assert!(simple.items.len() > 64);
+        // Events built to match a chosen item (with an extra tag, or of another type), and strangers.
+        let mut events: Vec<(String, Vec<Tag>)> = picks
+            .iter()
+            .map(|(n, same_type)| {
+                let item = &items[n % items.len()];
+                let t = if *same_type { item.types.first().cloned().unwrap_or_else(|| "Z".into()) } else { "Z".into() };
+                let mut tags = item.tags.clone();
+                tags.push(Tag::new("extra", "1"));
+                (t, tags)
+            })
+            .collect();
+        events.extend(strangers);
         for (t, tags) in &events {
             prop_assert_eq!(matches(&simple, t, tags), matches(&q, t, tags));
         }

@@ -72,8 +72,11 @@ pub struct MemoryHandlerOptions {
     pub retry_max: Duration,
     /// Start after this cursor instead of at the beginning.
     pub start_after: Option<Cursor>,
-    /// Longest time the handler may take over one batch; past it the batch is abandoned and
-    /// counts as a failed attempt (retried after the backoff). Default `None`: no limit.
+    /// Longest time the handler may take over one batch; past it the batch is abandoned (its
+    /// future dropped at its current await point) and counts as a failed attempt (retried after
+    /// the backoff). Nothing is rolled back here: effects the handler already made stay, so a
+    /// handler with a timeout must tolerate being cut off at any await point and replayed.
+    /// Default `None`: no limit.
     pub batch_timeout: Option<Duration>,
 }
 

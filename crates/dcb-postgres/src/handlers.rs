@@ -129,9 +129,8 @@ pub struct HandlerOptions {
     pub idle_checkpoint_interval: Duration,
     /// Longest time the handler may take over one batch. A batch that takes longer is
     /// abandoned (its future dropped), its transaction rolled back, and it counts as a failed
-    /// attempt (retried after the backoff, visible in the status). The batch's transaction also
-    /// runs with `statement_timeout` set to this limit, so a statement of the handler cannot
-    /// outlive it on the server. Code that blocks its thread without yielding is not
+    /// attempt (retried after the backoff, visible in the status). The handler's statements
+    /// run with `statement_timeout` set to this limit, so none can outlive it on the server. Code that blocks its thread without yielding is not
     /// interrupted. Default `None`: no limit; a handler that never returns stalls its read
     /// model (and keeps the lease).
     pub batch_timeout: Option<Duration>,
@@ -196,10 +195,13 @@ impl HandlerOptions {
             return bad("lease_retry_interval", "must be longer than zero");
         }
         dcb_core::runner::validate_backoff(self.retry_initial, self.retry_max)?;
-        if self.batch_timeout.is_some_and(|t| t.is_zero()) {
+        if self
+            .batch_timeout
+            .is_some_and(|t| t.as_millis() == 0 || t > Duration::from_secs(24 * 3600))
+        {
             return bad(
                 "batch_timeout",
-                "must be longer than zero (None for no limit)",
+                "must be between 1 ms and 24 h (None for no limit)",
             );
         }
         Ok(())
@@ -861,17 +863,6 @@ impl Runner {
         let advance = conn.prepare_cached(&self.sql.advance).await.map_err(lost)?;
         let client: &mut tokio_postgres::Client = conn;
         let tx = client.transaction().await.map_err(lost)?;
-        if let Some(limit) = self.options.batch_timeout {
-            // The server bounds each of the handler's statements too, so a statement still
-            // running when the batch is abandoned ends by itself (no out-of-band cancel, which
-            // could race the next statement or fail on TLS-only servers).
-            tx.batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                limit.as_millis().max(1)
-            ))
-            .await
-            .map_err(lost)?;
-        }
         let row = tx
             .query_opt(&lock_checkpoint, &[&self.name])
             .await
@@ -885,6 +876,17 @@ impl Runner {
             return Err(Failure::Moved(current));
         }
         if !events.is_empty() {
+            if let Some(limit) = self.options.batch_timeout {
+                // The server bounds each of the handler's statements too, so a statement still
+                // running when the batch is abandoned ends by itself (no out-of-band cancel,
+                // which could race the next statement or fail on TLS-only servers).
+                tx.batch_execute(&format!(
+                    "SET LOCAL statement_timeout = {}",
+                    limit.as_millis().max(1)
+                ))
+                .await
+                .map_err(lost)?;
+            }
             let outcome =
                 guard_batch(self.handler.handle(&tx, events), self.options.batch_timeout).await;
             if let Some(message) = outcome.failure() {
@@ -900,6 +902,12 @@ impl Runner {
                         "{message}; rollback did not finish within {grace:?}"
                     ))),
                 };
+            }
+            if self.options.batch_timeout.is_some() {
+                // The runner's own statements are not the handler's: no limit for them.
+                tx.batch_execute("SET LOCAL statement_timeout = 0")
+                    .await
+                    .map_err(lost)?;
             }
         }
         tx.execute(

@@ -107,7 +107,10 @@ impl KeySpace {
     /// The shared keys of the events an append writes; over `max_keys`, the exclusive
     /// escalation key instead (which conflicts with every conditional append and fenced read).
     pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
-        let mut keys = std::collections::HashSet::with_capacity(self.max_keys.min(1024) + 4);
+        let tags: usize = events.iter().map(|e| e.tags.len()).sum();
+        let mut keys = std::collections::HashSet::with_capacity(
+            self.max_keys.min(1 + events.len() + 2 * tags) + 1,
+        );
         keys.insert(self.key(Level::All, &[]));
         for event in events {
             let t = event.event_type.as_str();

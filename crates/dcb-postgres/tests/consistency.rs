@@ -245,17 +245,46 @@ async fn decision_waits_for_a_large_batch(max_lock_keys: usize, brake_key: i64) 
     };
     wait_until_stuck(&ts, brake_key).await;
     let other = Query::from(QueryItem::new().types(["Withdrawn"]).tag("account", "a2"));
-    let waited = tokio::time::timeout(
-        Duration::from_millis(1500),
-        ts.project(StateProjector::counter(other)),
-    )
-    .await
-    .is_err();
+    let read = {
+        let store = ts.store.clone();
+        tokio::spawn(async move { store.project(StateProjector::counter(other)).await })
+    };
+    // Waiting shows in pg_locks as the read's fence, of this schema, not granted an advisory
+    // lock; finishing shows as the read's task ending.
+    let admin = ts.admin().await;
+    let mut waited = false;
+    for _ in 0..500 {
+        if read.is_finished() {
+            break;
+        }
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                 WHERE l.locktype = 'advisory' AND NOT l.granted \
+                   AND a.query LIKE '%' || $1 || '%fence%'",
+                &[&ts.schema.schema],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if n > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        waited || read.is_finished(),
+        "the read neither finished nor waited within 10 s"
+    );
     brake
         .batch_execute(&format!("SELECT pg_advisory_unlock({brake_key})"))
         .await
         .expect("release");
     writer.await.expect("join").expect("batch");
+    read.await
+        .expect("join")
+        .expect("the read completes once the batch is done");
     waited
 }
 

@@ -416,6 +416,23 @@ async fn invalid_handlers_and_options_are_rejected() {
         .is_none());
 }
 
+/// The backend holding `handler`'s lease (its session advisory lock), if any.
+async fn lease_pid(ts: &TestStore, handler: &str) -> Option<i32> {
+    let key = format!("crablet/handler/{}/{handler}", ts.schema.schema);
+    ts.admin()
+        .await
+        .query_opt(
+            "SELECT l.pid FROM pg_locks l, (SELECT hashtextextended($1, 0) AS k) hk \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.classid::int8 = ((hk.k >> 32) & 4294967295) \
+               AND l.objid::int8 = (hk.k & 4294967295)",
+            &[&key],
+        )
+        .await
+        .expect("pg_locks")
+        .map(|row| row.get(0))
+}
+
 /// Set if `running` ever gives up its lease after having held it (watched in the background).
 fn lease_drops(running: &RunningHandler) -> Arc<AtomicBool> {
     let dropped = Arc::new(AtomicBool::new(false));
@@ -504,10 +521,13 @@ async fn a_batch_over_its_timeout_is_cancelled_rolled_back_and_retried() {
         )
         .expect("run");
     let dropped = lease_drops(&running);
+    wait_status(&running, "leading", |s| s.holds_lease).await;
+    let holder = lease_pid(&ts, "hanger").await.expect("lease held");
+    // The client's timer or the server's statement_timeout, whichever answers first.
     let failed = wait_status(&running, "failed by its timeout", |s| {
         s.last_error
             .as_deref()
-            .is_some_and(|e| e.contains("batch_timeout"))
+            .is_some_and(|e| e.contains("batch_timeout") || e.contains("statement timeout"))
     })
     .await;
     assert!(failed.attempts >= 1, "{failed:?}");
@@ -518,7 +538,7 @@ async fn a_batch_over_its_timeout_is_cancelled_rolled_back_and_retried() {
         .expect("the third attempt commits");
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(
-        !dropped.load(Ordering::SeqCst),
+        !dropped.load(Ordering::SeqCst) && lease_pid(&ts, "hanger").await == Some(holder),
         "abandoned batches do not cost the lease"
     );
     assert_eq!(
@@ -679,14 +699,33 @@ async fn a_reset_waits_for_the_batch_in_progress_and_the_runner_keeps_its_lease(
     tokio::time::timeout(Duration::from_secs(5), entered.notified())
         .await
         .expect("the first batch starts");
+    let holder = lease_pid(&ts, "gated").await.expect("lease held");
     // The first batch is now blocked inside its transaction, holding the checkpoint row.
     let store = ts.store.clone();
     let reset = tokio::spawn(async move { store.reset_handler("gated", None).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !reset.is_finished(),
-        "the reset waits for the batch in progress"
-    );
+    let admin = ts.admin().await;
+    let mut waiting = false;
+    for _ in 0..100 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%' || $1 || '%handler_checkpoints%'",
+                &[&ts.schema.schema],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if n > 0 {
+            waiting = true;
+            break;
+        }
+        assert!(
+            !reset.is_finished(),
+            "the reset must wait for the batch in progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(waiting, "the reset waits on the checkpoint row");
     gate.add_permits(1_000);
     reset.await.expect("join").expect("reset");
     ts.wait_until_processed("gated", last, Duration::from_secs(5))
@@ -700,7 +739,7 @@ async fn a_reset_waits_for_the_batch_in_progress_and_the_runner_keeps_its_lease(
         "{status:?}"
     );
     assert!(
-        !dropped.load(Ordering::SeqCst),
+        !dropped.load(Ordering::SeqCst) && lease_pid(&ts, "gated").await == Some(holder),
         "a moved checkpoint does not cost the lease"
     );
     running.stop().await;
