@@ -3,7 +3,6 @@
 //! running in the background. They live here so that every backend's runner behaves the same.
 use crate::Error;
 use futures_util::FutureExt;
-use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -62,26 +61,30 @@ impl BatchOutcome {
     }
 }
 
-/// Runs a handler's `work` on one batch: a panic becomes [`BatchOutcome::Failed`] with the panic's
-/// message, and past `timeout` the work is dropped ([`BatchOutcome::TimedOut`]).
+/// What a handler returns when it fails: any error (`?` converts most).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs a handler's `work` on one batch: an error becomes [`BatchOutcome::Failed`] with the
+/// messages of the error and of its sources (a `tokio_postgres::Error` alone says only "db
+/// error"), a panic with the panic's message, and past `timeout` the work is dropped
+/// ([`BatchOutcome::TimedOut`]).
 ///
 /// ```
 /// use dcb_core::runner::{guard_batch, BatchOutcome};
 /// use std::time::Duration;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// assert_eq!(guard_batch(async { Ok::<(), String>(()) }, None).await, BatchOutcome::Done);
-/// let failed = guard_batch(async { Err::<(), _>("no") }, None).await;
+/// assert_eq!(guard_batch(async { Ok(()) }, None).await, BatchOutcome::Done);
+/// let failed = guard_batch(async { Err("no".into()) }, None).await;
 /// assert_eq!(failed, BatchOutcome::Failed("no".into()));
 /// let limit = Duration::from_millis(10);
-/// let slow = guard_batch(async { std::future::pending::<Result<(), String>>().await }, Some(limit));
+/// let slow = guard_batch(async { std::future::pending().await }, Some(limit));
 /// assert_eq!(slow.await, BatchOutcome::TimedOut(limit));
 /// # }
 /// ```
-pub async fn guard_batch<F, E>(work: F, timeout: Option<Duration>) -> BatchOutcome
+pub async fn guard_batch<F>(work: F, timeout: Option<Duration>) -> BatchOutcome
 where
-    F: Future<Output = Result<(), E>>,
-    E: Display,
+    F: Future<Output = Result<(), HandlerError>>,
 {
     let work = AssertUnwindSafe(work).catch_unwind();
     let outcome = match timeout {
@@ -93,9 +96,24 @@ where
     };
     match outcome {
         Ok(Ok(())) => BatchOutcome::Done,
-        Ok(Err(err)) => BatchOutcome::Failed(err.to_string()),
+        Ok(Err(err)) => BatchOutcome::Failed(error_chain(&*err)),
         Err(panic) => BatchOutcome::Failed(format!("handler panicked: {}", panic_message(&panic))),
     }
+}
+
+/// The error's message followed by those of its sources that it does not already include.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -173,5 +191,40 @@ impl<S> Drop for RunningTask<S> {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("db error")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_carry_their_sources_and_panics_their_message() {
+        let inner = std::io::Error::other("canceling statement due to statement timeout");
+        let failed = guard_batch(async { Err(Outer(inner).into()) }, None).await;
+        assert_eq!(
+            failed.failure().as_deref(),
+            Some("db error: canceling statement due to statement timeout")
+        );
+        let panicked = guard_batch(async { panic!("boom") }, None).await;
+        assert_eq!(
+            panicked,
+            BatchOutcome::Failed("handler panicked: boom".into())
+        );
     }
 }
