@@ -110,10 +110,10 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
         "'{course_id:c7}'",
         "'1'",
         "1",
-        "'{StudentEnrolled}'",
-        "'{\"{\\\"course_id:c7\\\"}\"}'",
-        "'{\"{}\"}'",
-        "'{NULL}'",
+        "'StudentEnrolled'",
+        "'{\"course_id:c7\"}'",
+        "'{}'",
+        "NULL",
     ];
     let p = plan(&client, generic, &statement, &args).await;
     assert!(!p.contains("Seq Scan on events"), "{p}");
@@ -122,6 +122,30 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
         "a tagged probe must not touch the primary key:\n{p}"
     );
     assert_eq!(p.matches("events_tags_idx").count(), 2, "{p}");
+
+    // The same model as the store checks it, simplified into one item with both types.
+    let simplified =
+        AppendCondition::new(course_model().simplified()).with_after(Some(Cursor::new(1, 1)));
+    let event = NewEvent::new(
+        "StudentEnrolled",
+        vec![Tag::new("course_id", "c7")],
+        serde_json::json!({}),
+    );
+    let statement = conditional_append(&quoted, &simplified, event);
+    let args = [
+        "'{CourseDefined,StudentEnrolled}'",
+        "'{course_id:c7}'",
+        "'1'",
+        "1",
+        "'StudentEnrolled'",
+        "'{\"course_id:c7\"}'",
+        "'{}'",
+        "NULL",
+    ];
+    let p = plan(&client, generic, &statement, &args).await;
+    assert!(!p.contains("Seq Scan on events"), "{p}");
+    assert!(!p.contains("events_pkey"), "{p}");
+    assert_eq!(p.matches("events_tags_idx").count(), 1, "{p}");
 
     // A type-only condition is planned with its values (see `begin_append`) and then uses the
     // type index, cursor bound included.
@@ -133,10 +157,10 @@ async fn prepared_statements_keep_index_driven_plans_at_scale() {
         "'{CourseDefined}'",
         "'1'",
         "1",
-        "'{CourseDefined}'",
-        "'{\"{}\"}'",
-        "'{\"{}\"}'",
-        "'{NULL}'",
+        "'CourseDefined'",
+        "'{}'",
+        "'{}'",
+        "NULL",
     ];
     let custom = "SET plan_cache_mode = force_custom_plan";
     let p = plan(&client, custom, &statement, &args).await;

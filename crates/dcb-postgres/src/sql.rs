@@ -260,7 +260,7 @@ fn probe(
 /// Rows: `(kind, transaction_id, position, occurred_at)` with kind `conflict` (a matching event after the
 /// condition's cursor), `duplicate` (the command id was recorded before), `event` (the last
 /// inserted event) or `command` (the inserted command row).
-pub(crate) fn append(schema: &str, events: Vec<NewEvent>, parts: AppendParts<'_>) -> Statement {
+pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts<'_>) -> Statement {
     let mut stmt = Statement::default();
     let mut ctes = Vec::new();
     let mut guards = Vec::new();
@@ -317,17 +317,36 @@ pub(crate) fn append(schema: &str, events: Vec<NewEvent>, parts: AppendParts<'_>
     };
 
     if !events.is_empty() {
-        let c = columns(events);
-        let types = stmt.bind(c.types);
-        let tags = stmt.bind(c.tags);
-        let data = stmt.bind(c.data);
-        let metadata = stmt.bind(c.metadata);
-        let insert = format!(
-            "INSERT INTO {schema}.events (type, tags, data, metadata) \
-             SELECT u.type, u.tags::text[], u.data, u.metadata \
-             FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[]) \
-             WITH ORDINALITY AS u(type, tags, data, metadata, ord){guard} ORDER BY u.ord"
-        );
+        let single = if events.len() == 1 {
+            events.pop()
+        } else {
+            None
+        };
+        let insert = if let Some(event) = single {
+            // One event (most appends and decisions): one row of scalars, no array to unnest
+            // and no order to keep.
+            let literal = tags_literal(&event.tags);
+            let t = stmt.bind(event.event_type);
+            let g = stmt.bind(literal);
+            let d = stmt.bind(event.data);
+            let m = stmt.bind(event.metadata);
+            format!(
+                "INSERT INTO {schema}.events (type, tags, data, metadata) \
+                 SELECT {t}::text, {g}::text::text[], {d}::jsonb, {m}::jsonb{guard}"
+            )
+        } else {
+            let c = columns(events);
+            let types = stmt.bind(c.types);
+            let tags = stmt.bind(c.tags);
+            let data = stmt.bind(c.data);
+            let metadata = stmt.bind(c.metadata);
+            format!(
+                "INSERT INTO {schema}.events (type, tags, data, metadata) \
+                 SELECT u.type, u.tags::text[], u.data, u.metadata \
+                 FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[]) \
+                 WITH ORDINALITY AS u(type, tags, data, metadata, ord){guard} ORDER BY u.ord"
+            )
+        };
         if outputs.is_empty() && parts.command.is_none() {
             // Only events: the insert is the statement and returns every row (the caller
             // keeps the last); measured 5 % faster than selecting the last row from a CTE.
@@ -467,6 +486,20 @@ mod tests {
             .sql
             .contains("WHERE (SELECT count(*) FROM locked) >= 0"));
         assert_eq!(stmt.params.len(), 6);
+        // One event is one row of scalars; several are unnested in their order.
+        assert!(!stmt.sql.contains("unnest($3"), "{}", stmt.sql);
+        assert!(stmt
+            .sql
+            .contains("SELECT $3::text, $4::text::text[], $5::jsonb, $6::jsonb"));
+        let e = || NewEvent::new("A", vec![], serde_json::json!({}));
+        let parts = AppendParts {
+            condition: None,
+            command: None,
+            lock: None,
+        };
+        let stmt = append("s", vec![e(), e()], parts);
+        assert!(stmt.sql.contains("WITH ORDINALITY"), "{}", stmt.sql);
+        assert!(stmt.sql.contains("ORDER BY u.ord"), "{}", stmt.sql);
     }
 
     #[test]
