@@ -83,16 +83,7 @@ impl EventHandler for Recorder {
             self.overlaps.fetch_add(1, Ordering::SeqCst);
         }
         let result = async {
-            for event in events {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {} (position, instance) VALUES ($1, $2)",
-                        self.seen_table
-                    ),
-                    &[&event.cursor.position, &self.instance],
-                )
-                .await?;
-            }
+            record_seen(tx, &self.seen_table, events, self.instance).await?;
             tokio::time::sleep(Duration::from_millis(5)).await;
             let hit = self
                 .fail_at
@@ -115,6 +106,21 @@ impl EventHandler for Recorder {
         self.busy.store(false, Ordering::SeqCst);
         result
     }
+}
+
+/// Writes one row of `seen_table` per event, in the handler's transaction.
+async fn record_seen(
+    tx: &tokio_postgres::Transaction<'_>,
+    seen_table: &str,
+    events: &[Event],
+    instance: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let insert = format!("INSERT INTO {seen_table} (position, instance) VALUES ($1, $2)");
+    for event in events {
+        tx.execute(&insert, &[&event.cursor.position, &instance])
+            .await?;
+    }
+    Ok(())
 }
 
 async fn create_seen(ts: &TestStore) {
@@ -478,16 +484,7 @@ impl EventHandler for Hanger {
         events: &[Event],
     ) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        for event in events {
-            tx.execute(
-                &format!(
-                    "INSERT INTO {} (position, instance) VALUES ($1, 'hanger')",
-                    self.seen_table
-                ),
-                &[&event.cursor.position],
-            )
-            .await?;
-        }
+        record_seen(tx, &self.seen_table, events, "hanger").await?;
         if self
             .hangs_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -687,16 +684,7 @@ impl EventHandler for Gated {
     ) -> Result<(), HandlerError> {
         self.entered.notify_one();
         self.gate.acquire().await?.forget();
-        for event in events {
-            tx.execute(
-                &format!(
-                    "INSERT INTO {} (position, instance) VALUES ($1, 'gated')",
-                    self.seen_table
-                ),
-                &[&event.cursor.position],
-            )
-            .await?;
-        }
+        record_seen(tx, &self.seen_table, events, "gated").await?;
         Ok(())
     }
 }
