@@ -54,7 +54,9 @@ struct Client {
     decisions: u64,
     /// Appends so far (unique boundaries of `batch`).
     appends: u64,
-    raw_sql: HashMap<(String, usize, bool), String>,
+    /// Raw INSERT statements by (into the store's `events`?, rows); the raw table and whether
+    /// it locks are fixed per process.
+    raw_sql: HashMap<(bool, usize), String>,
 }
 
 /// Runs `clients` concurrent clients of `scenario` for `duration`; with `measured`, prints a
@@ -408,8 +410,7 @@ async fn op(
 /// The raw baseline's write: one autocommit INSERT of all `events` as rows of `ctx.raw_table`
 /// (type, `key:value` tags, data), the same values the store writes.
 async fn raw_insert(ctx: &Ctx, client: &mut Client, events: Vec<NewEvent>) -> Result<(), OpError> {
-    let table = ctx.raw_table.clone();
-    raw_insert_into(ctx, client, &table, events).await
+    raw_insert_into(ctx, client, &ctx.raw_table, events).await
 }
 
 /// One autocommit multi-row INSERT of `events` into `table` (schema-qualified, or `events` for
@@ -421,18 +422,19 @@ async fn raw_insert_into(
     events: Vec<NewEvent>,
 ) -> Result<(), OpError> {
     let rows = events.len();
-    let table = if table == "events" {
-        format!("{}.events", ctx.quoted)
-    } else {
-        table.to_string()
-    };
+    let store_table = table == "events";
     // The unprotected decision (`events`) never locks.
-    let locked = ctx.raw_locks && table != format!("{}.events", ctx.quoted);
+    let locked = ctx.raw_locks && !store_table;
     let lock_params = locked.then(|| raw_lock_keys(&events, ctx.store.config().max_lock_keys));
     let sql = client
         .raw_sql
-        .entry((table.clone(), rows, locked))
+        .entry((store_table, rows))
         .or_insert_with(|| {
+            let table = if store_table {
+                format!("{}.events", ctx.quoted)
+            } else {
+                table.to_string()
+            };
             // Parameters $1/$2 are the locks when locking, so the rows' start after them.
             let first = if locked { 3 } else { 1 };
             let values: Vec<String> = (0..rows)

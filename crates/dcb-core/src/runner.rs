@@ -37,52 +37,30 @@ pub fn validate_backoff(initial: Duration, max: Duration) -> Result<(), Error> {
     Ok(())
 }
 
-/// How a guarded batch ended (see [`guard_batch`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BatchOutcome {
-    /// The handler returned `Ok`.
-    Done,
-    /// The handler returned an error or panicked; the message says which.
-    Failed(String),
-    /// The handler was still running after the timeout and was dropped.
-    TimedOut(Duration),
-}
-
-impl BatchOutcome {
-    /// The failure's message, or `None` for [`BatchOutcome::Done`].
-    pub fn failure(&self) -> Option<String> {
-        match self {
-            BatchOutcome::Done => None,
-            BatchOutcome::Failed(message) => Some(message.clone()),
-            BatchOutcome::TimedOut(limit) => Some(format!(
-                "the handler did not finish the batch within {limit:?} (batch_timeout)"
-            )),
-        }
-    }
-}
-
 /// What a handler returns when it fails: any error (`?` converts most).
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Runs a handler's `work` on one batch: an error becomes [`BatchOutcome::Failed`] with the
-/// messages of the error and of its sources (a `tokio_postgres::Error` alone says only "db
-/// error"), a panic with the panic's message, and past `timeout` the work is dropped
-/// ([`BatchOutcome::TimedOut`]).
+/// Runs a handler's `work` on one batch and returns why it failed, if it did: the messages of
+/// the error and of its sources (a `tokio_postgres::Error` alone says only "db error"), the
+/// panic's message, or, past `timeout`, that the work was dropped unfinished.
 ///
 /// ```
-/// use dcb_core::runner::{guard_batch, BatchOutcome};
+/// use dcb_core::runner::guard_batch;
 /// use std::time::Duration;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// assert_eq!(guard_batch(async { Ok(()) }, None).await, BatchOutcome::Done);
+/// assert_eq!(guard_batch(async { Ok(()) }, None).await, Ok(()));
 /// let failed = guard_batch(async { Err("no".into()) }, None).await;
-/// assert_eq!(failed, BatchOutcome::Failed("no".into()));
+/// assert_eq!(failed, Err("no".to_string()));
 /// let limit = Duration::from_millis(10);
 /// let slow = guard_batch(async { std::future::pending().await }, Some(limit));
-/// assert_eq!(slow.await, BatchOutcome::TimedOut(limit));
+/// assert_eq!(
+///     slow.await,
+///     Err("the handler did not finish the batch within 10ms (batch_timeout)".to_string())
+/// );
 /// # }
 /// ```
-pub async fn guard_batch<F>(work: F, timeout: Option<Duration>) -> BatchOutcome
+pub async fn guard_batch<F>(work: F, timeout: Option<Duration>) -> Result<(), String>
 where
     F: Future<Output = Result<(), HandlerError>>,
 {
@@ -90,14 +68,18 @@ where
     let outcome = match timeout {
         Some(limit) => match tokio::time::timeout(limit, work).await {
             Ok(outcome) => outcome,
-            Err(_) => return BatchOutcome::TimedOut(limit),
+            Err(_) => {
+                return Err(format!(
+                    "the handler did not finish the batch within {limit:?} (batch_timeout)"
+                ))
+            }
         },
         None => work.await,
     };
     match outcome {
-        Ok(Ok(())) => BatchOutcome::Done,
-        Ok(Err(err)) => BatchOutcome::Failed(error_chain(&*err)),
-        Err(panic) => BatchOutcome::Failed(format!("handler panicked: {}", panic_message(&panic))),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(error_chain(&*err)),
+        Err(panic) => Err(format!("handler panicked: {}", panic_message(&panic))),
     }
 }
 
@@ -218,13 +200,10 @@ mod tests {
         let inner = std::io::Error::other("canceling statement due to statement timeout");
         let failed = guard_batch(async { Err(Outer(inner).into()) }, None).await;
         assert_eq!(
-            failed.failure().as_deref(),
-            Some("db error: canceling statement due to statement timeout")
+            failed,
+            Err("db error: canceling statement due to statement timeout".to_string())
         );
         let panicked = guard_batch(async { panic!("boom") }, None).await;
-        assert_eq!(
-            panicked,
-            BatchOutcome::Failed("handler panicked: boom".into())
-        );
+        assert_eq!(panicked, Err("handler panicked: boom".to_string()));
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 /// What a [`MemoryEventHandler`] returns when it fails.
-pub type MemoryHandlerError = Box<dyn std::error::Error + Send + Sync>;
+pub type MemoryHandlerError = dcb_core::runner::HandlerError;
 
 /// Processes the events of a query on the in-memory store, batch by batch, in cursor order.
 ///
@@ -289,7 +289,7 @@ async fn run(
         }
         let failure = guard_batch(handler.handle(&events), options.batch_timeout)
             .await
-            .failure();
+            .err();
         match failure {
             None => {
                 failures = 0;

@@ -44,6 +44,27 @@ impl Conn {
     pub(crate) fn end_exchange(&self) {
         self.busy.store(false, Ordering::Release);
     }
+
+    /// Ends an exchange whose statements ended with `errors`, unless one of them says the
+    /// session is gone (closed, or a FATAL from the server, which closes it next, as after
+    /// `pg_terminate_backend`). Then the connection stays marked and is discarded on drop: back
+    /// in the pool, its client might not have noticed the close yet and would be handed out.
+    pub(crate) fn end_exchange_after(&self, errors: &[Option<&tokio_postgres::Error>]) {
+        if !errors.iter().flatten().any(|e| session_lost(e)) {
+            self.end_exchange();
+        }
+    }
+}
+
+fn session_lost(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::Severity;
+    err.is_closed()
+        || err.as_db_error().is_some_and(|db| {
+            matches!(
+                db.parsed_severity(),
+                Some(Severity::Fatal | Severity::Panic)
+            )
+        })
 }
 
 impl Drop for Conn {

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 /// What an [`EventHandler`] returns when it fails: any error, for instance a
 /// `tokio_postgres::Error` from its own statements (`?` converts it).
-pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+pub type HandlerError = dcb_core::runner::HandlerError;
 
 /// Processes the events of a query, batch by batch, inside the runner's transaction.
 ///
@@ -415,18 +415,8 @@ impl PostgresEventStore {
     pub async fn reset_handler(&self, handler: &str, to: Option<Cursor>) -> Result<(), Error> {
         check_name(handler)?;
         let conn = Conn::get(&self.inner.pool, "reset_handler").await?;
-        let client = conn.object();
-        let stmt = prepare(
-            client,
-            &Statements::new(&self.inner.schema).reset,
-            "reset_handler",
-        )
-        .await?;
-        let (tx, position) = checkpoint_params(to);
-        client
-            .execute(&stmt, &[&handler, &tx, &position])
-            .await
-            .map_err(|e| db_error("reset_handler", e, false))?;
+        let client: &tokio_postgres::Client = conn.object();
+        self.reset_on(client, handler, to).await?;
         // Wake runners (here, and through NOTIFY elsewhere) so they look at the checkpoint.
         self.inner.changes.committed();
         Ok(())
@@ -456,13 +446,25 @@ impl PostgresEventStore {
         to: Option<Cursor>,
     ) -> Result<(), Error> {
         check_name(handler)?;
-        let (xid, position) = checkpoint_params(to);
-        tx.execute(
-            &Statements::new(&self.inner.schema).reset,
-            &[&handler, &xid, &position],
-        )
-        .await
-        .map_err(|e| db_error("reset_handler", e, false))?;
+        self.reset_on(tx, handler, to).await
+    }
+
+    /// The upsert of `reset_handler` and `reset_handler_in`, on a connection or a transaction.
+    async fn reset_on(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        handler: &str,
+        to: Option<Cursor>,
+    ) -> Result<(), Error> {
+        let xid = to.map(|c| Xid8(c.transaction_id));
+        let position = to.map(|c| c.position);
+        client
+            .execute(
+                &Statements::new(&self.inner.schema).reset,
+                &[&handler, &xid, &position],
+            )
+            .await
+            .map_err(|e| db_error("reset_handler", e, false))?;
         Ok(())
     }
 
@@ -513,11 +515,6 @@ fn check_name(name: &str) -> Result<(), Error> {
         });
     }
     Ok(())
-}
-
-/// The checkpoint columns' parameters for `to`.
-fn checkpoint_params(to: Option<Cursor>) -> (Option<Xid8>, Option<i64>) {
-    (to.map(|c| Xid8(c.transaction_id)), to.map(|c| c.position))
 }
 
 /// Reads the (nullable) checkpoint from columns 0 and 1.
@@ -889,7 +886,7 @@ impl Runner {
             }
             let outcome =
                 guard_batch(self.handler.handle(&tx, events), self.options.batch_timeout).await;
-            if let Some(message) = outcome.failure() {
+            if let Err(message) = outcome {
                 // After a timeout a statement of the handler may still run: the server ends it
                 // within `batch_timeout` (its statement_timeout), then the rollback runs.
                 let grace = ABANDON_GRACE + self.options.batch_timeout.unwrap_or_default();
@@ -925,15 +922,9 @@ impl Runner {
         conn: &ClientWrapper,
     ) -> Result<Option<Cursor>, tokio_postgres::Error> {
         conn.execute(&self.sql.ensure_row, &[&self.name]).await?;
-        self.stored_checkpoint(conn).await
-    }
-
-    async fn stored_checkpoint(
-        &self,
-        conn: &ClientWrapper,
-    ) -> Result<Option<Cursor>, tokio_postgres::Error> {
-        let select = conn.prepare_cached(&self.sql.select_checkpoint).await?;
-        let row = conn.query_one(&select, &[&self.name]).await?;
+        let row = conn
+            .query_one(&self.sql.select_checkpoint, &[&self.name])
+            .await?;
         checkpoint_from(&row)
     }
 

@@ -100,10 +100,6 @@ impl KeySpace {
         hash as i64
     }
 
-    fn tag_text(tag: &Tag) -> String {
-        format!("{}:{}", tag.key, tag.value)
-    }
-
     /// The shared keys of the events an append writes; over `max_keys`, the exclusive
     /// escalation key instead (which conflicts with every conditional append and fenced read).
     pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
@@ -130,15 +126,15 @@ impl KeySpace {
 
     fn item_keys(&self, item: &QueryItem, into: &mut Vec<i64>) {
         // One tag is enough: an event matching the item carries all of the item's tags.
-        let first_tag = item.tags.iter().min().map(Self::tag_text);
+        let first_tag = item.tags.iter().min();
         match (item.types.is_empty(), first_tag) {
             (true, None) => into.push(self.key(Level::All, &[])),
-            (true, Some(g)) => into.push(self.key(Level::Tag, &[&g])),
+            (true, Some(g)) => into.push(self.key_with_tag(Level::Tag, &[], Some(g))),
             (false, None) => into.extend(item.types.iter().map(|t| self.key(Level::Type, &[t]))),
             (false, Some(g)) => into.extend(
                 item.types
                     .iter()
-                    .map(|t| self.key(Level::TypeTag, &[t, &g])),
+                    .map(|t| self.key_with_tag(Level::TypeTag, &[t], Some(g))),
             ),
         }
     }

@@ -78,8 +78,7 @@ fn instance_id() -> String {
 }
 
 fn backoff(failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
-    RETRY_INITIAL.saturating_mul(factor).min(RETRY_MAX)
+    dcb_core::runner::backoff_delay(RETRY_INITIAL, RETRY_MAX, failures)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -328,7 +328,11 @@ impl PostgresEventStore {
             client.query_one(&fence, &params),
             client.batch_execute("COMMIT"),
         );
-        conn.end_exchange();
+        conn.end_exchange_after(&[
+            begin.as_ref().err(),
+            snapshot.as_ref().err(),
+            commit.as_ref().err(),
+        ]);
         let timeout = Some(inner.config.query_timeout);
         let map = |e| db_error_with_timeout(operation, e, false, timeout);
         begin.map_err(map)?;
@@ -418,7 +422,12 @@ impl PostgresEventStore {
             client.query(read.0, read.1),
             client.batch_execute("COMMIT"),
         );
-        conn.end_exchange();
+        conn.end_exchange_after(&[
+            begin.as_ref().err(),
+            first.as_ref().err(),
+            rows.as_ref().err(),
+            commit.as_ref().err(),
+        ]);
         let timeout = Some(self.inner.config.query_timeout);
         let map = |e| db_error_with_timeout(operation, e, false, timeout);
         begin.map_err(map)?;
@@ -495,7 +504,7 @@ impl PostgresEventStore {
                 // The connection stays marked busy and is discarded (and its query cancelled).
                 Err(_) => return Err(no_reply()),
             };
-            conn.end_exchange();
+            conn.end_exchange_after(&[rows.as_ref().err()]);
             // The statement is its own commit: an error without a server reply is an unknown
             // outcome.
             rows.map_err(|e| db_error_with_timeout("append", e, true, timeout))?
@@ -524,7 +533,12 @@ impl PostgresEventStore {
                 Ok(results) => results,
                 Err(_) => return Err(no_reply()),
             };
-            conn.end_exchange();
+            conn.end_exchange_after(&[
+                begin.as_ref().err(),
+                lock.as_ref().err(),
+                rows.as_ref().err(),
+                commit.as_ref().err(),
+            ]);
             let map = |e| db_error_with_timeout("append", e, false, timeout);
             begin.map_err(map)?;
             lock.map_err(map)?;
@@ -696,7 +710,11 @@ impl PostgresEventStore {
             client.query(&stmt, &refs),
             client.batch_execute("COMMIT"),
         );
-        conn.end_exchange();
+        conn.end_exchange_after(&[
+            begin.as_ref().err(),
+            rows.as_ref().err(),
+            commit.as_ref().err(),
+        ]);
         let timeout = Some(self.inner.config.query_timeout);
         let map = |e| db_error_with_timeout("commands", e, false, timeout);
         begin.map_err(map)?;

@@ -62,7 +62,6 @@ async fn produce(
     } else {
         Some(store.fence_alone(&conn, query, "query_stream").await?)
     };
-    let (keys, exclusive) = store.fence_params(query);
     let stmt = sql::read(&inner.schema, query, &options);
     let prepared = prepare(conn.object(), &stmt.sql, "query_stream").await?;
     let fence = match taken {
@@ -84,10 +83,14 @@ async fn produce(
             .await
             .map_err(map)?;
         match &taken {
-            None => transaction
-                .execute(&fence, &[&keys, &exclusive])
-                .await
-                .map_err(map)?,
+            None => {
+                // Under READ COMMITTED only: `fence_alone` derived its own.
+                let (keys, exclusive) = store.fence_params(query);
+                transaction
+                    .execute(&fence, &[&keys, &exclusive])
+                    .await
+                    .map_err(map)?
+            }
             Some(snapshot) => transaction
                 .execute(&fence, &[snapshot])
                 .await
