@@ -43,19 +43,26 @@ pub struct StoreConfig {
     pub schema: String,
     /// The most events one append may carry. Default 1000.
     pub max_batch_size: usize,
-    /// Isolation of append transactions. Only `ReadCommitted` is accepted: the append protocol
-    /// checks its condition in a statement that starts after its locks are granted, which a
-    /// transaction-wide snapshot (REPEATABLE READ, SERIALIZABLE) would defeat. See
-    /// docs/design.md.
+    /// Isolation of append transactions. Default `ReadCommitted`, the fastest: one round trip.
+    /// Under `RepeatableRead` and `Serializable` a conditional append takes its locks at session
+    /// level in a transaction of its own before the checking transaction takes its snapshot
+    /// (one round trip more), and a transaction that fails to serialize is run again (it wrote
+    /// nothing), so neither level reports false conflicts. See docs/design.md.
     pub append_isolation: IsolationLevel,
     /// Isolation of the read transaction behind streams and reads. Default `ReadCommitted`.
     /// Reads are pinned to a fenced snapshot either way (docs/design.md); a stricter level adds
     /// its own guarantees for the read transaction.
     pub read_isolation: IsolationLevel,
-    /// Longest an append (including waiting for locks) may take. Default 10 s. Also the
-    /// `statement_timeout` of the sessions a store opens with `connect`.
+    /// Longest an append may wait for locks, enforced by the server (`lock_timeout`): past it
+    /// the append fails with `Error::Timeout` and certainly wrote nothing. The client waits at
+    /// most this long again (at least 250 ms, at most 2 s) for the server's answer; past that
+    /// the connection is closed and the error says the outcome is unknown. Default 10 s. Also
+    /// the `lock_timeout` of the sessions a store opens with `connect` (which run without a
+    /// `statement_timeout`).
     pub append_timeout: Duration,
-    /// Longest a read may take; for streams, each fetch of `stream_buffer` rows. Default 30 s.
+    /// Longest a read may take, lock waits included; for streams, each fetch of
+    /// `stream_buffer` rows. Past it the read fails with `Error::Timeout` and its connection is
+    /// closed. Default 30 s.
     pub query_timeout: Duration,
     /// Rows fetched per round trip by streams. Fetched batches are handed to the consumer whole
     /// while the next one is fetched, so at most three batches are in memory per stream.
@@ -167,14 +174,6 @@ impl StoreConfig {
         }
         if self.max_batch_size == 0 || self.max_batch_size > 100_000 {
             return bad("max_batch_size", "must be between 1 and 100000");
-        }
-        if self.append_isolation != IsolationLevel::ReadCommitted {
-            return bad(
-                "append_isolation",
-                "only ReadCommitted is supported: under REPEATABLE READ or SERIALIZABLE the \
-                 snapshot is taken before the append's locks are granted, so the condition \
-                 check could miss a conflicting commit (see docs/design.md)",
-            );
         }
         if self.append_timeout.is_zero() || self.append_timeout > Duration::from_secs(24 * 3600) {
             return bad("append_timeout", "must be between 1 ms and 24 h");

@@ -637,11 +637,12 @@ impl Runner {
             match conn
                 .query_one(
                     "SELECT set_config('statement_timeout', '0', false), \
+                     set_config('lock_timeout', '0', false), \
                      pg_try_advisory_lock(hashtextextended($1, 0))",
                     &[&self.lease_key],
                 )
                 .await
-                .and_then(|row| row.try_get::<_, bool>(1))
+                .and_then(|row| row.try_get::<_, bool>(2))
             {
                 Ok(true) => {
                     tracing::info!("lease acquired");
@@ -974,12 +975,10 @@ async fn read_with_horizon(
         let horizon = Cursor::new(xmax.saturating_sub(1), i64::MAX);
         Ok((events, horizon))
     };
-    let limit = inner.config.query_timeout * 2 + Duration::from_secs(2);
-    match tokio::time::timeout(limit, read).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Timeout {
-            operation: "handler_read",
-            timeout: inner.config.query_timeout,
-        }),
-    }
+    let timeout = inner.config.query_timeout;
+    conn.run(
+        "handler_read",
+        crate::store::within(timeout, "handler_read", read),
+    )
+    .await
 }

@@ -39,6 +39,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod append;
 mod config;
 mod conn;
 mod handlers;

@@ -20,8 +20,9 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str, quoted: &str) -> 
         .transaction()
         .await
         .map_err(|e| db_error("migrate", e, false))?;
-    // The store's sessions default to the append timeout; a migration may take longer.
-    tx.batch_execute("SET LOCAL statement_timeout = 0")
+    // The store's sessions default to the append timeout for lock waits; a migration waits for
+    // another one, and for readers of the tables it alters, as long as they take.
+    tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
         .await
         .map_err(|e| db_error("migrate", e, false))?;
     tx.execute(

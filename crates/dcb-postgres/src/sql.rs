@@ -209,6 +209,23 @@ pub(crate) fn lock_rows(keys: &str, exclusive: &str) -> String {
     )
 }
 
+/// [`lock_rows`] at session level: these locks survive their transaction (and its rollback)
+/// until [`session_unlock_rows`] or the end of the session.
+pub(crate) fn session_lock_rows(keys: &str, exclusive: &str) -> String {
+    format!(
+        "SELECT CASE WHEN u.x THEN pg_advisory_lock(u.k) ELSE pg_advisory_lock_shared(u.k) END \
+         FROM unnest({keys}::int8[], {exclusive}::bool[]) AS u(k, x)"
+    )
+}
+
+/// Releases the locks of [`session_lock_rows`] (one count of each key).
+pub(crate) fn session_unlock_rows(keys: &str, exclusive: &str) -> String {
+    format!(
+        "SELECT CASE WHEN u.x THEN pg_advisory_unlock(u.k) ELSE pg_advisory_unlock_shared(u.k) END \
+         FROM unnest({keys}::int8[], {exclusive}::bool[]) AS u(k, x)"
+    )
+}
+
 /// The probe of one condition item: matching events after the condition's cursor, as the body
 /// of a CTE and a filter to apply to its rows.
 ///

@@ -3,25 +3,20 @@ use crate::conn::{db_error, db_error_with_timeout, Conn};
 use crate::keys::{KeySpace, LockSet};
 use crate::migrate;
 use crate::session::PgCommandSession;
-use crate::sql::{self, AppendParts};
+use crate::sql;
 use crate::xid8::Xid8;
 use async_trait::async_trait;
 use dcb_core::{
-    validate_command, validate_condition, validate_events, validate_query, AppendCondition,
-    CommandFilter, CommandRecord, CommandSession, ConflictInfo, Cursor, Error, Event, EventReader,
-    EventStore, EventStream, Limits, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
-    Tag,
+    validate_query, AppendCondition, CommandFilter, CommandRecord, CommandSession, ConflictInfo,
+    Cursor, Error, Event, EventReader, EventStore, EventStream, Limits, NewEvent, ProjectionPermit,
+    Query, ReadOptions, Tag,
 };
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_postgres::{NoTls, Row};
-
-/// Grace added to client-side timeouts so the server-side `statement_timeout` fires first and
-/// reports a clean, certain outcome.
-const CLIENT_GRACE: Duration = Duration::from_secs(2);
 
 /// For statements whose best plan depends on their values: reads with a limit or cursor
 /// bounds, or with type-only items, and conditions with type-only items. Prepared statements
@@ -42,10 +37,15 @@ const NO_JIT: &str = "SET LOCAL jit = off";
 const NO_PARALLEL: &str = "SET LOCAL max_parallel_workers_per_gather = 0";
 
 /// The simple-query text that opens one of crablet's transactions.
+///
+/// `timeout` bounds its lock waits on the server (`lock_timeout`); the client bounds the rest.
+/// No `statement_timeout`: its timer can fire in the instant a statement ends and be reported
+/// later, unasked, as the error of another statement (see conn.rs), while a lock timeout is
+/// always reported within the statement that waited.
 fn begin(isolation: IsolationLevel, access: &str, timeout: Duration, settings: &[&str]) -> String {
     let mut sql = format!(
-        "BEGIN ISOLATION LEVEL {}{access}; SET LOCAL statement_timeout = '{}ms'; {NO_JIT}; \
-         {NO_PARALLEL}",
+        "BEGIN ISOLATION LEVEL {}{access}; SET LOCAL statement_timeout = 0; \
+         SET LOCAL lock_timeout = '{}ms'; {NO_JIT}; {NO_PARALLEL}",
         isolation.sql(),
         timeout.as_millis()
     );
@@ -61,6 +61,9 @@ const GENERIC_PLANS: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// Restores a fence snapshot taken by `fence_alone` in the read's own transaction.
 pub(crate) const SET_FENCE: &str = "SELECT set_config('crablet.fence', $1, true)";
+
+/// How many times a SERIALIZABLE read that failed to serialize is run again.
+const READ_RETRIES: usize = 8;
 
 /// The `xmax` of a snapshot in PostgreSQL's text form `xmin:xmax:xip,...`.
 pub(crate) fn snapshot_xmax(snapshot: &str) -> Result<u64, Error> {
@@ -103,10 +106,16 @@ pub(crate) struct Inner {
     begin_read_tagged: String,
     pub(crate) fence_sql: String,
     /// Takes an append's advisory locks, in its own statement before the checking insert.
-    lock_sql: String,
-    /// The pool's sessions run with `statement_timeout = append_timeout` (set by `connect`), so
-    /// an unconditional append can be one autocommit statement with no transaction around it.
-    session_timeout: bool,
+    pub(crate) lock_sql: String,
+    /// Takes an append's locks at session level, for checks under REPEATABLE READ or
+    /// SERIALIZABLE (append.rs), in the transaction `begin_session_lock` opens.
+    pub(crate) session_lock_sql: String,
+    pub(crate) begin_session_lock: String,
+    /// Releases what `session_lock_sql` took.
+    pub(crate) session_unlock_sql: String,
+    /// The pool's sessions run with `lock_timeout = append_timeout` (set by `connect`), so an
+    /// unconditional append can be one autocommit statement with no transaction around it.
+    pub(crate) session_timeout: bool,
     /// Wake-ups for subscriptions and handler runners (see `notify.rs`).
     pub(crate) changes: crate::notify::Changes,
 }
@@ -117,17 +126,6 @@ impl fmt::Debug for PostgresEventStore {
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
-}
-
-/// The outcome of one append statement.
-pub(crate) enum AppendOutcome {
-    Written {
-        transaction_id: u64,
-        last_event: Option<Cursor>,
-        occurred_at: Option<SystemTime>,
-    },
-    Conflict(Cursor),
-    Duplicate,
 }
 
 impl PostgresEventStore {
@@ -142,12 +140,12 @@ impl PostgresEventStore {
         })?;
         let listen_config = pg_config.clone();
         let mut pg_config = pg_config;
-        // The default statement timeout of the store's own sessions is the append timeout: an
+        // The default lock timeout of the store's own sessions is the append timeout: an
         // unconditional append is then one autocommit statement. Everything else sets its own
-        // timeout in its transaction. Appended last, so it wins over one in the URL. No JIT
-        // either (see NO_JIT).
+        // timeouts in its transaction. No statement timeout (see `begin`). Appended last, so
+        // they win over the URL's. No JIT either (see NO_JIT).
         let options = format!(
-            "{} -c jit=off -c statement_timeout={}",
+            "{} -c jit=off -c statement_timeout=0 -c lock_timeout={}",
             pg_config.get_options().unwrap_or_default(),
             config.append_timeout.as_millis()
         );
@@ -230,6 +228,14 @@ impl PostgresEventStore {
             ),
             fence_sql: format!("SELECT {schema}.fence($1, $2)"),
             lock_sql: sql::lock_rows("$1", "$2"),
+            session_lock_sql: sql::session_lock_rows("$1", "$2"),
+            begin_session_lock: begin(
+                IsolationLevel::ReadCommitted,
+                "",
+                config.append_timeout,
+                &[],
+            ),
+            session_unlock_sql: sql::session_unlock_rows("$1", "$2"),
             session_timeout,
             changes: crate::notify::Changes::new(&config, pool.clone()),
             schema,
@@ -243,10 +249,13 @@ impl PostgresEventStore {
             store.migrate().await?;
         }
         let conn = Conn::get(&store.inner.pool, "connect").await?;
-        migrate::check_version(
-            conn.object(),
-            &store.inner.config.schema,
-            &store.inner.schema,
+        conn.run(
+            "connect",
+            migrate::check_version(
+                conn.object(),
+                &store.inner.config.schema,
+                &store.inner.schema,
+            ),
         )
         .await?;
         Ok(store)
@@ -256,8 +265,13 @@ impl PostgresEventStore {
     #[tracing::instrument(name = "pg.migrate", skip_all, fields(schema = %self.inner.config.schema))]
     pub async fn migrate(&self) -> Result<(), Error> {
         let mut conn = Conn::get(&self.inner.pool, "migrate").await?;
+        conn.begin_exchange("migrate")?;
         let client: &mut tokio_postgres::Client = conn.object_mut();
-        migrate::migrate(client, &self.inner.config.schema, &self.inner.schema).await
+        let result = migrate::migrate(client, &self.inner.config.schema, &self.inner.schema).await;
+        if result.is_ok() {
+            conn.end_exchange();
+        }
+        result
     }
 
     /// The connection pool.
@@ -270,14 +284,14 @@ impl PostgresEventStore {
         &self.inner.config
     }
 
-    fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         Limits {
             max_batch_size: self.inner.config.max_batch_size,
         }
     }
 
     /// The statements that open an append transaction with `condition`.
-    fn begin_append(&self, condition: Option<&AppendCondition>) -> &str {
+    pub(crate) fn begin_append(&self, condition: Option<&AppendCondition>) -> &str {
         let type_only = |c: &AppendCondition| {
             c.fail_if_events_match
                 .items
@@ -313,26 +327,19 @@ impl PostgresEventStore {
     /// taken before the fence's lock waits.
     pub(crate) async fn fence_alone(
         &self,
-        conn: &Conn,
+        client: &deadpool_postgres::Object,
         query: &Query,
         operation: &'static str,
     ) -> Result<String, Error> {
         let inner = &self.inner;
         let (keys, exclusive) = self.fence_params(query);
-        let client = conn.object();
         let fence = prepare(client, &inner.fence_sql, operation).await?;
         let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
-        conn.begin_exchange();
         let (begin, snapshot, commit) = tokio::join!(
             client.batch_execute(&inner.begin_short_read),
             client.query_one(&fence, &params),
             client.batch_execute("COMMIT"),
         );
-        conn.end_exchange_after(&[
-            begin.as_ref().err(),
-            snapshot.as_ref().err(),
-            commit.as_ref().err(),
-        ]);
         let timeout = Some(inner.config.query_timeout);
         let map = |e| db_error_with_timeout(operation, e, false, timeout);
         begin.map_err(map)?;
@@ -341,7 +348,8 @@ impl PostgresEventStore {
         row.try_get(0).map_err(|e| db_error(operation, e, false))
     }
 
-    /// A fenced, buffered read on `conn`: the rows of `sql::read` and the fence snapshot's
+    /// A fenced, buffered read on `conn`, inside the caller's exchange (`Conn::run`): the rows
+    /// of `sql::read` and the fence snapshot's
     /// `xmax` (every transaction that gets an id after the fence has an id >= xmax).
     ///
     /// Under READ COMMITTED this is one round trip and one transaction: `fence()`, then the read
@@ -381,7 +389,7 @@ impl PostgresEventStore {
                 .map_err(|e| db_error(operation, e, false))?;
             (snapshot, rows)
         } else {
-            let snapshot = self.fence_alone(conn, query, operation).await?;
+            let snapshot = self.fence_alone(conn.object(), query, operation).await?;
             let set = prepare(client, SET_FENCE, operation).await?;
             let set_params: [&(dyn postgres_types::ToSql + Sync); 1] = [&snapshot];
             let (_, rows) = self
@@ -415,19 +423,12 @@ impl PostgresEventStore {
         operation: &'static str,
     ) -> Result<(Vec<Row>, Vec<Row>), Error> {
         let client = conn.object();
-        conn.begin_exchange();
         let (begin, first, rows, commit) = tokio::join!(
             client.batch_execute(begin),
             client.query(first.0, first.1),
             client.query(read.0, read.1),
             client.batch_execute("COMMIT"),
         );
-        conn.end_exchange_after(&[
-            begin.as_ref().err(),
-            first.as_ref().err(),
-            rows.as_ref().err(),
-            commit.as_ref().err(),
-        ]);
         let timeout = Some(self.inner.config.query_timeout);
         let map = |e| db_error_with_timeout(operation, e, false, timeout);
         begin.map_err(map)?;
@@ -437,7 +438,8 @@ impl PostgresEventStore {
         Ok((first, rows))
     }
 
-    /// A fenced, buffered read on `conn`.
+    /// A fenced, buffered read on `conn`, bounded by `query_timeout` (on the client; its lock
+    /// waits also on the server).
     pub(crate) async fn read_on(
         &self,
         conn: &Conn,
@@ -446,216 +448,36 @@ impl PostgresEventStore {
     ) -> Result<Vec<Event>, Error> {
         validate_query(query)?;
         dcb_core::validate_read_options(&options)?;
-        let (rows, _) = self.fenced_rows(conn, query, &options, "query").await?;
-        rows.iter().map(event_from_row).collect()
-    }
-
-    /// Runs one append transaction on `conn`: locks, then the checking insert, then commit,
-    /// pipelined into a single round trip.
-    pub(crate) async fn append_on(
-        &self,
-        conn: &Conn,
-        events: Vec<NewEvent>,
-        condition: Option<&AppendCondition>,
-        command: Option<&NewCommand>,
-    ) -> Result<AppendOutcome, Error> {
-        let inner = &self.inner;
-        // Fewer items, fewer probes and keys (projectors on one entity share its tags).
-        let simplified = condition.map(|c| AppendCondition {
-            fail_if_events_match: c.fail_if_events_match.simplified(),
-            after: c.after,
-        });
-        let condition = simplified.as_ref();
-        let mut locks = LockSet::default();
-        inner.keys.add_event_keys(&mut locks, &events);
-        if let Some(condition) = condition {
-            inner
-                .keys
-                .add_query_keys(&mut locks, &condition.fail_if_events_match);
-        }
-        if let Some(id) = command.and_then(|c| c.id.as_deref()) {
-            inner.keys.add_command_key(&mut locks, id);
-        }
-        let lock = locks.into_params();
-        let limit = inner.config.append_timeout + CLIENT_GRACE;
-        let no_reply = || Error::Storage {
-            operation: "append",
-            message: format!("no reply from PostgreSQL within {limit:?}"),
-            outcome_unknown: true,
-            source: None,
-        };
-        let timeout = Some(inner.config.append_timeout);
-        let client = conn.object();
-        let rows = if condition.is_none() && command.is_none() && inner.session_timeout {
-            // Nothing to check: one autocommit statement that locks, then inserts (the session's
-            // statement_timeout is the append timeout).
-            let parts = AppendParts {
-                condition,
-                command,
-                lock: Some(lock),
+        let timeout = self.inner.config.query_timeout;
+        let give_up = tokio::time::Instant::now() + timeout;
+        let mut attempt = 0;
+        loop {
+            let read = async {
+                let (rows, _) = self.fenced_rows(conn, query, &options, "query").await?;
+                rows.iter().map(event_from_row).collect()
             };
-            let stmt = sql::append(&inner.schema, events, parts);
-            let append_stmt = prepare(client, &stmt.sql, "append").await?;
-            let params = stmt.param_refs();
-            conn.begin_exchange();
-            let rows = match tokio::time::timeout(limit, client.query(&append_stmt, &params)).await
-            {
-                Ok(rows) => rows,
-                // The connection stays marked busy and is discarded (and its query cancelled).
-                Err(_) => return Err(no_reply()),
+            let read = async {
+                tokio::time::timeout_at(give_up, read)
+                    .await
+                    .unwrap_or(Err(Error::Timeout {
+                        operation: "query",
+                        timeout,
+                    }))
             };
-            conn.end_exchange_after(&[rows.as_ref().err()]);
-            // The statement is its own commit: an error without a server reply is an unknown
-            // outcome.
-            rows.map_err(|e| db_error_with_timeout("append", e, true, timeout))?
-        } else {
-            let parts = AppendParts {
-                condition,
-                command,
-                lock: None,
-            };
-            let stmt = sql::append(&inner.schema, events, parts);
-            let (keys, exclusive) = lock;
-            let lock_stmt = prepare(client, &inner.lock_sql, "append").await?;
-            let append_stmt = prepare(client, &stmt.sql, "append").await?;
-            let params = stmt.param_refs();
-            let lock_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
-            conn.begin_exchange();
-            let exchange = async {
-                tokio::join!(
-                    client.batch_execute(self.begin_append(condition)),
-                    client.execute(&lock_stmt, &lock_params),
-                    client.query(&append_stmt, &params),
-                    client.batch_execute("COMMIT"),
-                )
-            };
-            let (begin, lock, rows, commit) = match tokio::time::timeout(limit, exchange).await {
-                Ok(results) => results,
-                Err(_) => return Err(no_reply()),
-            };
-            conn.end_exchange_after(&[
-                begin.as_ref().err(),
-                lock.as_ref().err(),
-                rows.as_ref().err(),
-                commit.as_ref().err(),
-            ]);
-            let map = |e| db_error_with_timeout("append", e, false, timeout);
-            begin.map_err(map)?;
-            lock.map_err(map)?;
-            let rows = rows.map_err(map)?;
-            commit.map_err(|e| db_error_with_timeout("append", e, true, timeout))?;
-            rows
-        };
-        let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
-        let mut conflict = None;
-        for row in &rows {
-            let kind: &str = row.try_get(0).map_err(|e| db_error("append", e, false))?;
-            let tx: Xid8 = row.try_get(1).map_err(|e| db_error("append", e, false))?;
-            let position: Option<i64> = row.try_get(2).map_err(|e| db_error("append", e, false))?;
-            let occurred_at: Option<SystemTime> =
-                row.try_get(3).map_err(|e| db_error("append", e, false))?;
-            match kind {
-                "conflict" => conflict = Some(Cursor::new(tx.0, position.unwrap_or(0))),
-                // An already recorded command wins over a conflict: the retry gets the original.
-                "duplicate" => return Ok(AppendOutcome::Duplicate),
-                "event" => {
-                    // One row for the last event, or one per event (the caller keeps the last).
-                    let entry = written.get_or_insert((tx.0, None, occurred_at));
-                    let cursor = position.map(|p| Cursor::new(tx.0, p));
-                    entry.1 = entry.1.max(cursor);
+            match conn.run("query", read).await {
+                // A SERIALIZABLE read transaction can fail to serialize; the fence pins what it
+                // sees, so it is simply read again (on the same connection, once it is proven
+                // clean: the failure was the server's, and its COMMIT was answered).
+                Err(Error::Conflict(ConflictInfo {
+                    conflicting: None, ..
+                })) if self.inner.config.read_isolation == IsolationLevel::Serializable
+                    && attempt < READ_RETRIES
+                    && conn.recover().await =>
+                {
+                    attempt += 1;
                 }
-                _ => {
-                    let entry = written.get_or_insert((tx.0, None, occurred_at));
-                    entry.2 = occurred_at;
-                }
+                other => return other,
             }
-        }
-        if written.is_some() {
-            inner.changes.committed();
-        }
-        if let Some(conflicting) = conflict {
-            return Ok(AppendOutcome::Conflict(conflicting));
-        }
-        match written {
-            Some((transaction_id, last_event, occurred_at)) => Ok(AppendOutcome::Written {
-                transaction_id,
-                last_event,
-                occurred_at,
-            }),
-            None => Err(Error::Storage {
-                operation: "append",
-                message: "the append statement reported nothing".into(),
-                outcome_unknown: false,
-                source: None,
-            }),
-        }
-    }
-
-    async fn append_checked(
-        &self,
-        events: Vec<NewEvent>,
-        condition: Option<&AppendCondition>,
-    ) -> Result<Cursor, Error> {
-        validate_events(&events, &self.limits())?;
-        if let Some(condition) = condition {
-            validate_condition(condition)?;
-        }
-        let conn = Conn::get(&self.inner.pool, "append").await?;
-        match self.append_on(&conn, events, condition, None).await? {
-            AppendOutcome::Written {
-                last_event: Some(cursor),
-                ..
-            } => Ok(cursor),
-            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
-                conflicting: Some(conflicting),
-                after: condition.and_then(|c| c.after),
-            })),
-            _ => Err(Error::Storage {
-                operation: "append",
-                message: "the append wrote no event".into(),
-                outcome_unknown: false,
-                source: None,
-            }),
-        }
-    }
-
-    /// Appends `events` and records `command` in one transaction (the command layer's commit).
-    pub(crate) async fn commit_on(
-        &self,
-        conn: &Conn,
-        command: &NewCommand,
-        events: Vec<NewEvent>,
-        condition: Option<&AppendCondition>,
-    ) -> Result<Option<CommandRecord>, Error> {
-        validate_command(command)?;
-        if !events.is_empty() {
-            validate_events(&events, &self.limits())?;
-        }
-        if let Some(condition) = condition {
-            validate_condition(condition)?;
-        }
-        match self
-            .append_on(conn, events, condition, Some(command))
-            .await?
-        {
-            AppendOutcome::Written {
-                transaction_id,
-                last_event,
-                occurred_at,
-            } => Ok(Some(CommandRecord {
-                id: command.id.clone(),
-                command_type: command.command_type.clone(),
-                data: command.data.clone(),
-                metadata: command.metadata.clone(),
-                transaction_id,
-                last_event,
-                occurred_at: occurred_at.unwrap_or_else(SystemTime::now),
-            })),
-            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
-                conflicting: Some(conflicting),
-                after: condition.and_then(|c| c.after),
-            })),
-            AppendOutcome::Duplicate => Ok(None),
         }
     }
 
@@ -703,55 +525,72 @@ impl PostgresEventStore {
             .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
             .collect();
         let client = conn.object();
-        let stmt = prepare(client, &sql, "commands").await?;
-        conn.begin_exchange();
-        let (begin, rows, commit) = tokio::join!(
-            client.batch_execute(&self.inner.begin_short_read),
-            client.query(&stmt, &refs),
-            client.batch_execute("COMMIT"),
-        );
-        conn.end_exchange_after(&[
-            begin.as_ref().err(),
-            rows.as_ref().err(),
-            commit.as_ref().err(),
-        ]);
-        let timeout = Some(self.inner.config.query_timeout);
-        let map = |e| db_error_with_timeout("commands", e, false, timeout);
-        begin.map_err(map)?;
-        let rows = rows.map_err(map)?;
-        commit.map_err(map)?;
-        rows.iter().map(command_from_row).collect()
+        let timeout = self.inner.config.query_timeout;
+        let exchange = async {
+            let stmt = prepare(client, &sql, "commands").await?;
+            let (begin, rows, commit) = tokio::join!(
+                client.batch_execute(&self.inner.begin_short_read),
+                client.query(&stmt, &refs),
+                client.batch_execute("COMMIT"),
+            );
+            let map = |e| db_error_with_timeout("commands", e, false, Some(timeout));
+            begin.map_err(map)?;
+            let rows = rows.map_err(map)?;
+            commit.map_err(map)?;
+            rows.iter().map(command_from_row).collect()
+        };
+        conn.run("commands", within(timeout, "commands", exchange))
+            .await
     }
 }
 
 /// Whether the sessions of a store built by `connect` really run with the settings its
-/// connection options ask for (`statement_timeout = append_timeout`, READ COMMITTED by
-/// default), which the one-statement append relies on. A pooler may drop startup options, and
+/// connection options ask for (`lock_timeout = append_timeout`, no `statement_timeout`, READ
+/// COMMITTED by default), which the one-statement append relies on. A pooler may drop startup options, and
 /// a role or database may default to another isolation level; the store then appends in
 /// explicit transactions, as on a pool it did not build.
 async fn session_settings_hold(pool: &Pool, config: &StoreConfig) -> Result<bool, Error> {
     let conn = Conn::get(pool, "connect").await?;
     let row = conn
-        .object()
-        .query_one(
-            "SELECT (SELECT setting::int8 FROM pg_settings WHERE name = 'statement_timeout'), \
-                    current_setting('default_transaction_isolation')",
-            &[],
-        )
-        .await
-        .map_err(|e| db_error("connect", e, false))?;
+        .run("connect", async {
+            conn.object()
+                .query_one(
+                    "SELECT (SELECT setting::int8 FROM pg_settings WHERE name = 'lock_timeout'), \
+                            (SELECT setting::int8 FROM pg_settings WHERE name = 'statement_timeout'), \
+                            current_setting('default_transaction_isolation')",
+                    &[],
+                )
+                .await
+                .map_err(|e| db_error("connect", e, false))
+        })
+        .await?;
     let timeout: i64 = row.try_get(0).map_err(|e| db_error("connect", e, false))?;
-    let isolation: String = row.try_get(1).map_err(|e| db_error("connect", e, false))?;
+    let statement_timeout: i64 = row.try_get(1).map_err(|e| db_error("connect", e, false))?;
+    let isolation: String = row.try_get(2).map_err(|e| db_error("connect", e, false))?;
     let expected = i64::try_from(config.append_timeout.as_millis()).unwrap_or(i64::MAX);
-    let holds = timeout == expected && isolation == "read committed";
+    let holds = timeout == expected && statement_timeout == 0 && isolation == "read committed";
     if !holds {
         tracing::warn!(
             timeout,
+            statement_timeout,
             isolation,
             "the store's session settings did not take effect; appends use explicit transactions"
         );
     }
     Ok(holds)
+}
+
+/// `operation` bounded by `timeout` on the client: past it, the future is dropped (its
+/// connection, left inside its exchange, is closed and its query cancelled) and the operation
+/// fails with `Error::Timeout`. For reads and for exchanges that write nothing.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    operation: &'static str,
+    future: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(timeout, future)
+        .await
+        .unwrap_or(Err(Error::Timeout { operation, timeout }))
 }
 
 pub(crate) async fn prepare(
@@ -820,14 +659,7 @@ impl EventReader for PostgresEventStore {
         validate_query(query)?;
         dcb_core::validate_read_options(&options)?;
         let conn = Conn::get(&self.inner.pool, "query").await?;
-        let limit = self.inner.config.query_timeout * 2 + CLIENT_GRACE;
-        match tokio::time::timeout(limit, self.read_on(&conn, query, options)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                operation: "query",
-                timeout: self.inner.config.query_timeout,
-            }),
-        }
+        self.read_on(&conn, query, options).await
     }
 
     fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
@@ -902,8 +734,9 @@ mod tests {
         );
         assert_eq!(
             sql,
-            "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL statement_timeout = \
-             '1500ms'; SET LOCAL jit = off; SET LOCAL max_parallel_workers_per_gather = 0; \
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SET LOCAL statement_timeout = 0; \
+             SET LOCAL lock_timeout = '1500ms'; SET LOCAL jit = off; \
+             SET LOCAL max_parallel_workers_per_gather = 0; \
              SET LOCAL plan_cache_mode = force_generic_plan"
         );
     }
@@ -927,13 +760,21 @@ mod tests {
                     .expect("settings")
             }
         };
-        assert!(holds("-c statement_timeout=1500").await);
+        assert!(holds("-c statement_timeout=0 -c lock_timeout=1500").await);
         assert!(
-            !holds("-c statement_timeout=1000").await,
+            !holds("-c statement_timeout=0 -c lock_timeout=1000").await,
             "a timeout that did not take"
         );
         assert!(
-            !holds("-c statement_timeout=1500 -c default_transaction_isolation=serializable").await,
+            !holds("-c statement_timeout=1500 -c lock_timeout=1500").await,
+            "a statement timeout left on the sessions"
+        );
+        assert!(
+            !holds(
+                "-c statement_timeout=0 -c lock_timeout=1500 \
+                 -c default_transaction_isolation=serializable"
+            )
+            .await,
             "sessions defaulting to another isolation level"
         );
     }

@@ -3,7 +3,7 @@
 use crate::config::IsolationLevel;
 use crate::conn::{db_error_with_timeout, Conn};
 use crate::sql;
-use crate::store::{event_from_row, prepare, PostgresEventStore, SET_FENCE};
+use crate::store::{event_from_row, prepare, within, PostgresEventStore, SET_FENCE};
 use dcb_core::{validate_query, Error, Event, EventStream, Query, ReadOptions};
 use std::task::Poll;
 use tokio::sync::mpsc;
@@ -42,6 +42,10 @@ pub(crate) fn query_stream(
 }
 
 /// Sends every event of the read; returns early (without error) when the consumer is gone.
+///
+/// The connection stays inside its exchange until the read committed: dropped earlier (the
+/// consumer is gone, a step timed out, the runtime shuts down), it is inside a transaction with
+/// an open portal and is closed instead of going back to the pool.
 async fn produce(
     store: &PostgresEventStore,
     query: &Query,
@@ -52,39 +56,35 @@ async fn produce(
     dcb_core::validate_read_options(&options)?;
     let query = &query.simplified();
     let inner = &store.inner;
-    let timeout = Some(inner.config.query_timeout);
-    let map = |e| db_error_with_timeout("query_stream", e, false, timeout);
+    let timeout = inner.config.query_timeout;
+    let map = |e| db_error_with_timeout("query_stream", e, false, Some(timeout));
     let mut conn = Conn::get(&inner.pool, "query_stream").await?;
-    // Under READ COMMITTED the fence runs inside the read's transaction, just before the portal
-    // opens; a transaction-wide snapshot must be taken after the fence, so there it runs first.
-    let taken = if inner.config.read_isolation == IsolationLevel::ReadCommitted {
-        None
-    } else {
-        Some(store.fence_alone(&conn, query, "query_stream").await?)
-    };
+    conn.begin_exchange("query_stream")?;
     let stmt = sql::read(&inner.schema, query, &options);
-    let prepared = prepare(conn.object(), &stmt.sql, "query_stream").await?;
-    let fence = match taken {
-        None => prepare(conn.object(), &inner.fence_sql, "query_stream").await?,
-        Some(_) => prepare(conn.object(), SET_FENCE, "query_stream").await?,
-    };
-    // Dropped mid-stream (consumer gone, runtime shutting down): the connection is inside a
-    // transaction with an open portal, so it must not go back to the pool as is.
-    conn.begin_exchange();
-    {
-        let client: &mut tokio_postgres::Client = conn.object_mut();
+    let begin_read = store
+        .begin_read(query, &options)
+        .replacen("BEGIN", "SET TRANSACTION", 1);
+    let object = conn.object_mut();
+    // Up to the first fetch: one step of at most `query_timeout`.
+    let opening = async {
+        // Under READ COMMITTED the fence runs inside the read's transaction, just before the
+        // portal opens; a transaction-wide snapshot must be taken after the fence, so there it
+        // runs first, in a transaction of its own.
+        let taken = if inner.config.read_isolation == IsolationLevel::ReadCommitted {
+            None
+        } else {
+            Some(store.fence_alone(object, query, "query_stream").await?)
+        };
+        let prepared = prepare(object, &stmt.sql, "query_stream").await?;
+        let fence = match taken {
+            None => prepare(object, &inner.fence_sql, "query_stream").await?,
+            Some(_) => prepare(object, SET_FENCE, "query_stream").await?,
+        };
+        let client: &mut tokio_postgres::Client = object;
         let transaction = client.transaction().await.map_err(map)?;
-        transaction
-            .batch_execute(&store.begin_read(query, &options).replacen(
-                "BEGIN",
-                "SET TRANSACTION",
-                1,
-            ))
-            .await
-            .map_err(map)?;
+        transaction.batch_execute(&begin_read).await.map_err(map)?;
         match &taken {
             None => {
-                // Under READ COMMITTED only: `fence_alone` derived its own.
                 let (keys, exclusive) = store.fence_params(query);
                 transaction
                     .execute(&fence, &[&keys, &exclusive])
@@ -100,27 +100,32 @@ async fn produce(
             .bind(&prepared, &stmt.param_refs())
             .await
             .map_err(map)?;
-        let batch = i32::try_from(inner.config.stream_buffer).unwrap_or(i32::MAX);
-        loop {
-            let rows = transaction
-                .query_portal(&portal, batch)
-                .await
-                .map_err(map)?;
-            let done = rows.len() < batch as usize;
-            let events = rows
-                .iter()
-                .map(event_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            if !events.is_empty() && tx.send(Ok(events)).await.is_err() {
-                // The consumer is gone: the transaction rolls back when dropped.
-                return Ok(());
-            }
-            if done {
-                break;
-            }
+        Ok::<_, Error>((transaction, portal))
+    };
+    let (transaction, portal) = within(timeout, "query_stream", opening).await?;
+    let batch = i32::try_from(inner.config.stream_buffer).unwrap_or(i32::MAX);
+    loop {
+        let rows = within(timeout, "query_stream", async {
+            transaction.query_portal(&portal, batch).await.map_err(map)
+        })
+        .await?;
+        let done = rows.len() < batch as usize;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        if !events.is_empty() && tx.send(Ok(events)).await.is_err() {
+            // The consumer is gone: the connection is closed with its transaction.
+            return Ok(());
         }
-        transaction.commit().await.map_err(map)?;
+        if done {
+            break;
+        }
     }
+    within(timeout, "query_stream", async {
+        transaction.commit().await.map_err(map)
+    })
+    .await?;
     conn.end_exchange();
     Ok(())
 }

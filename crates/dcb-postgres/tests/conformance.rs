@@ -27,3 +27,33 @@ mod from_pool {
         disjoint_for = std::time::Duration::from_millis(500),
     );
 }
+
+/// Again with REPEATABLE READ appends: conditional appends take session locks in a transaction
+/// of their own before the checking transaction takes its snapshot.
+mod repeatable_read_appends {
+    use super::support;
+    use dcb_postgres::{IsolationLevel, StoreConfig};
+
+    dcb_testkit::conformance_tests!(
+        support::PgFactory::with_config(
+            StoreConfig::default().append_isolation(IsolationLevel::RepeatableRead)
+        ),
+        disjoint_for = std::time::Duration::from_millis(500),
+    );
+}
+
+/// Again with SERIALIZABLE appends (and reads): a transaction that fails to serialize is run
+/// again, so disjoint boundaries still never conflict.
+mod serializable_appends {
+    use super::support;
+    use dcb_postgres::{IsolationLevel, StoreConfig};
+
+    dcb_testkit::conformance_tests!(
+        support::PgFactory::with_config(
+            StoreConfig::default()
+                .append_isolation(IsolationLevel::Serializable)
+                .read_isolation(IsolationLevel::Serializable)
+        ),
+        disjoint_for = std::time::Duration::from_millis(500),
+    );
+}

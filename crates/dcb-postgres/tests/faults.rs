@@ -5,7 +5,7 @@ use dcb_core::{
     Error, EventReader, EventReaderExt, EventStore, NewEvent, Query, QueryItem, ReadOptions,
     StateProjector,
 };
-use dcb_postgres::{IsolationLevel, PostgresEventStore, StoreConfig};
+use dcb_postgres::{PostgresEventStore, StoreConfig};
 use futures_util::StreamExt;
 use std::time::Duration;
 use support::{install_brake, test_store, TestStore};
@@ -200,8 +200,6 @@ async fn concurrent_migrations_are_safe() {
 async fn invalid_configuration_is_rejected_before_connecting() {
     let url = "postgres://postgres@127.0.0.1:1/never";
     let cases = [
-        StoreConfig::default().append_isolation(IsolationLevel::RepeatableRead),
-        StoreConfig::default().append_isolation(IsolationLevel::Serializable),
         StoreConfig::default().stream_buffer(0),
         StoreConfig::default().max_batch_size(0),
         StoreConfig::default().append_timeout(Duration::ZERO),

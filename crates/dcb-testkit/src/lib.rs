@@ -143,6 +143,7 @@ macro_rules! conformance_tests {
             concurrent_capacity_never_overbooked,
             concurrent_unconditional_writer_beats_stale_decision,
             concurrent_post_hoc_validator,
+            concurrent_cancelled_appends_tell_the_truth,
         }
 
         #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,6 +7,7 @@
 use crate::StoreFactory;
 
 mod append;
+mod cancellation;
 mod commands;
 mod concurrency;
 mod condition;
@@ -17,6 +18,7 @@ mod support;
 mod validation;
 
 pub use append::*;
+pub use cancellation::*;
 pub use commands::*;
 pub use concurrency::*;
 pub use condition::*;

@@ -1,0 +1,459 @@
+//! The append path: locks, the checking insert and the commit, and what a failure of any of
+//! them says about the outcome.
+//!
+//! "Nothing was written" is only ever said when it is certain: an error of a statement before
+//! the commit, reported by the server on a connection proven in step with its client
+//! ([`Conn::in_sync`]). A failed or unanswered commit, or an error the server did not send, is
+//! an unknown outcome (`Error::Storage { outcome_unknown: true, .. }`). See docs/design.md,
+//! "Timeouts and cancellation".
+use crate::config::IsolationLevel;
+use crate::conn::{
+    commit_certainly_failed, db_error, db_error_with_timeout, is_server_reply, outcome_unknown,
+    Conn,
+};
+use crate::keys::LockSet;
+use crate::sql::{self, AppendParts};
+use crate::store::{prepare, PostgresEventStore};
+use crate::xid8::Xid8;
+use dcb_core::{
+    validate_command, validate_condition, validate_events, AppendCondition, CommandRecord,
+    ConflictInfo, Cursor, Error, NewCommand, NewEvent,
+};
+use postgres_types::ToSql;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio_postgres::Row;
+
+/// How many times an append whose transaction failed to serialize (only under REPEATABLE READ
+/// or SERIALIZABLE; nothing was written) is run again before the failure is reported.
+const SERIALIZATION_RETRIES: usize = 8;
+
+/// The outcome of one append statement.
+pub(crate) enum AppendOutcome {
+    Written {
+        transaction_id: u64,
+        last_event: Option<Cursor>,
+        occurred_at: Option<SystemTime>,
+    },
+    Conflict(Cursor),
+    Duplicate,
+}
+
+/// The longest a client waits for an exchange bounded server-side by `timeout`
+/// (`lock_timeout`): the timeout plus a grace of the same length, at least 250 ms and at most
+/// 2 s, so that the server's certain answer normally arrives first.
+pub(crate) fn client_deadline(timeout: Duration) -> Duration {
+    timeout + timeout.clamp(Duration::from_millis(250), Duration::from_secs(2))
+}
+
+/// How an append is sent, by what it must check and the isolation level.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Protocol {
+    /// One autocommit statement that locks, then inserts: nothing to check, and the session's
+    /// `lock_timeout` is the append timeout (stores built by `connect`).
+    OneStatement,
+    /// `BEGIN`, the lock statement, the checking insert, `COMMIT`, pipelined in one round trip;
+    /// transaction-scoped locks. Under READ COMMITTED the insert's snapshot is taken after the
+    /// lock waits; at the stricter levels only appends without anything to check use it.
+    Transaction,
+    /// For a check under REPEATABLE READ or SERIALIZABLE, whose transaction snapshot would be
+    /// taken by its first statement: session-scoped locks taken first, in a transaction of their
+    /// own (round trip one), then the checking transaction and the unlock (round trip two).
+    SessionLocks,
+}
+
+impl PostgresEventStore {
+    fn protocol(&self, checks: bool) -> Protocol {
+        let inner = &self.inner;
+        match (checks, inner.config.append_isolation) {
+            (false, _) if inner.session_timeout => Protocol::OneStatement,
+            (true, IsolationLevel::RepeatableRead | IsolationLevel::Serializable) => {
+                Protocol::SessionLocks
+            }
+            _ => Protocol::Transaction,
+        }
+    }
+
+    /// Runs one append on `conn`: locks, then the checking insert, then commit. Bounded by
+    /// `append_timeout` on the server (lock waits) and by [`client_deadline`] on the client.
+    pub(crate) async fn append_on(
+        &self,
+        conn: &Conn,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+        command: Option<&NewCommand>,
+    ) -> Result<AppendOutcome, Error> {
+        let inner = &self.inner;
+        // Fewer items, fewer probes and keys (projectors on one entity share its tags).
+        let simplified = condition.map(|c| AppendCondition {
+            fail_if_events_match: c.fail_if_events_match.simplified(),
+            after: c.after,
+        });
+        let condition = simplified.as_ref();
+        let mut locks = LockSet::default();
+        inner.keys.add_event_keys(&mut locks, &events);
+        if let Some(condition) = condition {
+            inner
+                .keys
+                .add_query_keys(&mut locks, &condition.fail_if_events_match);
+        }
+        if let Some(id) = command.and_then(|c| c.id.as_deref()) {
+            inner.keys.add_command_key(&mut locks, id);
+        }
+        let lock = locks.into_params();
+        let protocol = self.protocol(condition.is_some() || command.is_some());
+        let deadline = client_deadline(inner.config.append_timeout);
+        // Set once a statement that can write was handed to the connection.
+        let write_sent = AtomicBool::new(false);
+        let retries = match inner.config.append_isolation {
+            IsolationLevel::ReadCommitted => 0,
+            _ => SERIALIZATION_RETRIES,
+        };
+        let give_up = tokio::time::Instant::now() + deadline;
+        let mut events = events;
+        let mut attempt = 0;
+        let rows = loop {
+            // Only an attempt that may be followed by another needs a copy of the events.
+            let batch = if attempt < retries {
+                events.clone()
+            } else {
+                std::mem::take(&mut events)
+            };
+            let exchange = self.append_exchange(
+                conn,
+                protocol,
+                batch,
+                condition,
+                command,
+                &lock,
+                &write_sent,
+            );
+            let result = match tokio::time::timeout_at(give_up, exchange).await {
+                Ok(result) => result,
+                // Dropped mid-exchange, the connection is closed and its query cancelled.
+                Err(_) if write_sent.load(Ordering::Acquire) => {
+                    return Err(outcome_unknown(
+                        "append",
+                        format!("no reply from PostgreSQL within {deadline:?}"),
+                        None,
+                    ))
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: "append",
+                        timeout: inner.config.append_timeout,
+                    })
+                }
+            };
+            match result {
+                // Under REPEATABLE READ or SERIALIZABLE, a transaction that failed to serialize
+                // wrote nothing and is run again (the advisory locks make the check exact, so
+                // this is never a conflict of the append's own boundary).
+                Err(Error::Conflict(ConflictInfo {
+                    conflicting: None, ..
+                })) if attempt < retries => {
+                    attempt += 1;
+                    write_sent.store(false, Ordering::Release);
+                    tracing::debug!(attempt, "append failed to serialize; running it again");
+                }
+                other => break other?,
+            }
+        };
+        self.outcome(rows)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn append_exchange(
+        &self,
+        conn: &Conn,
+        protocol: Protocol,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+        command: Option<&NewCommand>,
+        lock: &(Vec<i64>, Vec<bool>),
+        write_sent: &AtomicBool,
+    ) -> Result<Vec<Row>, Error> {
+        let inner = &self.inner;
+        let timeout = Some(inner.config.append_timeout);
+        conn.begin_exchange("append")?;
+        let client = conn.object();
+        if protocol == Protocol::OneStatement {
+            let parts = AppendParts {
+                condition,
+                command,
+                lock: Some(lock.clone()),
+            };
+            let stmt = sql::append(&inner.schema, events, parts);
+            let append_stmt = prepare(client, &stmt.sql, "append").await?;
+            let params = stmt.param_refs();
+            write_sent.store(true, Ordering::Release);
+            return match client.query(&append_stmt, &params).await {
+                Ok(rows) => {
+                    conn.end_exchange();
+                    Ok(rows)
+                }
+                // The statement is its own commit: only a server's error, on a connection in
+                // step, says it rolled back.
+                Err(err) => {
+                    conn.fail_exchange();
+                    if is_server_reply(&err) && conn.recover().await {
+                        Err(db_error_with_timeout("append", err, false, timeout))
+                    } else {
+                        Err(outcome_unknown(
+                            "append",
+                            "the append statement failed",
+                            Some(err),
+                        ))
+                    }
+                }
+            };
+        }
+        let parts = AppendParts {
+            condition,
+            command,
+            lock: None,
+        };
+        let stmt = sql::append(&inner.schema, events, parts);
+        let (keys, exclusive) = lock;
+        let lock_params: [&(dyn ToSql + Sync); 2] = [keys, exclusive];
+        let append_stmt = prepare(client, &stmt.sql, "append").await?;
+        let params = stmt.param_refs();
+        if protocol == Protocol::SessionLocks {
+            let lock_stmt = prepare(client, &inner.session_lock_sql, "append").await?;
+            let (begin, locked, commit) = tokio::join!(
+                client.batch_execute(&inner.begin_session_lock),
+                client.execute(&lock_stmt, &lock_params),
+                client.batch_execute("COMMIT"),
+            );
+            if let Some(err) = [begin.err(), locked.err(), commit.err()]
+                .into_iter()
+                .flatten()
+                .next()
+            {
+                // Nothing that writes was sent. Closing the connection releases whatever
+                // session locks were granted.
+                conn.fail_exchange();
+                return Err(db_error_with_timeout("append", err, false, timeout));
+            }
+            let unlock_stmt = prepare(client, &inner.session_unlock_sql, "append").await?;
+            write_sent.store(true, Ordering::Release);
+            let (begin, rows, commit, unlocked) = tokio::join!(
+                client.batch_execute(self.begin_append(condition)),
+                client.query(&append_stmt, &params),
+                client.batch_execute("COMMIT"),
+                client.execute(&unlock_stmt, &lock_params),
+            );
+            let unlocked = unlocked.map(|_| ());
+            return self
+                .settle(conn, [begin, Ok(())], rows, commit, unlocked)
+                .await;
+        }
+        let lock_stmt = prepare(client, &inner.lock_sql, "append").await?;
+        write_sent.store(true, Ordering::Release);
+        let (begin, locked, rows, commit) = tokio::join!(
+            client.batch_execute(self.begin_append(condition)),
+            client.execute(&lock_stmt, &lock_params),
+            client.query(&append_stmt, &params),
+            client.batch_execute("COMMIT"),
+        );
+        self.settle(conn, [begin, locked.map(|_| ())], rows, commit, Ok(()))
+            .await
+    }
+
+    /// What an append transaction's replies say: `before` are the statements ahead of the
+    /// checking insert, `after` the one behind its `COMMIT` (the unlock of session locks).
+    async fn settle(
+        &self,
+        conn: &Conn,
+        before: [Result<(), tokio_postgres::Error>; 2],
+        rows: Result<Vec<Row>, tokio_postgres::Error>,
+        commit: Result<(), tokio_postgres::Error>,
+        after: Result<(), tokio_postgres::Error>,
+    ) -> Result<Vec<Row>, Error> {
+        let timeout = Some(self.inner.config.append_timeout);
+        let [begin, locked] = before;
+        if begin.is_ok() && locked.is_ok() && commit.is_ok() && after.is_ok() {
+            if let Ok(rows) = rows {
+                conn.end_exchange();
+                return Ok(rows);
+            }
+        }
+        conn.fail_exchange();
+        if let Err(err) = commit {
+            // Only a serialization failure or deadlock reported by the commit itself is a
+            // certain rollback; anything else may have been reported after the commit.
+            return if commit_certainly_failed(&err) && after.is_ok() && conn.recover().await {
+                Err(db_error("append", err, false))
+            } else {
+                Err(outcome_unknown("append", "the commit failed", Some(err)))
+            };
+        }
+        let rows_err = match rows {
+            // The insert ran although a statement before it failed: it may have run outside
+            // the transaction. Never reported by a server in step with its client.
+            Ok(_) => {
+                let failed = begin.err().or(locked.err());
+                return Err(outcome_unknown(
+                    "append",
+                    "the append transaction's replies are inconsistent",
+                    failed,
+                ));
+            }
+            Err(err) => err,
+        };
+        // The COMMIT was answered, so the transaction ended; it rolled back because a statement
+        // before it failed, if the server really sent that failure for that statement.
+        let first = begin.err().or(locked.err()).unwrap_or(rows_err);
+        let in_sync = if after.is_ok() {
+            conn.recover().await
+        } else {
+            conn.in_sync().await
+        };
+        if is_server_reply(&first) && in_sync {
+            Err(db_error_with_timeout("append", first, false, timeout))
+        } else {
+            Err(outcome_unknown(
+                "append",
+                "the append transaction failed",
+                Some(first),
+            ))
+        }
+    }
+
+    fn outcome(&self, rows: Vec<Row>) -> Result<AppendOutcome, Error> {
+        let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
+        let mut conflict = None;
+        // The transaction committed; a row that cannot be read changes nothing about that.
+        let unreadable = |e| {
+            outcome_unknown(
+                "append",
+                "the append committed but its reply could not be read",
+                Some(e),
+            )
+        };
+        for row in &rows {
+            let kind: &str = row.try_get(0).map_err(unreadable)?;
+            let tx: Xid8 = row.try_get(1).map_err(unreadable)?;
+            let position: Option<i64> = row.try_get(2).map_err(unreadable)?;
+            let occurred_at: Option<SystemTime> = row.try_get(3).map_err(unreadable)?;
+            match kind {
+                "conflict" => conflict = Some(Cursor::new(tx.0, position.unwrap_or(0))),
+                // An already recorded command wins over a conflict: the retry gets the original.
+                "duplicate" => return Ok(AppendOutcome::Duplicate),
+                "event" => {
+                    // One row for the last event, or one per event (the caller keeps the last).
+                    let entry = written.get_or_insert((tx.0, None, occurred_at));
+                    let cursor = position.map(|p| Cursor::new(tx.0, p));
+                    entry.1 = entry.1.max(cursor);
+                }
+                _ => {
+                    let entry = written.get_or_insert((tx.0, None, occurred_at));
+                    entry.2 = occurred_at;
+                }
+            }
+        }
+        if written.is_some() {
+            self.inner.changes.committed();
+        }
+        if let Some(conflicting) = conflict {
+            return Ok(AppendOutcome::Conflict(conflicting));
+        }
+        match written {
+            Some((transaction_id, last_event, occurred_at)) => Ok(AppendOutcome::Written {
+                transaction_id,
+                last_event,
+                occurred_at,
+            }),
+            None => Err(Error::Storage {
+                operation: "append",
+                message: "the append statement reported nothing".into(),
+                outcome_unknown: false,
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) async fn append_checked(
+        &self,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Cursor, Error> {
+        validate_events(&events, &self.limits())?;
+        if let Some(condition) = condition {
+            validate_condition(condition)?;
+        }
+        let conn = Conn::get(&self.inner.pool, "append").await?;
+        match self.append_on(&conn, events, condition, None).await? {
+            AppendOutcome::Written {
+                last_event: Some(cursor),
+                ..
+            } => Ok(cursor),
+            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
+                conflicting: Some(conflicting),
+                after: condition.and_then(|c| c.after),
+            })),
+            _ => Err(Error::Storage {
+                operation: "append",
+                message: "the append wrote no event".into(),
+                outcome_unknown: false,
+                source: None,
+            }),
+        }
+    }
+
+    /// Appends `events` and records `command` in one transaction (the command layer's commit).
+    pub(crate) async fn commit_on(
+        &self,
+        conn: &Conn,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Option<CommandRecord>, Error> {
+        validate_command(command)?;
+        if !events.is_empty() {
+            validate_events(&events, &self.limits())?;
+        }
+        if let Some(condition) = condition {
+            validate_condition(condition)?;
+        }
+        match self
+            .append_on(conn, events, condition, Some(command))
+            .await?
+        {
+            AppendOutcome::Written {
+                transaction_id,
+                last_event,
+                occurred_at,
+            } => Ok(Some(CommandRecord {
+                id: command.id.clone(),
+                command_type: command.command_type.clone(),
+                data: command.data.clone(),
+                metadata: command.metadata.clone(),
+                transaction_id,
+                last_event,
+                occurred_at: occurred_at.unwrap_or_else(SystemTime::now),
+            })),
+            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
+                conflicting: Some(conflicting),
+                after: condition.and_then(|c| c.after),
+            })),
+            AppendOutcome::Duplicate => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_waits_longer_than_the_server_and_not_much_longer() {
+        let ms = Duration::from_millis;
+        assert_eq!(client_deadline(ms(1)), ms(251));
+        assert_eq!(client_deadline(ms(500)), ms(1000));
+        assert_eq!(
+            client_deadline(Duration::from_secs(10)),
+            Duration::from_secs(12)
+        );
+    }
+}
