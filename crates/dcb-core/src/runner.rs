@@ -212,6 +212,18 @@ pub enum FailureDecision {
     },
 }
 
+impl FailureDecision {
+    /// The failed attempts the decision counted.
+    pub fn attempts(&self) -> u32 {
+        match *self {
+            FailureDecision::Retry { attempts, .. }
+            | FailureDecision::Isolate { attempts, .. }
+            | FailureDecision::Stop { attempts, .. }
+            | FailureDecision::Park { attempts, .. } => attempts,
+        }
+    }
+}
+
 /// The attempt bookkeeping of a handler runner: counts consecutive failures, applies the
 /// [`FailurePolicy`] and the backoff, and remembers when the runner is isolating the events of
 /// a failed batch. One per runner (per lease, on PostgreSQL), shared by every backend.
