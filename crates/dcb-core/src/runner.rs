@@ -85,8 +85,14 @@ where
     }
 }
 
-/// The error's message followed by those of its sources that it does not already include.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+/// The error's message followed by those of its sources that it does not already include (a
+/// `tokio_postgres::Error` alone says only "db error").
+///
+/// ```
+/// let err = std::io::Error::other("disk full");
+/// assert_eq!(dcb_core::runner::error_chain(&err), "disk full");
+/// ```
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
