@@ -21,6 +21,7 @@
 
 mod handlers;
 
+pub use dcb_core::runner::{FailurePolicy, ParkedError, ParkedEvent};
 pub use handlers::{
     MemoryEventHandler, MemoryHandlerError, MemoryHandlerOptions, MemoryHandlerStatus,
     RunningMemoryHandler,
@@ -106,6 +107,8 @@ pub struct InMemoryEventStore {
     limits: Limits,
     /// Wakes subscriptions after every commit (in-process, so they never need to poll).
     changes: dcb_core::ChangeNotifier,
+    /// Parked events and per-handler turns of the event handlers run on this store.
+    handlers: Arc<handlers::Handlers>,
 }
 
 impl std::fmt::Debug for InMemoryEventStore {
@@ -134,6 +137,7 @@ impl InMemoryEventStore {
             log: Arc::default(),
             limits,
             changes: dcb_core::ChangeNotifier::new(),
+            handlers: Arc::default(),
         })
     }
 

@@ -4,7 +4,10 @@ use crate::conn::{db_error, Conn};
 use crate::store::{event_from_row, prepare, PostgresEventStore};
 use crate::xid8::Xid8;
 use async_trait::async_trait;
-use dcb_core::runner::{guard_batch, RunningTask};
+use dcb_core::runner::{
+    error_chain, guard_batch, FailureDecision, FailurePolicy, FailureTracker, ParkedError,
+    ParkedEvent, RunningTask,
+};
 use dcb_core::{validate_query, ChangeFeed, Cursor, Error, Event, Query, ReadOptions};
 use deadpool_postgres::{ClientWrapper, Object};
 use std::sync::Arc;
@@ -22,6 +25,15 @@ pub type HandlerError = dcb_core::runner::HandlerError;
 /// it takes effect exactly once per event. A handler that fails (returns `Err` or panics) has
 /// its transaction rolled back, and the same batch is delivered again after a backoff. Effects
 /// outside `tx` (e-mails, HTTP calls) are at-least-once: make them idempotent.
+///
+/// **Poison events.** What happens to a batch that keeps failing is
+/// [`HandlerOptions::failure_policy`]: by default it is retried forever (the read model stalls
+/// until the handler or the data is fixed); [`FailurePolicy::Stop`] and [`FailurePolicy::Park`]
+/// give up after a number of attempts, then retry the batch's events one by one, and stop at the
+/// first event that still fails alone, or park it (`parked_events`, checkpointed past in the
+/// same transaction) and carry on. Parked events are listed, replayed and dropped with
+/// [`PostgresEventStore::parked_events`], [`replay_parked`](PostgresEventStore::replay_parked)
+/// and [`drop_parked`](PostgresEventStore::drop_parked).
 ///
 /// A runner ([`PostgresEventStore::run_handler`]) feeds the handler batches of
 /// events inside a PostgreSQL transaction in which the handler writes its own tables; the runner
@@ -134,6 +146,11 @@ pub struct HandlerOptions {
     /// interrupted. Default `None`: no limit; a handler that never returns stalls its read
     /// model (and keeps the lease).
     pub batch_timeout: Option<Duration>,
+    /// What to do about a batch that keeps failing (see [`FailurePolicy`]). Default
+    /// [`FailurePolicy::RetryForever`]: retry it with backoff for as long as it fails, as
+    /// earlier releases did. With `Stop` or `Park`, attempts are counted by the instance
+    /// holding the lease; one that takes the lease over counts afresh.
+    pub failure_policy: FailurePolicy,
 }
 
 impl Default for HandlerOptions {
@@ -146,6 +163,7 @@ impl Default for HandlerOptions {
             retry_max: Duration::from_secs(30),
             idle_checkpoint_interval: Duration::from_millis(100),
             batch_timeout: None,
+            failure_policy: FailurePolicy::RetryForever,
         }
     }
 }
@@ -176,6 +194,8 @@ impl HandlerOptions {
     option_setter!(/// Sets (or, with `None`, removes) the longest time the handler may take over
         /// one batch.
         batch_timeout: Option<Duration>);
+    option_setter!(/// Sets what to do about a batch that keeps failing.
+        failure_policy: FailurePolicy);
 
     /// Checks every field.
     pub fn validate(&self) -> Result<(), Error> {
@@ -195,6 +215,7 @@ impl HandlerOptions {
             return bad("lease_retry_interval", "must be longer than zero");
         }
         dcb_core::runner::validate_backoff(self.retry_initial, self.retry_max)?;
+        self.failure_policy.validate()?;
         if self
             .batch_timeout
             .is_some_and(|t| t.as_millis() == 0 || t > Duration::from_secs(24 * 3600))
@@ -210,6 +231,10 @@ impl HandlerOptions {
     fn retry_delay(&self, failures: u32) -> Duration {
         dcb_core::runner::backoff_delay(self.retry_initial, self.retry_max, failures)
     }
+
+    fn tracker(&self) -> FailureTracker {
+        FailureTracker::new(self.failure_policy, self.retry_initial, self.retry_max)
+    }
 }
 
 /// What one runner knows about its handler, from [`RunningHandler::status`].
@@ -224,15 +249,22 @@ pub struct HandlerStatus {
     pub checkpoint: Option<Cursor>,
     /// Events this instance processed (committed).
     pub processed: u64,
-    /// Consecutive failed attempts at the current batch (0 when healthy). A growing number
+    /// Events this instance parked ([`FailurePolicy::Park`]).
+    pub parked: u64,
+    /// Consecutive failed attempts at the current batch, or at the current event alone while
+    /// the runner isolates the events of a failed batch (0 when healthy). A growing number
     /// means the handler is stuck on the batch after `checkpoint`.
     pub attempts: u32,
+    /// The first event of the batch the handler is failing on (`None` when healthy): the
+    /// poison event itself once the runner tries events alone, and where a runner stopped by
+    /// [`FailurePolicy::Stop`] is stuck.
+    pub failing_at: Option<Cursor>,
     /// The most recent failure (handler error or panic, lost connection, failed read), if the
     /// runner has not succeeded since.
     pub last_error: Option<String>,
     /// When `last_error` happened.
     pub last_error_at: Option<SystemTime>,
-    /// True once the runner has stopped.
+    /// True once the runner has stopped (asked to, or by [`FailurePolicy::Stop`]).
     pub stopped: bool,
 }
 
@@ -245,8 +277,12 @@ pub struct HandlerRecord {
     pub checkpoint: Option<Cursor>,
     /// When the checkpoint (or error) was last written.
     pub updated_at: SystemTime,
-    /// Consecutive failed attempts at the batch after the checkpoint.
+    /// Consecutive failed attempts at the batch after the checkpoint (or at its event alone),
+    /// as counted by the instance that failed.
     pub attempts: u32,
+    /// The first event of that batch (the poison event itself once the runner tries events
+    /// alone, and where a runner stopped by [`FailurePolicy::Stop`] is stuck).
+    pub failing_at: Option<Cursor>,
     /// The most recent failure of that batch.
     pub last_error: Option<String>,
     /// When it happened.
@@ -411,6 +447,11 @@ impl PostgresEventStore {
     ///
     /// The handler's read model is the application's: to rebuild it, reset the checkpoint and
     /// clear the read model in one transaction with [`reset_handler_in`](Self::reset_handler_in).
+    ///
+    /// Parked events after `to` ([`FailurePolicy::Park`]) are dropped in the same statement:
+    /// the handler meets them again, and parks them again if they still fail. Skipping ahead
+    /// past the event a [`FailurePolicy::Stop`] runner stopped at (`reset_handler(name,
+    /// Some(failing_at))`) skips that event for good.
     #[tracing::instrument(name = "pg.reset_handler", skip(self))]
     pub async fn reset_handler(&self, handler: &str, to: Option<Cursor>) -> Result<(), Error> {
         check_name(handler)?;
@@ -475,7 +516,7 @@ impl PostgresEventStore {
         let client = conn.object();
         let sql = format!(
             "SELECT c.transaction_id, c.position, c.updated_at, c.attempts, c.last_error, \
-                    c.last_error_at, \
+                    c.last_error_at, c.failing_transaction_id, c.failing_position, \
                     EXISTS (SELECT 1 FROM pg_locks l, \
                                    (SELECT hashtextextended($2, 0) AS k) hk \
                             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
@@ -502,8 +543,150 @@ impl PostgresEventStore {
             attempts: u32::try_from(attempts).unwrap_or(0),
             last_error: row.try_get(4).map_err(get)?,
             last_error_at: row.try_get(5).map_err(get)?,
-            lease_held: row.try_get(6).map_err(get)?,
+            failing_at: cursor_from(&row, 6, 7).map_err(get)?,
+            lease_held: row.try_get(8).map_err(get)?,
         }))
+    }
+}
+
+impl PostgresEventStore {
+    /// The events `handler` parked under [`FailurePolicy::Park`], in cursor order.
+    pub async fn parked_events(&self, handler: &str) -> Result<Vec<ParkedEvent>, Error> {
+        let operation = "parked_events";
+        let conn = Conn::get(&self.inner.pool, operation).await?;
+        let rows = conn
+            .object()
+            .query(
+                &Statements::new(&self.inner.schema).list_parked,
+                &[&handler],
+            )
+            .await
+            .map_err(|e| db_error(operation, e, false))?;
+        rows.iter()
+            .map(|row| parked_from(row).map_err(|e| db_error(operation, e, false)))
+            .collect()
+    }
+
+    /// Runs `handler` on its parked event at `cursor`, in a transaction that also deletes the
+    /// parked row: the handler's writes and the removal commit together, or neither does, so a
+    /// parked event is replayed successfully at most once. If the handler fails (or panics),
+    /// the transaction rolls back, the row stays with the new error and one more attempt, and
+    /// the failure is returned as [`ParkedError::HandlerFailed`].
+    ///
+    /// The transaction first locks the handler's checkpoint row, so a replay never runs beside
+    /// one of the handler's batches (it waits for a batch in progress, at most the session's
+    /// statement timeout: `append_timeout` on a store built by `connect`), nor beside another
+    /// replay of the same handler; the handler's own statements then run without a timeout. The
+    /// handler is given the event alone, out of cursor order: its checkpoint is already past
+    /// it.
+    #[tracing::instrument(name = "pg.replay_parked", skip(self, handler), fields(handler = handler.name(), %cursor))]
+    pub async fn replay_parked<H: EventHandler + ?Sized>(
+        &self,
+        handler: &H,
+        cursor: Cursor,
+    ) -> Result<(), ParkedError> {
+        let operation = "replay_parked";
+        let name = handler.name().to_string();
+        check_name(&name)?;
+        let sql = Statements::new(&self.inner.schema);
+        let err = |e| ParkedError::Store(db_error(operation, e, false));
+        let xid = Xid8(cursor.transaction_id);
+        let mut conn = Conn::get(&self.inner.pool, operation).await?;
+        // Until the transaction has ended cleanly, a dropped connection is discarded.
+        conn.begin_exchange();
+        let client: &mut tokio_postgres::Client = conn.object_mut();
+        let tx = client.transaction().await.map_err(err)?;
+        tx.query_opt(&sql.lock_checkpoint, &[&name])
+            .await
+            .map_err(err)?;
+        let taken = tx
+            .query_opt(&sql.take_parked, &[&name, &xid, &cursor.position])
+            .await
+            .map_err(err)?;
+        let row = match taken {
+            Some(_) => tx
+                .query_opt(&sql.select_event, &[&xid, &cursor.position])
+                .await
+                .map_err(err)?,
+            None => {
+                tx.rollback().await.map_err(err)?;
+                conn.end_exchange();
+                return Err(ParkedError::NotFound {
+                    handler: name,
+                    cursor,
+                });
+            }
+        };
+        let Some(row) = row else {
+            tx.rollback().await.map_err(err)?;
+            conn.end_exchange();
+            return Err(ParkedError::EventMissing {
+                handler: name,
+                cursor,
+            });
+        };
+        let event = event_from_row(&row)?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(err)?;
+        match guard_batch(handler.handle(&tx, std::slice::from_ref(&event)), None).await {
+            Ok(()) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| ParkedError::Store(db_error(operation, e, true)))?;
+                conn.end_exchange();
+                Ok(())
+            }
+            Err(message) => {
+                tx.rollback().await.map_err(err)?;
+                let row = conn
+                    .object()
+                    .query_opt(
+                        &sql.parked_failed,
+                        &[&name, &xid, &cursor.position, &message],
+                    )
+                    .await
+                    .map_err(err)?;
+                conn.end_exchange();
+                let attempts = match row {
+                    Some(row) => row.try_get::<_, i32>(0).map_err(err)?,
+                    None => 0,
+                };
+                Err(ParkedError::HandlerFailed {
+                    handler: name,
+                    cursor,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
+                    message,
+                })
+            }
+        }
+    }
+
+    /// Deletes `handler`'s parked event at `cursor` without handling it, and returns it. Waits
+    /// for a replay of it in progress (and then finds nothing if the replay succeeded).
+    #[tracing::instrument(name = "pg.drop_parked", skip(self))]
+    pub async fn drop_parked(
+        &self,
+        handler: &str,
+        cursor: Cursor,
+    ) -> Result<ParkedEvent, ParkedError> {
+        let operation = "drop_parked";
+        let conn = Conn::get(&self.inner.pool, operation).await?;
+        let row = conn
+            .object()
+            .query_opt(
+                &Statements::new(&self.inner.schema).drop_parked,
+                &[&handler, &Xid8(cursor.transaction_id), &cursor.position],
+            )
+            .await
+            .map_err(|e| db_error(operation, e, false))?;
+        match row {
+            Some(row) => Ok(parked_from(&row).map_err(|e| db_error(operation, e, false))?),
+            None => Err(ParkedError::NotFound {
+                handler: handler.to_string(),
+                cursor,
+            }),
+        }
     }
 }
 
@@ -519,11 +702,35 @@ fn check_name(name: &str) -> Result<(), Error> {
 
 /// Reads the (nullable) checkpoint from columns 0 and 1.
 fn checkpoint_from(row: &tokio_postgres::Row) -> Result<Option<Cursor>, tokio_postgres::Error> {
-    let tx: Option<Xid8> = row.try_get(0)?;
-    let position: Option<i64> = row.try_get(1)?;
+    cursor_from(row, 0, 1)
+}
+
+/// Reads a nullable cursor from columns `tx` and `position`.
+fn cursor_from(
+    row: &tokio_postgres::Row,
+    tx: usize,
+    position: usize,
+) -> Result<Option<Cursor>, tokio_postgres::Error> {
+    let tx: Option<Xid8> = row.try_get(tx)?;
+    let position: Option<i64> = row.try_get(position)?;
     Ok(match (tx, position) {
         (Some(tx), Some(position)) => Some(Cursor::new(tx.0, position)),
         _ => None,
+    })
+}
+
+/// Reads a `parked_events` row selected with [`Statements::PARKED_COLUMNS`].
+fn parked_from(row: &tokio_postgres::Row) -> Result<ParkedEvent, tokio_postgres::Error> {
+    let tx: Xid8 = row.try_get(1)?;
+    let attempts: i32 = row.try_get(5)?;
+    Ok(ParkedEvent {
+        handler: row.try_get(0)?,
+        cursor: Cursor::new(tx.0, row.try_get(2)?),
+        event_type: row.try_get(3)?,
+        error: row.try_get(4)?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        parked_at: row.try_get(6)?,
+        last_attempt_at: row.try_get(7)?,
     })
 }
 
@@ -531,7 +738,7 @@ fn checkpoint_from(row: &tokio_postgres::Row) -> Result<Option<Cursor>, tokio_po
 /// statement of the handler may still run) before the runner gives up its connection instead.
 const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
-/// The SQL of the runner, for one schema.
+/// The SQL of the runner and of the operator API, for one schema.
 struct Statements {
     ensure_row: String,
     select_checkpoint: String,
@@ -539,11 +746,24 @@ struct Statements {
     advance: String,
     record_failure: String,
     reset: String,
+    park: String,
+    list_parked: String,
+    take_parked: String,
+    parked_failed: String,
+    drop_parked: String,
+    select_event: String,
 }
 
 impl Statements {
+    /// The columns [`parked_from`] reads.
+    const PARKED_COLUMNS: &'static str = "handler_name, transaction_id, position, event_type, \
+         error, attempts, parked_at, last_attempt_at";
+
     fn new(schema: &str) -> Self {
         let table = format!("{schema}.handler_checkpoints");
+        let parked = format!("{schema}.parked_events");
+        let columns = Self::PARKED_COLUMNS;
+        let this_parked = "handler_name = $1 AND transaction_id = $2 AND position = $3";
         Self {
             ensure_row: format!(
                 "INSERT INTO {table} (handler_name) VALUES ($1) ON CONFLICT (handler_name) DO NOTHING"
@@ -556,17 +776,49 @@ impl Statements {
             ),
             advance: format!(
                 "UPDATE {table} SET transaction_id = $2, position = $3, updated_at = now(), \
-                 attempts = 0, last_error = NULL, last_error_at = NULL WHERE handler_name = $1"
+                 attempts = 0, last_error = NULL, last_error_at = NULL, \
+                 failing_transaction_id = NULL, failing_position = NULL WHERE handler_name = $1"
             ),
             record_failure: format!(
-                "UPDATE {table} SET attempts = attempts + 1, last_error = $2, \
-                 last_error_at = now(), updated_at = now() WHERE handler_name = $1"
+                "UPDATE {table} SET attempts = $5, last_error = $2, last_error_at = now(), \
+                 updated_at = now(), failing_transaction_id = $3, failing_position = $4 \
+                 WHERE handler_name = $1"
             ),
+            // Parked events after the new checkpoint are dropped with the reset: the handler
+            // meets them again (and parks them again if they still fail). The checkpoint row is
+            // written first (the DELETE needs the upsert's output for its key), the order in
+            // which batches, parking and replays lock the two tables.
             reset: format!(
-                "INSERT INTO {table} (handler_name, transaction_id, position) VALUES ($1, $2, $3) \
-                 ON CONFLICT (handler_name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
-                 position = EXCLUDED.position, updated_at = now(), attempts = 0, \
-                 last_error = NULL, last_error_at = NULL"
+                "WITH reset AS (\
+                     INSERT INTO {table} (handler_name, transaction_id, position) \
+                     VALUES ($1, $2, $3) \
+                     ON CONFLICT (handler_name) DO UPDATE SET \
+                     transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position, \
+                     updated_at = now(), attempts = 0, last_error = NULL, last_error_at = NULL, \
+                     failing_transaction_id = NULL, failing_position = NULL \
+                     RETURNING handler_name) \
+                 DELETE FROM {parked} WHERE handler_name = (SELECT handler_name FROM reset) \
+                 AND ($2::xid8 IS NULL OR (transaction_id, position) > ($2::xid8, $3::bigint))"
+            ),
+            park: format!(
+                "INSERT INTO {parked} (handler_name, transaction_id, position, event_type, error, \
+                 attempts) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (handler_name, transaction_id, position) DO UPDATE SET \
+                 error = EXCLUDED.error, attempts = EXCLUDED.attempts, last_attempt_at = now()"
+            ),
+            list_parked: format!(
+                "SELECT {columns} FROM {parked} WHERE handler_name = $1 \
+                 ORDER BY transaction_id, position"
+            ),
+            take_parked: format!("DELETE FROM {parked} WHERE {this_parked} RETURNING attempts"),
+            parked_failed: format!(
+                "UPDATE {parked} SET attempts = attempts + 1, error = $4, last_attempt_at = now() \
+                 WHERE {this_parked} RETURNING attempts"
+            ),
+            drop_parked: format!("DELETE FROM {parked} WHERE {this_parked} RETURNING {columns}"),
+            select_event: format!(
+                "SELECT transaction_id, position, type, tags, data, metadata, occurred_at \
+                 FROM {schema}.events WHERE transaction_id = $1 AND position = $2"
             ),
         }
     }
@@ -585,7 +837,11 @@ enum Failure {
 
 /// Why leading ended.
 enum LeadEnd {
+    /// A stop was requested.
     Stopped,
+    /// The failure policy stopped the runner at a poison event.
+    Halted,
+    /// The lease connection failed.
     Lost(String),
 }
 
@@ -649,7 +905,7 @@ impl Runner {
                     failures = 0;
                     self.status.send_modify(|s| s.holds_lease = true);
                     let end = self.lead(&mut conn).await;
-                    if matches!(end, LeadEnd::Stopped) {
+                    if matches!(end, LeadEnd::Stopped | LeadEnd::Halted) {
                         // Release explicitly, so the lease is free when `stop` returns (the
                         // server may notice the closed socket only a moment later).
                         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] =
@@ -670,7 +926,7 @@ impl Runner {
                     // Closing the session releases the lease (and rolls back anything open).
                     drop(conn);
                     match end {
-                        LeadEnd::Stopped => break,
+                        LeadEnd::Stopped | LeadEnd::Halted => break,
                         LeadEnd::Lost(reason) => {
                             tracing::warn!(%reason, "lease lost");
                             failures = failures.saturating_add(1);
@@ -711,7 +967,8 @@ impl Runner {
         self.status.send_modify(|s| s.checkpoint = checkpoint);
         let mut feed: Option<ChangeFeed> = dcb_core::EventReader::change_feed(&self.store);
         let mut next = Next::Read;
-        let mut failures = 0u32;
+        let mut tracker = self.options.tracker();
+        let mut read_failures = 0u32;
         let mut last_idle_advance: Option<Instant> = None;
         loop {
             if self.stop_requested() {
@@ -745,26 +1002,24 @@ impl Runner {
             if let Some(f) = feed.as_mut() {
                 f.mark_seen();
             }
-            let (events, horizon) = match read_with_horizon(
-                &self.store,
-                &self.query,
-                checkpoint,
-                self.options.batch_size,
-            )
-            .await
-            {
-                Ok(read) => read,
-                Err(err) => {
-                    failures = failures.saturating_add(1);
-                    self.note_error(format!("read failed: {err}"));
-                    next = Next::Backoff(self.options.retry_delay(failures));
-                    continue;
-                }
-            };
+            let limit = tracker.batch_limit(self.options.batch_size);
+            let (events, horizon) =
+                match read_with_horizon(&self.store, &self.query, checkpoint, limit).await {
+                    Ok(read) => {
+                        read_failures = 0;
+                        read
+                    }
+                    Err(err) => {
+                        read_failures = read_failures.saturating_add(1);
+                        self.note_error(format!("read failed: {err}"));
+                        next = Next::Backoff(self.options.retry_delay(read_failures));
+                        continue;
+                    }
+                };
             if conn.is_closed() {
                 return LeadEnd::Lost("the lease connection closed".into());
             }
-            let full = events.len() >= self.options.batch_size;
+            let full = events.len() >= limit;
             let last = events.last().map(|e| e.cursor);
             let target = if full { last } else { last.max(Some(horizon)) };
             let Some(target) = target else {
@@ -796,13 +1051,14 @@ impl Runner {
                 .await
             {
                 Ok(()) => {
-                    failures = 0;
+                    tracker.committed(target);
                     checkpoint = Some(target);
                     let n = events.len() as u64;
                     self.status.send_modify(|s| {
                         s.checkpoint = checkpoint;
                         s.processed += n;
                         s.attempts = 0;
+                        s.failing_at = None;
                         s.last_error = None;
                         s.last_error_at = None;
                     });
@@ -814,28 +1070,72 @@ impl Runner {
                     };
                 }
                 Err(Failure::Handler(message)) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(%message, attempts = failures, "handler failed; the batch will be retried");
-                    if let Err(err) = conn
-                        .execute(&self.sql.record_failure, &[&self.name, &message])
-                        .await
-                    {
-                        tracing::debug!(%err, "could not record the failure");
-                    }
+                    let decision = tracker.failed(&events);
+                    let attempts = decision.attempts();
+                    let failing_at = events.first().map(|e| e.cursor);
+                    self.record_failure(conn, &message, failing_at, attempts)
+                        .await;
                     self.status.send_modify(|s| {
-                        s.attempts = failures;
+                        s.attempts = attempts;
+                        s.failing_at = failing_at;
                         s.last_error = Some(message.clone());
                         s.last_error_at = Some(SystemTime::now());
                     });
                     if conn.is_closed() {
                         return LeadEnd::Lost(format!("the lease connection closed: {message}"));
                     }
-                    next = Next::Backoff(self.options.retry_delay(failures));
+                    next = match decision {
+                        FailureDecision::Retry { delay, .. } => {
+                            tracing::warn!(%message, attempts, "handler failed; the batch will be retried");
+                            Next::Backoff(delay)
+                        }
+                        FailureDecision::Isolate { through, .. } => {
+                            tracing::warn!(%message, attempts, %through, "handler failed on a batch too often; retrying its events one by one");
+                            Next::Read
+                        }
+                        FailureDecision::Stop { event, .. } => {
+                            tracing::error!(%message, attempts, %event, "handler failed on an event too often; stopping (FailurePolicy::Stop)");
+                            return LeadEnd::Halted;
+                        }
+                        FailureDecision::Park { event, .. } => {
+                            tracing::error!(%message, attempts, %event, "handler failed on an event too often; parking it (FailurePolicy::Park)");
+                            let Some(poison) = events.iter().find(|e| e.cursor == event) else {
+                                return LeadEnd::Lost(format!("event {event} left its batch"));
+                            };
+                            match self
+                                .park(conn, poison, checkpoint, &message, attempts)
+                                .await
+                            {
+                                Ok(()) => {
+                                    tracker.committed(event);
+                                    checkpoint = Some(event);
+                                    self.status.send_modify(|s| {
+                                        s.checkpoint = checkpoint;
+                                        s.parked += 1;
+                                        s.attempts = 0;
+                                        s.failing_at = None;
+                                        s.last_error = None;
+                                        s.last_error_at = None;
+                                    });
+                                    self.store.inner.changes.checkpoints.notify();
+                                }
+                                Err(Failure::Moved(stored)) => {
+                                    tracker.forget();
+                                    checkpoint = self.moved(checkpoint, stored);
+                                }
+                                Err(Failure::Lost(reason) | Failure::Handler(reason)) => {
+                                    return LeadEnd::Lost(format!(
+                                        "could not park event {event}: {reason}"
+                                    ))
+                                }
+                            }
+                            Next::Read
+                        }
+                    };
                 }
                 Err(Failure::Moved(stored)) => {
-                    tracing::info!(from = ?checkpoint, to = ?stored, "the checkpoint was moved (reset, or processed by another instance); continuing from it");
-                    checkpoint = stored;
-                    self.status.send_modify(|s| s.checkpoint = checkpoint);
+                    tracker.forget();
+                    checkpoint = self.moved(checkpoint, stored);
                     next = Next::Read;
                 }
                 Err(Failure::Lost(reason)) => return LeadEnd::Lost(reason),
@@ -852,7 +1152,7 @@ impl Runner {
         from: Option<Cursor>,
         to: Cursor,
     ) -> Result<(), Failure> {
-        let lost = |e: tokio_postgres::Error| Failure::Lost(e.to_string());
+        let lost = |e: tokio_postgres::Error| Failure::Lost(error_chain(&e));
         // Prepared once per connection, so a batch costs no extra parse round trips.
         let lock_checkpoint = conn
             .prepare_cached(&self.sql.lock_checkpoint)
@@ -916,6 +1216,93 @@ impl Runner {
         .map_err(lost)?;
         // A failed commit has an unknown outcome: give up the lease and reload the checkpoint.
         tx.commit().await.map_err(lost)
+    }
+
+    /// Parks `event` under the failure policy: in one transaction, lock and verify the
+    /// checkpoint row, record the event in `parked_events`, advance the checkpoint to it, and
+    /// commit. A crash at any point parks and advances, or does neither.
+    async fn park(
+        &self,
+        conn: &mut ClientWrapper,
+        event: &Event,
+        from: Option<Cursor>,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), Failure> {
+        let lost = |e: tokio_postgres::Error| Failure::Lost(error_chain(&e));
+        let lock_checkpoint = conn
+            .prepare_cached(&self.sql.lock_checkpoint)
+            .await
+            .map_err(lost)?;
+        let park = conn.prepare_cached(&self.sql.park).await.map_err(lost)?;
+        let advance = conn.prepare_cached(&self.sql.advance).await.map_err(lost)?;
+        let client: &mut tokio_postgres::Client = conn;
+        let tx = client.transaction().await.map_err(lost)?;
+        let row = tx
+            .query_opt(&lock_checkpoint, &[&self.name])
+            .await
+            .map_err(lost)?;
+        let current = match row {
+            Some(row) => checkpoint_from(&row).map_err(lost)?,
+            None => return Err(Failure::Lost("the checkpoint row disappeared".into())),
+        };
+        if current != from {
+            tx.rollback().await.map_err(lost)?;
+            return Err(Failure::Moved(current));
+        }
+        let xid = Xid8(event.cursor.transaction_id);
+        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        tx.execute(
+            &park,
+            &[
+                &self.name,
+                &xid,
+                &event.cursor.position,
+                &event.event_type,
+                &error,
+                &attempts,
+            ],
+        )
+        .await
+        .map_err(lost)?;
+        tx.execute(&advance, &[&self.name, &xid, &event.cursor.position])
+            .await
+            .map_err(lost)?;
+        // A failed commit has an unknown outcome: give up the lease and reload the checkpoint.
+        tx.commit().await.map_err(lost)
+    }
+
+    /// Records a failed attempt in the checkpoint row (best effort: the status has it too).
+    async fn record_failure(
+        &self,
+        conn: &ClientWrapper,
+        message: &str,
+        failing_at: Option<Cursor>,
+        attempts: u32,
+    ) {
+        let xid = failing_at.map(|c| Xid8(c.transaction_id));
+        let position = failing_at.map(|c| c.position);
+        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        if let Err(err) = conn
+            .execute(
+                &self.sql.record_failure,
+                &[&self.name, &message, &xid, &position, &attempts],
+            )
+            .await
+        {
+            tracing::debug!(%err, "could not record the failure");
+        }
+    }
+
+    /// Carries on from a checkpoint that was moved under the runner.
+    fn moved(&self, from: Option<Cursor>, stored: Option<Cursor>) -> Option<Cursor> {
+        tracing::info!(?from, to = ?stored, "the checkpoint was moved (reset, or processed by another instance); continuing from it");
+        self.status.send_modify(|s| {
+            s.checkpoint = stored;
+            s.attempts = 0;
+            s.failing_at = None;
+        });
+        stored
     }
 
     async fn load_checkpoint(

@@ -55,6 +55,7 @@ mod stream;
 mod xid8;
 
 pub use config::{IsolationLevel, StoreConfig};
+pub use dcb_core::runner::{FailurePolicy, ParkedError, ParkedEvent};
 pub use deadpool_postgres::Pool;
 pub use handlers::{
     EventHandler, HandlerError, HandlerOptions, HandlerRecord, HandlerStatus, RunningHandler,

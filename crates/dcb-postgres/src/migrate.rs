@@ -4,13 +4,14 @@ use dcb_core::Error;
 use tokio_postgres::Client;
 
 /// The schema version this library reads and writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../sql/001_init.sql"),
     include_str!("../../../sql/002_handlers.sql"),
     include_str!("../../../sql/003_fence.sql"),
+    include_str!("../../../sql/004_parked.sql"),
 ];
 
 /// Applies the missing migrations in one transaction, serialized across processes by an

@@ -426,3 +426,65 @@ async fn a_version_2_store_upgrades_in_place_and_keeps_its_events() {
         .get(0);
     assert_eq!(version, dcb_postgres::SCHEMA_VERSION);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_3_store_with_handler_checkpoints_upgrades_to_parked_events() {
+    // A schema as the previous release left it: migrations 1 to 3, a handler with a checkpoint
+    // and a failure streak.
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let quoted = format!("\"{}\"", schema.schema);
+    let admin = schema.connect().await.expect("admin");
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {quoted}.schema_version (\
+                version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now()); \
+             {} {} {} \
+             INSERT INTO {quoted}.schema_version (version) VALUES (1), (2), (3); \
+             INSERT INTO {quoted}.events (type, tags, data) VALUES ('Opened', ARRAY['id:1'], '{{}}'); \
+             INSERT INTO {quoted}.handler_checkpoints \
+                 (handler_name, transaction_id, position, attempts, last_error, last_error_at) \
+             SELECT 'balances', transaction_id, position, 2, 'boom', now() FROM {quoted}.events",
+            include_str!("../../../sql/001_init.sql").replace("__SCHEMA__", &quoted),
+            include_str!("../../../sql/002_handlers.sql").replace("__SCHEMA__", &quoted),
+            include_str!("../../../sql/003_fence.sql").replace("__SCHEMA__", &quoted),
+        ))
+        .await
+        .expect("version 3 schema");
+    let config = StoreConfig::default().schema(schema.schema.clone());
+    let store = PostgresEventStore::connect(&schema.url, config.auto_migrate(true))
+        .await
+        .expect("upgrade to the current version");
+    let events = store
+        .query(&Query::types(["Opened"]), ReadOptions::default())
+        .await
+        .expect("read old events");
+    let record = store
+        .handler_status("balances")
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(record.checkpoint, Some(events[0].cursor));
+    assert_eq!(
+        (
+            record.attempts,
+            record.last_error.as_deref(),
+            record.failing_at
+        ),
+        (2, Some("boom"), None)
+    );
+    assert!(store
+        .parked_events("balances")
+        .await
+        .expect("parked table")
+        .is_empty());
+    let version: i32 = admin
+        .query_one(
+            &format!("SELECT max(version) FROM {quoted}.schema_version"),
+            &[],
+        )
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 4);
+    assert_eq!(dcb_postgres::SCHEMA_VERSION, 4);
+}
