@@ -118,6 +118,9 @@ pub enum ValidationKind {
     ReservedCharacter,
     /// A string contains NUL (`\0`, `\u0000`), which PostgreSQL text and jsonb cannot store.
     NulCharacter,
+    /// JSON data or metadata nests arrays and objects deeper than
+    /// [`MAX_JSON_DEPTH`](crate::MAX_JSON_DEPTH) levels.
+    JsonTooDeep,
     /// An event carries two tags with the same key.
     DuplicateTagKey,
     /// An append without events.

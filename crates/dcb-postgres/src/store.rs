@@ -596,7 +596,11 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Cursor, Error> {
-        validate_events(&events, &self.limits())?;
+        if let Err(err) = validate_events(&events, &self.limits()) {
+            // Rejected payloads may nest too deep to drop the ordinary way.
+            dcb_core::discard_events(events);
+            return Err(err);
+        }
         if let Some(condition) = condition {
             validate_condition(condition)?;
         }
@@ -627,9 +631,17 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Option<CommandRecord>, Error> {
-        validate_command(command)?;
-        if !events.is_empty() {
-            validate_events(&events, &self.limits())?;
+        let checked = validate_command(command).and_then(|()| {
+            if events.is_empty() {
+                Ok(())
+            } else {
+                validate_events(&events, &self.limits())
+            }
+        });
+        if let Err(err) = checked {
+            // Rejected payloads may nest too deep to drop the ordinary way.
+            dcb_core::discard_events(events);
+            return Err(err);
         }
         if let Some(condition) = condition {
             validate_condition(condition)?;
