@@ -42,6 +42,7 @@
 mod config;
 mod conn;
 mod handlers;
+mod json;
 mod keys;
 mod migrate;
 mod notify;
