@@ -34,6 +34,23 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
+    /// A stored event cannot be decoded (a tag without `:`, JSON serde_json cannot read, ...).
+    /// crablet's appends never write such a row: it was written around the store, straight
+    /// into its table (or, for JSON nested too deep, by a version without the depth check).
+    /// Retrying does not help; repair or delete the row named by `cursor`.
+    #[error(
+        "stored event {cursor} (type {event_type:?}) cannot be read: {reason}; the row breaks \
+         the storage format (this version's append never writes such a row): repair or delete it"
+    )]
+    CorruptEvent {
+        /// The event's cursor: its row's `(transaction_id, position)`.
+        cursor: Cursor,
+        /// The event's type, or `<unreadable>` when the type itself cannot be decoded.
+        event_type: String,
+        /// The column that failed and why.
+        reason: String,
+    },
+
     /// The database schema is missing or at another version than this library expects.
     #[error("schema mismatch: {message}")]
     Schema {
@@ -118,6 +135,9 @@ pub enum ValidationKind {
     ReservedCharacter,
     /// A string contains NUL (`\0`, `\u0000`), which PostgreSQL text and jsonb cannot store.
     NulCharacter,
+    /// JSON data or metadata nests arrays and objects deeper than
+    /// [`MAX_JSON_DEPTH`](crate::MAX_JSON_DEPTH) levels.
+    JsonTooDeep,
     /// An event carries two tags with the same key.
     DuplicateTagKey,
     /// An append without events.

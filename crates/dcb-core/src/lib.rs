@@ -53,8 +53,8 @@ pub use subscribe::{
 };
 pub use tag::Tag;
 pub use validate::{
-    validate_command, validate_condition, validate_events, validate_query, validate_read_options,
-    Limits, MAX_EVENT_TYPE_LEN,
+    discard_events, validate_command, validate_condition, validate_events, validate_query,
+    validate_read_options, Limits, MAX_EVENT_TYPE_LEN, MAX_JSON_DEPTH,
 };
 
 /// Builds a `Vec<Tag>` from `key => value` pairs.

@@ -86,24 +86,162 @@ fn check_tag(field: &dyn Fn() -> String, tag: &Tag) -> Result<(), Error> {
     check_no_nul(&value, &tag.value)
 }
 
+// --- JSON payloads (data and metadata of events and commands) ---
+
+/// The deepest nesting of arrays and objects accepted in the data and metadata of events and
+/// commands: `[]` and `{"a": 1}` are one level deep, `{"a": [1]}` two, a scalar none.
+///
+/// Every backend must return what it accepted, and serde_json (which decodes jsonb on
+/// PostgreSQL) refuses documents nested 128 levels or deeper. The limit leaves half of that
+/// room, so a stored payload still decodes after it is wrapped again (an [`Event`](crate::Event)
+/// serialized into a message, an envelope around a batch). Deeper input is rejected with
+/// [`ValidationKind::JsonTooDeep`](crate::ValidationKind::JsonTooDeep).
+///
+/// ```
+/// use dcb_core::{validate_events, Limits, NewEvent, ValidationKind, MAX_JSON_DEPTH};
+/// let mut data = serde_json::json!(1);
+/// for _ in 0..=MAX_JSON_DEPTH {
+///     data = serde_json::Value::Array(vec![data]);
+/// }
+/// let err = validate_events(&[NewEvent::new("Deep", vec![], data)], &Limits::default()).unwrap_err();
+/// assert_eq!(err.as_validation().unwrap().kind, ValidationKind::JsonTooDeep);
+/// ```
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// One step from a JSON container to a child, for error paths.
+enum Step<'a> {
+    Index(usize),
+    Key(&'a str),
+}
+
+/// A container being walked, with the children still to visit.
+enum Frame<'a> {
+    Array(std::iter::Enumerate<std::slice::Iter<'a, Value>>),
+    Object(serde_json::map::Iter<'a>),
+}
+
+/// `field` followed by the steps of `path`: `events[0].data.a[1].b`.
+fn json_path(field: &dyn Fn() -> String, path: &[Step<'_>]) -> String {
+    let mut out = field();
+    for step in path {
+        match step {
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+            Step::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+        }
+    }
+    out
+}
+
+/// Checks a JSON value: no NUL in strings or object keys, at most [`MAX_JSON_DEPTH`] levels of
+/// arrays and objects.
+///
+/// The walk keeps its own stack instead of recursing, so a value nested any number of levels
+/// deep is rejected without exhausting the thread's stack.
 fn check_json(field: &dyn Fn() -> String, value: &Value) -> Result<(), Error> {
-    match value {
-        Value::String(s) => check_no_nul(field, s),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, v)| check_json(&|| format!("{}[{i}]", field()), v)),
-        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
-            let path = || format!("{}.{k}", field());
-            check_no_nul(&path, k)?;
-            check_json(&path, v)
-        }),
-        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    let mut frames: Vec<Frame<'_>> = Vec::new();
+    // `path[i]` is the child of `frames[i]` being visited.
+    let mut path: Vec<Step<'_>> = Vec::new();
+    let mut next = Some(value);
+    loop {
+        if let Some(value) = next.take() {
+            // `nests`: an array or object, a level of its own even when empty.
+            let (frame, nests) = match value {
+                Value::String(s) => {
+                    check_no_nul(&|| json_path(field, &path), s)?;
+                    (None, false)
+                }
+                Value::Array(items) => (
+                    (!items.is_empty()).then(|| Frame::Array(items.iter().enumerate())),
+                    true,
+                ),
+                Value::Object(map) => ((!map.is_empty()).then(|| Frame::Object(map.iter())), true),
+                Value::Null | Value::Bool(_) | Value::Number(_) => (None, false),
+            };
+            // Every frame is a non-empty container on the way to `value`.
+            if nests && frames.len() >= MAX_JSON_DEPTH {
+                return Err(invalid(
+                    json_path(field, &path),
+                    K::JsonTooDeep,
+                    format!(
+                        "JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep \
+                         (MAX_JSON_DEPTH); deeper documents could not be read back. Flatten the \
+                         structure or store the deep part as a JSON string"
+                    ),
+                ));
+            }
+            if let Some(frame) = frame {
+                frames.push(frame);
+            }
+        }
+        path.truncate(frames.len().saturating_sub(1));
+        let Some(top) = frames.last_mut() else {
+            return Ok(());
+        };
+        let child = match top {
+            Frame::Array(items) => items.next().map(|(i, v)| (Step::Index(i), v)),
+            Frame::Object(entries) => entries.next().map(|(k, v)| (Step::Key(k.as_str()), v)),
+        };
+        match child {
+            Some((step, value)) => {
+                let key = match step {
+                    Step::Key(key) => Some(key),
+                    Step::Index(_) => None,
+                };
+                path.push(step);
+                if let Some(key) = key {
+                    check_no_nul(&|| json_path(field, &path), key)?;
+                }
+                next = Some(value);
+            }
+            None => {
+                frames.pop();
+            }
+        }
+    }
+}
+
+/// Drops a JSON value without recursing: serde_json's own drop recurses once per level and
+/// overflows a 2 MiB thread stack at about 12,000 nested arrays or 5,000 nested objects.
+fn drop_json(value: Value) {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => pending.extend(map.into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
+}
+
+/// Drops events without recursing into their JSON, however deep it nests.
+///
+/// Stores call it on a batch that [`validate_events`] rejected: the batch was handed over by
+/// value, and dropping a payload nested thousands of levels deep (which validation rejects as
+/// [`ValidationKind::JsonTooDeep`](crate::ValidationKind::JsonTooDeep)) the ordinary way could
+/// overflow the stack.
+///
+/// ```
+/// let mut data = serde_json::json!(null);
+/// for _ in 0..100_000 {
+///     data = serde_json::Value::Array(vec![data]);
+/// }
+/// dcb_core::discard_events(vec![dcb_core::NewEvent::new("Deep", vec![], data)]);
+/// ```
+pub fn discard_events(events: Vec<NewEvent>) {
+    for event in events {
+        drop_json(event.data);
+        if let Some(metadata) = event.metadata {
+            drop_json(metadata);
+        }
     }
 }
 
 /// Checks a batch of events before an append: non-empty, within `limits`, valid types, tags and
-/// payloads. The first problem found is returned with the path of the offending field.
+/// payloads (data and metadata without NUL characters, at most [`MAX_JSON_DEPTH`] levels deep).
+/// The first problem found is returned with the path of the offending field.
 ///
 /// ```
 /// use dcb_core::{validate_events, Limits, NewEvent, Tag, ValidationKind};
@@ -183,8 +321,9 @@ pub fn validate_condition(condition: &AppendCondition) -> Result<(), Error> {
     )
 }
 
-/// Checks a command before it is recorded: a valid type, JSON without NUL characters and, if
-/// present, a non-empty idempotency id.
+/// Checks a command before it is recorded: a valid type, JSON data and metadata without NUL
+/// characters and at most [`MAX_JSON_DEPTH`] levels deep and, if present, a non-empty
+/// idempotency id.
 pub fn validate_command(command: &crate::NewCommand) -> Result<(), Error> {
     check_type(&|| "command.command_type".into(), &command.command_type)?;
     check_json(&|| "command.data".into(), &command.data)?;
@@ -265,5 +404,91 @@ mod tests {
             field_of(validate_query(&query)),
             ("query.items[0].types[1]".to_string(), K::EmptyEventType)
         );
+    }
+
+    /// `depth` levels: arrays, or objects under key "k", around `inner`.
+    fn nested(depth: usize, objects: bool, inner: Value) -> Value {
+        (0..depth).fold(inner, |v, _| {
+            if objects {
+                // Not `json!`: it would serialize `v` again, recursively.
+                Value::Object(std::iter::once(("k".to_string(), v)).collect())
+            } else {
+                Value::Array(vec![v])
+            }
+        })
+    }
+
+    #[test]
+    fn json_depth_is_limited_in_data_metadata_and_commands() {
+        let limits = Limits::default();
+        let data = |v: Value| validate_events(&[NewEvent::new("A", vec![], v)], &limits);
+        for objects in [false, true] {
+            assert!(data(nested(MAX_JSON_DEPTH, objects, json!(1))).is_ok());
+            assert!(data(nested(MAX_JSON_DEPTH - 1, objects, json!([]))).is_ok());
+            let (_, kind) = field_of(data(nested(MAX_JSON_DEPTH + 1, objects, json!(1))));
+            assert_eq!(kind, K::JsonTooDeep);
+            // An empty container is a level too.
+            let (_, kind) = field_of(data(nested(MAX_JSON_DEPTH, objects, json!({}))));
+            assert_eq!(kind, K::JsonTooDeep);
+        }
+        // The path names the container that is one level too deep.
+        let deep = nested(MAX_JSON_DEPTH, false, json!(1));
+        let (field, _) = field_of(data(Value::Object(
+            std::iter::once(("a".to_string(), deep)).collect(),
+        )));
+        assert_eq!(
+            field,
+            format!("events[0].data.a{}", "[0]".repeat(MAX_JSON_DEPTH - 1))
+        );
+        // Siblings do not add up: breadth is not depth.
+        let wide = Value::Array(vec![nested(MAX_JSON_DEPTH - 1, true, json!(1)); 3]);
+        assert!(data(wide).is_ok());
+
+        let mut meta = NewEvent::new("A", vec![], json!({}));
+        meta.metadata = Some(nested(MAX_JSON_DEPTH + 1, false, json!(null)));
+        assert_eq!(
+            field_of(validate_events(&[meta], &limits)).1,
+            K::JsonTooDeep
+        );
+        let mut command = crate::NewCommand {
+            command_type: "C".into(),
+            data: nested(MAX_JSON_DEPTH + 1, true, json!(1)),
+            metadata: None,
+            id: None,
+        };
+        assert_eq!(field_of(validate_command(&command)).1, K::JsonTooDeep);
+        command.data = json!({});
+        command.metadata = Some(nested(MAX_JSON_DEPTH + 1, false, json!(1)));
+        assert_eq!(
+            field_of(validate_command(&command)),
+            (
+                format!("command.metadata{}", "[0]".repeat(MAX_JSON_DEPTH)),
+                K::JsonTooDeep
+            )
+        );
+    }
+
+    #[test]
+    fn very_deep_json_is_rejected_without_recursion() {
+        // 10,000 levels, validated on a thread with a 64 KiB stack: a recursive walk would
+        // overflow it long before. (Building and dropping the value happens on this thread.)
+        for objects in [false, true] {
+            let deep = nested(10_000, objects, json!("\0"));
+            let mut event = vec![NewEvent::new("A", vec![], deep)];
+            let result = std::thread::scope(|scope| {
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn_scoped(scope, || {
+                        validate_events(&event, &Limits::default())
+                            .map_err(|e| e.as_validation().map(|v| v.kind))
+                    })
+                    .expect("spawn")
+                    .join()
+                    .expect("no stack overflow")
+            });
+            assert_eq!(result, Err(Some(K::JsonTooDeep)));
+            // A 10,000-deep object would overflow this thread's stack if dropped normally.
+            discard_events(std::mem::take(&mut event));
+        }
     }
 }

@@ -164,7 +164,11 @@ impl InMemoryEventStore {
         events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Cursor, Error> {
-        validate_events(&events, &self.limits)?;
+        if let Err(err) = validate_events(&events, &self.limits) {
+            // Rejected payloads may nest too deep to drop the ordinary way.
+            dcb_core::discard_events(events);
+            return Err(err);
+        }
         if let Some(cond) = condition {
             validate_condition(cond)?;
         }
@@ -359,9 +363,17 @@ impl CommandSession for MemoryCommandSession {
         events: Vec<NewEvent>,
         condition: Option<AppendCondition>,
     ) -> Result<CommitOutcome, Error> {
-        dcb_core::validate_command(command)?;
-        if !events.is_empty() {
-            validate_events(&events, &self.store.limits)?;
+        let checked = dcb_core::validate_command(command).and_then(|()| {
+            if events.is_empty() {
+                Ok(())
+            } else {
+                validate_events(&events, &self.store.limits)
+            }
+        });
+        if let Err(err) = checked {
+            // Rejected payloads may nest too deep to drop the ordinary way.
+            dcb_core::discard_events(events);
+            return Err(err);
         }
         if let Some(cond) = &condition {
             validate_condition(cond)?;

@@ -280,8 +280,8 @@ impl PostgresEventStore {
         }
         conn.fail_exchange();
         if let Err(err) = commit {
-            // Only a serialization failure or deadlock reported by the commit itself is a
-            // certain rollback; anything else may have been reported after the commit.
+            // A failure the commit itself reports is a certain rollback; a cancel or the end
+            // of the session may have been reported after the commit.
             return if commit_certainly_failed(&err) && after.is_ok() && conn.recover().await {
                 Err(db_error("append", err, false))
             } else {
@@ -378,7 +378,11 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Cursor, Error> {
-        validate_events(&events, &self.limits())?;
+        if let Err(err) = validate_events(&events, &self.limits()) {
+            // Rejected payloads may nest too deep to drop the ordinary way.
+            dcb_core::discard_events(events);
+            return Err(err);
+        }
         if let Some(condition) = condition {
             validate_condition(condition)?;
         }
@@ -409,9 +413,17 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Option<CommandRecord>, Error> {
-        validate_command(command)?;
-        if !events.is_empty() {
-            validate_events(&events, &self.limits())?;
+        let checked = validate_command(command).and_then(|()| {
+            if events.is_empty() {
+                Ok(())
+            } else {
+                validate_events(&events, &self.limits())
+            }
+        });
+        if let Err(err) = checked {
+            // Rejected payloads may nest too deep to drop the ordinary way.
+            dcb_core::discard_events(events);
+            return Err(err);
         }
         if let Some(condition) = condition {
             validate_condition(condition)?;

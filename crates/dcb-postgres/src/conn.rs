@@ -172,12 +172,20 @@ pub(crate) fn is_server_reply(err: &tokio_postgres::Error) -> bool {
     err.as_db_error().is_some()
 }
 
-/// Whether a failed `COMMIT` certainly rolled back: a serialization failure or deadlock is
-/// reported by the commit itself before anything is made durable, and is never sent unasked.
+/// Whether a failed `COMMIT` certainly rolled back. A `COMMIT` fails before anything is durable
+/// (a deferred constraint, a serialization failure, a deadlock) except for what can arrive at
+/// any moment: a cancel (`57014`, `55P03`: possibly pending from another statement, even sent
+/// unasked after the commit) or the end of the session (`FATAL`, `PANIC`).
 pub(crate) fn commit_certainly_failed(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::Severity;
     err.as_db_error().is_some_and(|db| {
         let code = db.code();
-        *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+        *code != SqlState::QUERY_CANCELED
+            && *code != SqlState::LOCK_NOT_AVAILABLE
+            && !matches!(
+                db.parsed_severity(),
+                Some(Severity::Fatal | Severity::Panic)
+            )
     })
 }
 

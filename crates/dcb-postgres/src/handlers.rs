@@ -440,7 +440,7 @@ impl PostgresEventStore {
     /// Moves `handler`'s checkpoint to `to` (`None`: before the first event): the handler then
     /// processes every matching event after `to` again, or skips ahead to it. A handler that
     /// never ran starts after `to`. A batch in progress finishes first (the reset waits for the
-    /// checkpoint row, at most the session's statement timeout: `append_timeout` on a store
+    /// checkpoint row, at most the session's lock timeout: `append_timeout` on a store
     /// built by `connect`; a reset that times out changes nothing). Running instances carry on
     /// from the new checkpoint: this process's at once, others when woken by the next append
     /// or within their `poll_interval`.
@@ -575,7 +575,7 @@ impl PostgresEventStore {
     ///
     /// The transaction first locks the handler's checkpoint row, so a replay never runs beside
     /// one of the handler's batches (it waits for a batch in progress, at most the session's
-    /// statement timeout: `append_timeout` on a store built by `connect`), nor beside another
+    /// lock timeout: `append_timeout` on a store built by `connect`), nor beside another
     /// replay of the same handler; the handler's own statements then run without a timeout. The
     /// handler is given the event alone, out of cursor order: its checkpoint is already past
     /// it.
@@ -593,7 +593,7 @@ impl PostgresEventStore {
         let xid = Xid8(cursor.transaction_id);
         let mut conn = Conn::get(&self.inner.pool, operation).await?;
         // Until the transaction has ended cleanly, a dropped connection is discarded.
-        conn.begin_exchange();
+        conn.begin_exchange(operation)?;
         let client: &mut tokio_postgres::Client = conn.object_mut();
         let tx = client.transaction().await.map_err(err)?;
         tx.query_opt(&sql.lock_checkpoint, &[&name])
@@ -626,7 +626,7 @@ impl PostgresEventStore {
             });
         };
         let event = event_from_row(&row)?;
-        tx.batch_execute("SET LOCAL statement_timeout = 0")
+        tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
             .await
             .map_err(err)?;
         match guard_batch(handler.handle(&tx, std::slice::from_ref(&event)), None).await {

@@ -43,6 +43,7 @@ mod append;
 mod config;
 mod conn;
 mod handlers;
+mod json;
 mod keys;
 mod migrate;
 mod notify;

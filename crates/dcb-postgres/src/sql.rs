@@ -3,10 +3,10 @@
 //! Statements are generated per query *shape* (which items have types or tags, which bounds are
 //! set); values always travel as parameters, so the per-connection statement cache serves every
 //! call of the same shape.
+use crate::json::Jsonb;
 use crate::xid8::Xid8;
 use dcb_core::{Cursor, Direction, NewEvent, Query, ReadOptions, Tag};
 use postgres_types::ToSql;
-use serde_json::Value;
 
 /// A boxed statement parameter that can move into a spawned task.
 pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
@@ -137,8 +137,8 @@ pub(crate) fn read(schema: &str, query: &Query, options: &ReadOptions) -> Statem
 struct Columns {
     types: Vec<String>,
     tags: Vec<String>,
-    data: Vec<Value>,
-    metadata: Vec<Option<Value>>,
+    data: Vec<Jsonb>,
+    metadata: Vec<Option<Jsonb>>,
 }
 
 /// `tags` as a PostgreSQL array literal of `key:value` strings, every element double-quoted with
@@ -184,8 +184,8 @@ fn columns(events: Vec<NewEvent>) -> Columns {
     for event in events {
         c.tags.push(tags_literal(&event.tags));
         c.types.push(event.event_type);
-        c.data.push(event.data);
-        c.metadata.push(event.metadata);
+        c.data.push(Jsonb(event.data));
+        c.metadata.push(event.metadata.map(Jsonb));
     }
     c
 }
@@ -345,8 +345,8 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
             let literal = tags_literal(&event.tags);
             let t = stmt.bind(event.event_type);
             let g = stmt.bind(literal);
-            let d = stmt.bind(event.data);
-            let m = stmt.bind(event.metadata);
+            let d = stmt.bind(Jsonb(event.data));
+            let m = stmt.bind(event.metadata.map(Jsonb));
             format!(
                 "INSERT INTO {schema}.events (type, tags, data, metadata) \
                  SELECT {t}::text, {g}::text::text[], {d}::jsonb, {m}::jsonb{guard}"
@@ -389,8 +389,8 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
 
     if let Some(command) = parts.command {
         let t = stmt.bind(command.command_type.clone());
-        let d = stmt.bind(command.data.clone());
-        let m = stmt.bind(command.metadata.clone());
+        let d = stmt.bind(Jsonb(command.data.clone()));
+        let m = stmt.bind(command.metadata.clone().map(Jsonb));
         let id = stmt.bind(command.id.clone());
         let last = if ctes.iter().any(|c| c.starts_with("inserted")) {
             "(SELECT max(position) FROM inserted)"
@@ -416,6 +416,7 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
 mod tests {
     use super::*;
     use dcb_core::{AppendCondition, QueryItem};
+    use serde_json::Value;
 
     #[test]
     fn read_binds_values_and_never_inlines_them() {

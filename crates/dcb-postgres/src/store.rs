@@ -613,27 +613,61 @@ fn corrupt(what: String) -> Error {
     }
 }
 
+/// Why a column could not be decoded: the decoder's own message (the error itself only says
+/// "error deserializing column 4").
+fn decode_reason(column: &str, err: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(err) {
+        Some(source) => format!("column {column}: {source}"),
+        None => format!("column {column}: {err}"),
+    }
+}
+
+/// Decodes a row of `sql::read`. A row that breaks the storage format (written around the
+/// store) fails with [`Error::CorruptEvent`] naming its cursor, type and the reason.
 pub(crate) fn event_from_row(row: &Row) -> Result<Event, Error> {
     let get_err = |e| db_error("query", e, false);
     let tx: Xid8 = row.try_get(0).map_err(get_err)?;
     let position: i64 = row.try_get(1).map_err(get_err)?;
-    let event_type: String = row.try_get(2).map_err(get_err)?;
+    let cursor = Cursor::new(tx.0, position);
+    let event_type: String = row.try_get(2).map_err(|e| Error::CorruptEvent {
+        cursor,
+        event_type: "<unreadable>".into(),
+        reason: decode_reason("type", &e),
+    })?;
+    let corrupt_event = |reason: String| Error::CorruptEvent {
+        cursor,
+        event_type: event_type.clone(),
+        reason,
+    };
     // Borrowed from the row: one allocation per key and per value, none for the stored text.
-    let raw_tags: Vec<&str> = row.try_get(3).map_err(get_err)?;
+    let raw_tags: Vec<&str> = row
+        .try_get(3)
+        .map_err(|e| corrupt_event(decode_reason("tags", &e)))?;
     let tags = raw_tags
         .into_iter()
         .map(|t| match t.split_once(':') {
             Some((k, v)) => Ok(Tag::new(k, v)),
-            None => Err(corrupt(format!("stored tag {t:?} has no ':' separator"))),
+            None => Err(corrupt_event(format!(
+                "column tags: tag {t:?} has no ':' between key and value"
+            ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let data = row
+        .try_get(4)
+        .map_err(|e| corrupt_event(decode_reason("data", &e)))?;
+    let metadata = row
+        .try_get(5)
+        .map_err(|e| corrupt_event(decode_reason("metadata", &e)))?;
+    let occurred_at = row
+        .try_get(6)
+        .map_err(|e| corrupt_event(decode_reason("occurred_at", &e)))?;
     Ok(Event {
-        cursor: Cursor::new(tx.0, position),
+        cursor,
         event_type,
         tags,
-        data: row.try_get(4).map_err(get_err)?,
-        metadata: row.try_get(5).map_err(get_err)?,
-        occurred_at: row.try_get(6).map_err(get_err)?,
+        data,
+        metadata,
+        occurred_at,
     })
 }
 

@@ -110,13 +110,24 @@ async fn produce(
         })
         .await?;
         let done = rows.len() < batch as usize;
-        let events = rows
-            .iter()
-            .map(event_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut undecodable = None;
+        for row in &rows {
+            match event_from_row(row) {
+                Ok(event) => events.push(event),
+                Err(err) => {
+                    undecodable = Some(err);
+                    break;
+                }
+            }
+        }
+        // The events before an undecodable row are delivered, then its error ends the stream.
         if !events.is_empty() && tx.send(Ok(events)).await.is_err() {
             // The consumer is gone: the connection is closed with its transaction.
             return Ok(());
+        }
+        if let Some(err) = undecodable {
+            return Err(err);
         }
         if done {
             break;

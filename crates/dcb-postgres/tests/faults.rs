@@ -488,3 +488,89 @@ async fn a_version_3_store_with_handler_checkpoints_upgrades_to_parked_events() 
     assert_eq!(version, 4);
     assert_eq!(dcb_postgres::SCHEMA_VERSION, 4);
 }
+
+/// Inserts a row straight into the events table (as another tool might) and returns its cursor.
+async fn insert_raw(ts: &TestStore, event_type: &str, tags: &str, data: &str) -> dcb_core::Cursor {
+    let row = ts
+        .admin()
+        .await
+        .query_one(
+            &format!(
+                "INSERT INTO {} (type, tags, data) VALUES ($1, $2::text::text[], $3::text::jsonb) \
+                 RETURNING transaction_id::text::int8, position",
+                ts.table("events")
+            ),
+            &[&event_type, &tags, &data],
+        )
+        .await
+        .expect("raw insert");
+    dcb_core::Cursor::new(row.get::<_, i64>(0) as u64, row.get(1))
+}
+
+/// A row no append writes (a tag without ':', JSON nested past serde_json's limit) fails every
+/// read that touches it with `CorruptEvent` naming its cursor, type and reason; a stream first
+/// delivers the events before it; reads that do not touch it are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_rows_fail_reads_with_their_cursor_type_and_reason() {
+    let ts = test_store(StoreConfig::default()).await;
+    let good = |id: &str| event("Good", id);
+    ts.append(vec![good("1")]).await.expect("append");
+    let bad_tag = insert_raw(&ts, "BadTag", "{no-colon}", "{}").await;
+    ts.append(vec![good("2")]).await.expect("append");
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let too_deep = insert_raw(&ts, "TooDeep", "{id:3}", &deep).await;
+
+    let expect_corrupt = |err: Error, cursor, event_type: &str, reason: &str| match &err {
+        Error::CorruptEvent {
+            cursor: c,
+            event_type: t,
+            reason: r,
+        } => {
+            assert_eq!((*c, t.as_str()), (cursor, event_type), "{err}");
+            assert!(r.contains(reason), "reason {r:?} should mention {reason:?}");
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&cursor.to_string()) && shown.contains(event_type),
+                "{shown}"
+            );
+        }
+        other => panic!("expected CorruptEvent, got {other:?}"),
+    };
+    let all = ts.query(&Query::all(), ReadOptions::default()).await;
+    expect_corrupt(all.unwrap_err(), bad_tag, "BadTag", "no ':'");
+    let deep_read = ts
+        .query(&Query::types(["TooDeep"]), ReadOptions::default())
+        .await;
+    expect_corrupt(
+        deep_read.unwrap_err(),
+        too_deep,
+        "TooDeep",
+        "recursion limit",
+    );
+    let fine = ts
+        .query(&Query::types(["Good"]), ReadOptions::default())
+        .await
+        .expect("reads that skip the bad rows work");
+    assert_eq!(fine.len(), 2);
+
+    let mut stream = ts.query_stream(&Query::all(), ReadOptions::default());
+    let first = stream
+        .next()
+        .await
+        .expect("an item")
+        .expect("the first event");
+    assert_eq!(first.tag("id"), Some("1"));
+    let second = stream.next().await.expect("an item").unwrap_err();
+    expect_corrupt(second, bad_tag, "BadTag", "no ':'");
+    assert!(stream.next().await.is_none(), "the error ends the stream");
+
+    let projected = ts
+        .project(StateProjector::counter(Query::types(["TooDeep"])))
+        .await;
+    expect_corrupt(
+        projected.unwrap_err(),
+        too_deep,
+        "TooDeep",
+        "recursion limit",
+    );
+}

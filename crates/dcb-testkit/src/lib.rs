@@ -118,11 +118,14 @@ macro_rules! conformance_tests {
             validation_condition,
             validation_query,
             validation_before_condition_check,
+            validation_json_depth,
             // round trips
             roundtrip_tags_byte_exact,
             roundtrip_tag_encoding_is_unambiguous,
             roundtrip_data_json,
             roundtrip_metadata,
+            roundtrip_numbers,
+            roundtrip_large_payloads,
             // projections
             projection_routes_events_by_query,
             projection_tuple_of_three_typed_projectors,

@@ -2,7 +2,9 @@
 
 use super::support::*;
 use super::Factory;
-use dcb_core::{NewEvent, Query, ReadOptions, Tag};
+use dcb_core::{CommandFilter, NewCommand, NewEvent, Query, ReadOptions, Tag};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// Tag values (and keys) that break naive encodings.
@@ -300,4 +302,217 @@ pub async fn roundtrip_metadata(factory: Factory<'_>) {
         backwards, reversed,
         "backwards reads return the same events"
     );
+}
+
+/// Numbers at the edges of what JSON, `f64` and PostgreSQL's `numeric` represent.
+fn edge_numbers() -> Vec<Value> {
+    let floats = [
+        5e-324,
+        -5e-324,
+        2.225_073_858_507_201e-308,
+        f64::MIN_POSITIVE,
+        1.234_567_890_123_456_8e-300,
+        1.5e-10,
+        1e-7,
+        0.1,
+        -0.0,
+        0.0,
+        1.0,
+        -1.0,
+        1e15,
+        9_007_199_254_740_992.0,
+        1e16,
+        -1e16,
+        123_456_789_012_345_680.0,
+        9_223_372_036_854_775_808.0,
+        -9_223_372_036_854_775_808.0,
+        18_446_744_073_709_551_616.0,
+        1e19,
+        -1e19,
+        1e20,
+        1e300,
+        1.5e300,
+        f64::MAX,
+        f64::MIN,
+    ];
+    let mut numbers: Vec<Value> = floats.iter().map(|&f| json!(f)).collect();
+    numbers.extend([
+        json!(i64::MIN),
+        json!(i64::MIN + 1),
+        json!(-1),
+        json!(0),
+        json!(1),
+        json!(9_007_199_254_740_993_u64),
+        json!(i64::MAX),
+        json!(i64::MAX as u64 + 1),
+        json!(u64::MAX),
+    ]);
+    numbers
+}
+
+/// Seeded random numbers: finite floats of every exponent (random bits), integral floats
+/// around the integer range, and integers of every size.
+fn random_numbers(seed: u64) -> Vec<Value> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut numbers = Vec::new();
+    while numbers.len() < 1000 {
+        let f = f64::from_bits(rng.gen());
+        if f.is_finite() {
+            numbers.push(json!(f));
+        }
+    }
+    for _ in 0..200 {
+        let f: f64 = rng.gen_range(1e15..1e21);
+        let sign = if rng.gen() { 1.0 } else { -1.0 };
+        numbers.push(json!(sign * f.trunc()));
+        numbers.push(json!(rng.gen::<i64>()));
+        numbers.push(json!(rng.gen::<u64>()));
+    }
+    numbers
+}
+
+/// Every number a `serde_json::Value` holds reads back equal (`==`, so an integer stays an
+/// integer and a float a float, with the same value): extreme and subnormal floats, integral
+/// floats beyond 2^53, `i64`/`u64` bounds and 1,600 seeded random numbers, in data, metadata,
+/// top-level scalar payloads and command data, through `query` and `query_stream`.
+///
+/// The one difference allowed is the sign of zero: `-0.0` may come back as `0.0` (PostgreSQL's
+/// numeric has no negative zero); they are equal as values.
+pub async fn roundtrip_numbers(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    let mut numbers = edge_numbers();
+    numbers.extend(random_numbers(0x5eed));
+    let array = Value::Array(numbers.clone());
+    let object: Value = Value::Object(
+        numbers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("n{i}"), n.clone()))
+            .collect(),
+    );
+    let mut sent = vec![NewEvent::new("Numbers", vec![], array.clone())];
+    sent[0].metadata = Some(object.clone());
+    // Top-level scalars take another path through jsonb.
+    for n in edge_numbers() {
+        let mut event = NewEvent::new("Number", vec![], n.clone());
+        event.metadata = Some(n);
+        sent.push(event);
+    }
+    append(&*store, sent.clone(), "appending numbers").await;
+    let check = |events: &[dcb_core::Event], how: &str| {
+        assert_eq!(events.len(), sent.len(), "{how}: every event read");
+        for (i, (stored, sent)) in events.iter().zip(&sent).enumerate() {
+            let pairs = [("data", &stored.data, &sent.data)];
+            let meta = [(
+                "metadata",
+                stored.metadata.as_ref().unwrap_or(&Value::Null),
+                sent.metadata.as_ref().unwrap_or(&Value::Null),
+            )];
+            for (what, got, want) in pairs.into_iter().chain(meta) {
+                if got == want {
+                    continue;
+                }
+                // Name the first differing number instead of printing thousands.
+                let differing = match (got, want) {
+                    (Value::Array(g), Value::Array(w)) => g
+                        .iter()
+                        .zip(w)
+                        .find(|(g, w)| g != w)
+                        .map(|(g, w)| format!("{w} came back as {g}")),
+                    (Value::Object(g), Value::Object(w)) => w
+                        .iter()
+                        .find(|(k, v)| g.get(*k) != Some(*v))
+                        .map(|(k, v)| format!("{k}: {v} came back as {:?}", g.get(k))),
+                    _ => Some(format!("{want} came back as {got}")),
+                };
+                panic!(
+                    "{how}: event {i}'s {what} must read back equal: {}",
+                    differing.unwrap_or_else(|| "lengths differ".into())
+                );
+            }
+        }
+    };
+    check(&all_events(&*store).await, "query");
+    check(
+        &read_stream(&*store, &Query::all(), "numbers").await,
+        "query_stream",
+    );
+
+    let mut session = store
+        .command_session()
+        .await
+        .unwrap_or_else(|err| panic!("command_session failed: {err}"));
+    let command = NewCommand {
+        command_type: "RecordNumbers".into(),
+        data: array.clone(),
+        metadata: Some(object.clone()),
+        id: None,
+    };
+    session
+        .commit(&command, vec![], None)
+        .await
+        .unwrap_or_else(|err| panic!("committing a command with numbers failed: {err}"));
+    drop(session);
+    let recorded = store
+        .commands(&CommandFilter::default())
+        .await
+        .unwrap_or_else(|err| panic!("listing commands failed: {err}"));
+    assert_eq!(recorded.len(), 1, "one command recorded");
+    assert!(
+        recorded[0].data == array && recorded[0].metadata.as_ref() == Some(&object),
+        "command data and metadata with numbers must read back equal"
+    );
+}
+
+/// Large payloads keep working: 3 MB of data, 1 MB of metadata, a 1 MB string, 100 tags and
+/// unicode everywhere, through `query`, a tag query and `query_stream`.
+pub async fn roundtrip_large_payloads(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    let items: Vec<Value> = (0..10_000)
+        .map(|i| {
+            json!({
+                "id": i,
+                "name": format!("élément {i} 日本語 🦀 \"quoted\" \\ {}", "x".repeat(120)),
+                "price": i as f64 / 7.0,
+                "tags": ["a", "b", { "nested": [i, -i, null, true] }],
+            })
+        })
+        .collect();
+    let data = json!({ "items": items, "blob": "ü".repeat(512 * 1024) });
+    let metadata = json!({ "trace": "🦀".repeat(256 * 1024), "user": "ünïcødé" });
+    let size = |v: &Value| serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0);
+    assert!(size(&data) > 3_000_000, "the data is over 3 MB");
+    assert!(size(&metadata) > 1_000_000, "the metadata is over 1 MB");
+    let many_tags: Vec<Tag> = (0..100)
+        .map(|i| Tag::new(format!("key{i}"), format!("värde-{i}-{}", "ß".repeat(i))))
+        .collect();
+    let mut big = NewEvent::new("Big", many_tags.clone(), data);
+    big.metadata = Some(metadata);
+    let small = NewEvent::new("Small", vec![Tag::new("key0", "other")], json!({}));
+    append(
+        &*store,
+        vec![big.clone(), small],
+        "appending a large payload",
+    )
+    .await;
+
+    let all = all_events(&*store).await;
+    assert_eq!(all.len(), 2, "both events stored");
+    assert!(
+        all[0].data == big.data && all[0].metadata == big.metadata,
+        "large data and metadata must read back equal"
+    );
+    assert_eq!(all[0].tags, many_tags, "100 tags in order");
+    let by_tag = read(
+        &*store,
+        &Query::tags([many_tags[99].clone(), many_tags[1].clone()]),
+        ReadOptions::default(),
+        "large payload by tag",
+    )
+    .await;
+    assert_eq!(by_tag.len(), 1, "the tag query finds the large event");
+    assert!(by_tag[0] == all[0], "the tag query returns it whole");
+    let streamed = read_stream(&*store, &Query::types(["Big"]), "large payload").await;
+    assert_eq!(streamed.len(), 1, "query_stream returns the large event");
+    assert!(streamed[0] == all[0], "query_stream returns it whole");
 }

@@ -72,6 +72,23 @@ pub(crate) async fn read(
         .unwrap_or_else(|err| panic!("{context}: query {query:?} with {options:?} failed: {err}"))
 }
 
+/// Reads `query` through `query_stream`, panicking with context on an error item.
+pub(crate) async fn read_stream(
+    store: &dyn EventStore,
+    query: &Query,
+    context: &str,
+) -> Vec<Event> {
+    use futures_util::StreamExt;
+    let items: Vec<Result<Event, Error>> = store
+        .query_stream(query, ReadOptions::default())
+        .collect()
+        .await;
+    items
+        .into_iter()
+        .map(|item| item.unwrap_or_else(|err| panic!("{context}: query_stream failed: {err}")))
+        .collect()
+}
+
 /// Appends, panicking with context on error.
 pub(crate) async fn append(store: &dyn EventStore, events: Vec<NewEvent>, context: &str) -> Cursor {
     store

@@ -3,10 +3,11 @@
 use super::support::*;
 use super::Factory;
 use dcb_core::{
-    AppendCondition, Event, EventStore, NewEvent, Query, ReadOptions, Tag, ValidationKind,
+    AppendCondition, Event, EventStore, NewCommand, NewEvent, Query, ReadOptions, Tag,
+    ValidationKind, MAX_JSON_DEPTH,
 };
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A store holding two events, and its contents.
 async fn seeded(factory: Factory<'_>) -> (Store, Vec<Event>) {
@@ -439,4 +440,149 @@ pub async fn validation_before_condition_check(factory: Factory<'_>) {
         "empty append with a conflicting condition",
     )
     .await;
+}
+
+/// `depth` levels of arrays (or of objects with key `"k"`) around `inner`, built without
+/// recursion (`json!` would serialize the inner value again).
+fn nested(depth: usize, objects: bool, inner: Value) -> Value {
+    (0..depth).fold(inner, |v, _| {
+        if objects {
+            Value::Object(std::iter::once(("k".to_string(), v)).collect())
+        } else {
+            Value::Array(vec![v])
+        }
+    })
+}
+
+/// JSON in data and metadata may nest arrays and objects `MAX_JSON_DEPTH` levels deep; such
+/// events read back equal through `query` and `query_stream`. One level more (an empty container
+/// counts), the 200 levels PostgreSQL would store but not return, and 10,000 levels (which must
+/// not overflow the stack) are rejected with `JsonTooDeep`, writing nothing; commands too.
+pub async fn validation_json_depth(factory: Factory<'_>) {
+    let (store, before) = seeded(factory).await;
+    let too_deep = ValidationKind::JsonTooDeep;
+    let event = |data: Value, metadata: Option<Value>| {
+        let mut event = NewEvent::new("Deep", vec![], data);
+        event.metadata = metadata;
+        event
+    };
+    for objects in [false, true] {
+        let shape = if objects { "objects" } else { "arrays" };
+        let at_limit = nested(MAX_JSON_DEPTH, objects, json!("bottom"));
+        rejects(
+            &*store,
+            &before,
+            vec![event(nested(MAX_JSON_DEPTH + 1, objects, json!(1)), None)],
+            too_deep,
+            &format!("data: {} levels of {shape}", MAX_JSON_DEPTH + 1),
+        )
+        .await;
+        rejects(
+            &*store,
+            &before,
+            vec![event(nested(MAX_JSON_DEPTH, objects, json!([])), None)],
+            too_deep,
+            &format!("data: {MAX_JSON_DEPTH} levels of {shape} around an empty array"),
+        )
+        .await;
+        rejects(
+            &*store,
+            &before,
+            vec![
+                event(at_limit.clone(), None),
+                event(json!({}), Some(nested(200, objects, json!(null)))),
+            ],
+            too_deep,
+            &format!("metadata of the second event: 200 levels of {shape}"),
+        )
+        .await;
+        // 10,000 levels: built twice, never cloned (Value's clone and drop recurse).
+        let deep = || vec![event(nested(10_000, objects, json!(1)), None)];
+        expect_validation(
+            store.append(deep()).await,
+            too_deep,
+            &format!("append: 10,000 levels of {shape}"),
+        );
+        expect_validation(
+            store
+                .append_if(
+                    deep(),
+                    AppendCondition::new(Query::types(["NeverAppended"])),
+                )
+                .await,
+            too_deep,
+            &format!("append_if: 10,000 levels of {shape}"),
+        );
+        assert_unchanged(&*store, &before, "10,000 levels").await;
+
+        let mut session = store
+            .command_session()
+            .await
+            .unwrap_or_else(|err| panic!("command_session failed: {err}"));
+        let command = NewCommand {
+            command_type: "Deep".into(),
+            data: json!({}),
+            metadata: Some(nested(MAX_JSON_DEPTH + 1, objects, json!(1))),
+            id: None,
+        };
+        expect_validation(
+            session.commit(&command, vec![ev("E", &[])], None).await,
+            too_deep,
+            &format!("command metadata: {} levels of {shape}", MAX_JSON_DEPTH + 1),
+        );
+        let command = NewCommand {
+            data: nested(200, objects, json!(1)),
+            metadata: None,
+            ..command
+        };
+        expect_validation(
+            session.commit(&command, vec![], None).await,
+            too_deep,
+            &format!("command data: 200 levels of {shape}"),
+        );
+        drop(session);
+        assert_unchanged(&*store, &before, "deep commands").await;
+    }
+    let commands = store
+        .commands(&dcb_core::CommandFilter::default())
+        .await
+        .unwrap_or_else(|err| panic!("listing commands failed: {err}"));
+    assert!(commands.is_empty(), "no deep command was recorded");
+
+    // At the limit: accepted, and every read path returns it equal.
+    let arrays = nested(MAX_JSON_DEPTH, false, json!("bottom"));
+    let objects = nested(MAX_JSON_DEPTH, true, json!(1.5));
+    let mixed = (0..MAX_JSON_DEPTH).fold(json!(null), |v, i| {
+        if i % 2 == 0 {
+            Value::Array(vec![json!(i), v])
+        } else {
+            Value::Object(std::iter::once((format!("level{i}"), v)).collect())
+        }
+    });
+    let sent = vec![
+        event(arrays.clone(), Some(objects.clone())),
+        event(mixed.clone(), Some(arrays.clone())),
+    ];
+    append(&*store, sent.clone(), "JSON at MAX_JSON_DEPTH").await;
+    let read_back = read(
+        &*store,
+        &Query::types(["Deep"]),
+        ReadOptions::default(),
+        "deep",
+    )
+    .await;
+    let streamed: Vec<Event> = store
+        .query_stream(&Query::types(["Deep"]), ReadOptions::default())
+        .map(|item| item.unwrap_or_else(|err| panic!("streaming deep events failed: {err}")))
+        .collect()
+        .await;
+    for (how, events) in [("query", read_back), ("query_stream", streamed)] {
+        assert_eq!(events.len(), 2, "{how}: both deep events read");
+        for (stored, sent) in events.iter().zip(&sent) {
+            assert!(
+                stored.data == sent.data && stored.metadata == sent.metadata,
+                "{how}: JSON {MAX_JSON_DEPTH} levels deep must read back equal"
+            );
+        }
+    }
 }
