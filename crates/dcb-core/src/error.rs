@@ -138,8 +138,9 @@ pub enum ValidationKind {
     /// JSON data or metadata nests arrays and objects deeper than
     /// [`MAX_JSON_DEPTH`](crate::MAX_JSON_DEPTH) levels.
     JsonTooDeep,
-    /// An event carries two tags with the same key.
-    DuplicateTagKey,
+    /// An event carries the same tag (key and value) twice. Tags are a set: one key may carry
+    /// several values, each pair is given once.
+    DuplicateTag,
     /// An append without events.
     EmptyAppend,
     /// An append with more events than the configured maximum batch size.

@@ -155,11 +155,35 @@ impl Event {
         })
     }
 
-    /// The value of the tag with `key`, if the event carries one.
+    /// The first value of the tag `key`, if the event carries one (see
+    /// [`tag_values`](Self::tag_values) for keys with several values).
     pub fn tag(&self, key: &str) -> Option<&str> {
         self.tags
             .iter()
             .find(|t| t.key == key)
+            .map(|t| t.value.as_str())
+    }
+
+    /// Every value of the tag `key`, in the order the event was appended with. A key may carry
+    /// several values: `ProductsOrdered` tagged `product:p1` and `product:p2`.
+    ///
+    /// ```
+    /// use dcb_core::{Cursor, Event, Tag};
+    /// let event = Event {
+    ///     cursor: Cursor::new(1, 1),
+    ///     event_type: "ProductsOrdered".into(),
+    ///     tags: vec![Tag::new("product", "p1"), Tag::new("cart", "c1"), Tag::new("product", "p2")],
+    ///     data: serde_json::json!({}),
+    ///     metadata: None,
+    ///     occurred_at: std::time::SystemTime::UNIX_EPOCH,
+    /// };
+    /// assert_eq!(event.tag_values("product").collect::<Vec<_>>(), ["p1", "p2"]);
+    /// assert_eq!(event.tag("product"), Some("p1"));
+    /// ```
+    pub fn tag_values<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.tags
+            .iter()
+            .filter(move |t| t.key == key)
             .map(|t| t.value.as_str())
     }
 }

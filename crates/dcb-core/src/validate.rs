@@ -245,9 +245,12 @@ pub fn discard_events(events: Vec<NewEvent>) {
 ///
 /// ```
 /// use dcb_core::{validate_events, Limits, NewEvent, Tag, ValidationKind};
-/// let bad = NewEvent::new("Opened", vec![Tag::new("id", "1"), Tag::new("id", "2")], serde_json::json!({}));
+/// // One key, several values: a cart of two products.
+/// let cart = NewEvent::new("Ordered", vec![Tag::new("product", "p1"), Tag::new("product", "p2")], serde_json::json!({}));
+/// assert!(validate_events(&[cart], &Limits::default()).is_ok());
+/// let bad = NewEvent::new("Opened", vec![Tag::new("id", "1"), Tag::new("id", "1")], serde_json::json!({}));
 /// let err = validate_events(&[bad], &Limits::default()).unwrap_err();
-/// assert_eq!(err.as_validation().unwrap().kind, ValidationKind::DuplicateTagKey);
+/// assert_eq!(err.as_validation().unwrap().kind, ValidationKind::DuplicateTag);
 /// ```
 pub fn validate_events(events: &[NewEvent], limits: &Limits) -> Result<(), Error> {
     if events.is_empty() {
@@ -273,11 +276,16 @@ pub fn validate_events(events: &[NewEvent], limits: &Limits) -> Result<(), Error
         for (j, tag) in event.tags.iter().enumerate() {
             let field = || format!("events[{i}].tags[{j}]");
             check_tag(&field, tag)?;
-            if event.tags[..j].iter().any(|t| t.key == tag.key) {
+            // Tags are a set: a key may carry several values, but a pair is given once.
+            if event.tags[..j].contains(tag) {
                 return Err(invalid(
                     field(),
-                    K::DuplicateTagKey,
-                    format!("tag key {:?} appears twice on one event", tag.key),
+                    K::DuplicateTag,
+                    format!(
+                        "tag {:?} = {:?} appears twice on one event; tags are a set of \
+                         key/value pairs (one key may carry several values): give each pair once",
+                        tag.key, tag.value
+                    ),
                 ));
             }
         }
@@ -388,11 +396,13 @@ mod tests {
             field_of(validate_events(&[key], &limits)),
             ("events[0].tags[0].key".to_string(), K::ReservedCharacter)
         );
-        let twice = NewEvent::new("A", vec![Tag::new("k", "1"), Tag::new("k", "2")], json!({}));
+        let twice = NewEvent::new("A", vec![Tag::new("k", "1"), Tag::new("k", "1")], json!({}));
         assert_eq!(
             field_of(validate_events(&[twice], &limits)),
-            ("events[0].tags[1]".to_string(), K::DuplicateTagKey)
+            ("events[0].tags[1]".to_string(), K::DuplicateTag)
         );
+        let values = NewEvent::new("A", vec![Tag::new("k", "1"), Tag::new("k", "2")], json!({}));
+        assert!(validate_events(&[values], &limits).is_ok());
         let mut meta = NewEvent::new("A", vec![], json!({}));
         meta.metadata = Some(json!(["\0"]));
         assert_eq!(

@@ -34,12 +34,12 @@ fn tag() -> impl Strategy<Value = Tag> {
         .prop_map(|(k, v)| Tag::new(k, v))
 }
 
-/// Event tags: unique keys, as validation demands.
+/// Event tags: distinct pairs, as validation demands (a key may carry several values).
 fn event_tags() -> impl Strategy<Value = Vec<Tag>> {
     proptest::collection::vec(tag(), 0..5).prop_map(|tags| {
         let mut unique: Vec<Tag> = Vec::new();
         for t in tags {
-            if !unique.iter().any(|u| u.key == t.key) {
+            if !unique.contains(&t) {
                 unique.push(t);
             }
         }
@@ -141,7 +141,7 @@ proptest! {
     #[test]
     fn matching_is_monotone_in_extra_event_tags(q in query(), t in event_type(), tags in event_tags(), extra in event_tags()) {
         let mut more = tags.clone();
-        more.extend(extra.into_iter().filter(|e| !tags.iter().any(|x| x.key == e.key)));
+        more.extend(extra.into_iter().filter(|e| !tags.contains(e)));
         if matches(&q, &t, &tags) {
             prop_assert!(matches(&q, &t, &more), "adding tags to a matching event must keep it matching");
         }

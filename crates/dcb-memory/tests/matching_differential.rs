@@ -31,7 +31,7 @@ fn new_event() -> impl Strategy<Value = NewEvent> {
         .prop_map(|(t, tags)| {
             let mut unique: Vec<Tag> = Vec::new();
             for tag in tags {
-                if !unique.iter().any(|u| u.key == tag.key) {
+                if !unique.contains(&tag) {
                     unique.push(tag);
                 }
             }

@@ -16,14 +16,19 @@ const TYPES: [&str; 4] = ["A", "B", "C", "D"];
 const KEYS: [&str; 3] = ["k1", "k2", "k3"];
 const VALUES: [&str; 3] = ["1", "2", "x:y"];
 
+/// Distinct pairs; a key may carry several values.
 fn random_tags(rng: &mut StdRng, max: usize) -> Vec<Tag> {
-    let mut keys = KEYS.to_vec();
-    keys.shuffle(rng);
-    let n = rng.gen_range(0..=max);
-    keys.into_iter()
-        .take(n)
-        .map(|k| Tag::new(k, *VALUES.choose(rng).expect("value")))
-        .collect()
+    let mut tags: Vec<Tag> = Vec::new();
+    for _ in 0..rng.gen_range(0..=max) {
+        let tag = Tag::new(
+            *KEYS.choose(rng).expect("key"),
+            *VALUES.choose(rng).expect("value"),
+        );
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
+    tags
 }
 
 fn random_event(rng: &mut StdRng, i: usize) -> NewEvent {

@@ -90,6 +90,7 @@ macro_rules! conformance_tests {
             query_limit_zero_is_rejected,
             query_backwards,
             query_stream_equals_query,
+            query_multi_valued_tag_keys,
             // appends
             append_returns_cursor_of_last_event,
             append_cursors_strictly_increase,
@@ -110,6 +111,7 @@ macro_rules! conformance_tests {
             condition_type_only,
             condition_query_all,
             condition_conflict_reports_info,
+            condition_multi_valued_tag_keys,
             // validation
             validation_event_type,
             validation_tags,
@@ -147,6 +149,7 @@ macro_rules! conformance_tests {
             concurrent_unconditional_writer_beats_stale_decision,
             concurrent_post_hoc_validator,
             concurrent_cancelled_appends_tell_the_truth,
+            concurrent_multi_valued_carts_never_oversell,
         }
 
         #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -711,15 +711,15 @@ pub async fn invalid_decision_rolls_back_everything(store: Store) {
             ValidationKind::NulCharacter,
         ),
         (
-            "duplicate tag key",
+            "duplicate tag",
             || {
                 Decision::append([NewEvent::new(
                     "Bad",
-                    vec![Tag::new("k", "1"), Tag::new("k", "2")],
+                    vec![Tag::new("k", "1"), Tag::new("k", "1")],
                     json!({}),
                 )])
             },
-            ValidationKind::DuplicateTagKey,
+            ValidationKind::DuplicateTag,
         ),
         (
             "empty condition query",

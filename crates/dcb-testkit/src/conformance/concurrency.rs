@@ -505,7 +505,7 @@ fn random_tags(rng: &mut StdRng, max: usize) -> Vec<dcb_core::Tag> {
     let mut chosen: Vec<dcb_core::Tag> = Vec::new();
     for _ in 0..rng.gen_range(0..=max) {
         let (k, v) = TAGS[rng.gen_range(0..TAGS.len())];
-        if !chosen.iter().any(|t| t.key == k) {
+        if !chosen.iter().any(|t| t.key == k && t.value == v) {
             chosen.push(dcb_core::Tag::new(k, v));
         }
     }
