@@ -48,7 +48,7 @@ pub(crate) fn client_deadline(timeout: Duration) -> Duration {
 
 /// How an append is sent, by what it must check and the isolation level.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Protocol {
+pub(crate) enum Protocol {
     /// One autocommit statement that locks, then inserts: nothing to check, and the session's
     /// `lock_timeout` is the append timeout (stores built by `connect`).
     OneStatement,
@@ -63,7 +63,7 @@ enum Protocol {
 }
 
 impl PostgresEventStore {
-    fn protocol(&self, checks: bool) -> Protocol {
+    pub(crate) fn protocol(&self, checks: bool) -> Protocol {
         let inner = &self.inner;
         match (checks, inner.config.append_isolation) {
             (false, _) if inner.session_timeout => Protocol::OneStatement,
@@ -102,6 +102,28 @@ impl PostgresEventStore {
         }
         let lock = locks.into_params();
         let protocol = self.protocol(condition.is_some() || command.is_some());
+        let parts = AppendParts {
+            condition,
+            command,
+            lock: (protocol == Protocol::OneStatement).then(|| lock.clone()),
+        };
+        let stmt = sql::append(&inner.schema, events, parts);
+        let begin = self.begin_append(condition);
+        let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
+        self.outcome(rows)
+    }
+
+    /// Runs an append statement under `protocol` on `conn`, bounded by [`client_deadline`], and
+    /// again (same statement) while it fails to serialize under a stricter isolation level.
+    pub(crate) async fn run_append(
+        &self,
+        conn: &Conn,
+        protocol: Protocol,
+        begin: &str,
+        stmt: &sql::Statement,
+        lock: &(Vec<i64>, Vec<bool>),
+    ) -> Result<Vec<Row>, Error> {
+        let inner = &self.inner;
         let deadline = client_deadline(inner.config.append_timeout);
         // Set once a statement that can write was handed to the connection.
         let write_sent = AtomicBool::new(false);
@@ -110,24 +132,9 @@ impl PostgresEventStore {
             _ => SERIALIZATION_RETRIES,
         };
         let give_up = tokio::time::Instant::now() + deadline;
-        let mut events = events;
         let mut attempt = 0;
-        let rows = loop {
-            // Only an attempt that may be followed by another needs a copy of the events.
-            let batch = if attempt < retries {
-                events.clone()
-            } else {
-                std::mem::take(&mut events)
-            };
-            let exchange = self.append_exchange(
-                conn,
-                protocol,
-                batch,
-                condition,
-                command,
-                &lock,
-                &write_sent,
-            );
+        loop {
+            let exchange = self.append_exchange(conn, protocol, begin, stmt, lock, &write_sent);
             let result = match tokio::time::timeout_at(give_up, exchange).await {
                 Ok(result) => result,
                 // Dropped mid-exchange, the connection is closed and its query cancelled.
@@ -156,20 +163,17 @@ impl PostgresEventStore {
                     write_sent.store(false, Ordering::Release);
                     tracing::debug!(attempt, "append failed to serialize; running it again");
                 }
-                other => break other?,
+                other => return other,
             }
-        };
-        self.outcome(rows)
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn append_exchange(
         &self,
         conn: &Conn,
         protocol: Protocol,
-        events: Vec<NewEvent>,
-        condition: Option<&AppendCondition>,
-        command: Option<&NewCommand>,
+        begin: &str,
+        stmt: &sql::Statement,
         lock: &(Vec<i64>, Vec<bool>),
         write_sent: &AtomicBool,
     ) -> Result<Vec<Row>, Error> {
@@ -178,12 +182,6 @@ impl PostgresEventStore {
         conn.begin_exchange("append")?;
         let client = conn.object();
         if protocol == Protocol::OneStatement {
-            let parts = AppendParts {
-                condition,
-                command,
-                lock: Some(lock.clone()),
-            };
-            let stmt = sql::append(&inner.schema, events, parts);
             let append_stmt = prepare(client, &stmt.sql, "append").await?;
             let params = stmt.param_refs();
             write_sent.store(true, Ordering::Release);
@@ -208,24 +206,18 @@ impl PostgresEventStore {
                 }
             };
         }
-        let parts = AppendParts {
-            condition,
-            command,
-            lock: None,
-        };
-        let stmt = sql::append(&inner.schema, events, parts);
         let (keys, exclusive) = lock;
         let lock_params: [&(dyn ToSql + Sync); 2] = [keys, exclusive];
         let append_stmt = prepare(client, &stmt.sql, "append").await?;
         let params = stmt.param_refs();
         if protocol == Protocol::SessionLocks {
             let lock_stmt = prepare(client, &inner.session_lock_sql, "append").await?;
-            let (begin, locked, commit) = tokio::join!(
+            let (opened, locked, committed) = tokio::join!(
                 client.batch_execute(&inner.begin_session_lock),
                 client.execute(&lock_stmt, &lock_params),
                 client.batch_execute("COMMIT"),
             );
-            if let Some(err) = [begin.err(), locked.err(), commit.err()]
+            if let Some(err) = [opened.err(), locked.err(), committed.err()]
                 .into_iter()
                 .flatten()
                 .next()
@@ -238,7 +230,7 @@ impl PostgresEventStore {
             let unlock_stmt = prepare(client, &inner.session_unlock_sql, "append").await?;
             write_sent.store(true, Ordering::Release);
             let (begin, rows, commit, unlocked) = tokio::join!(
-                client.batch_execute(self.begin_append(condition)),
+                client.batch_execute(begin),
                 client.query(&append_stmt, &params),
                 client.batch_execute("COMMIT"),
                 client.execute(&unlock_stmt, &lock_params),
@@ -251,7 +243,7 @@ impl PostgresEventStore {
         let lock_stmt = prepare(client, &inner.lock_sql, "append").await?;
         write_sent.store(true, Ordering::Release);
         let (begin, locked, rows, commit) = tokio::join!(
-            client.batch_execute(self.begin_append(condition)),
+            client.batch_execute(begin),
             client.execute(&lock_stmt, &lock_params),
             client.query(&append_stmt, &params),
             client.batch_execute("COMMIT"),
@@ -320,7 +312,7 @@ impl PostgresEventStore {
         }
     }
 
-    fn outcome(&self, rows: Vec<Row>) -> Result<AppendOutcome, Error> {
+    pub(crate) fn outcome(&self, rows: Vec<Row>) -> Result<AppendOutcome, Error> {
         let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
         let mut conflict = None;
         // The transaction committed; a row that cannot be read changes nothing about that.
@@ -386,23 +378,12 @@ impl PostgresEventStore {
         if let Some(condition) = condition {
             validate_condition(condition)?;
         }
-        let conn = Conn::get(&self.inner.pool, "append").await?;
-        match self.append_on(&conn, events, condition, None).await? {
-            AppendOutcome::Written {
-                last_event: Some(cursor),
-                ..
-            } => Ok(cursor),
-            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
-                conflicting: Some(conflicting),
-                after: condition.and_then(|c| c.after),
-            })),
-            _ => Err(Error::Storage {
-                operation: "append",
-                message: "the append wrote no event".into(),
-                outcome_unknown: false,
-                source: None,
-            }),
+        if self.groups_enabled() {
+            return self.append_grouped(events, condition).await;
         }
+        let conn = Conn::get(&self.inner.pool, "append").await?;
+        let outcome = self.append_on(&conn, events, condition, None).await?;
+        single_cursor(outcome, condition)
     }
 
     /// Appends `events` and records `command` in one transaction (the command layer's commit).
@@ -451,6 +432,29 @@ impl PostgresEventStore {
             })),
             AppendOutcome::Duplicate => Ok(None),
         }
+    }
+}
+
+/// The result of a plain append (no command) from its outcome.
+pub(crate) fn single_cursor(
+    outcome: AppendOutcome,
+    condition: Option<&AppendCondition>,
+) -> Result<Cursor, Error> {
+    match outcome {
+        AppendOutcome::Written {
+            last_event: Some(cursor),
+            ..
+        } => Ok(cursor),
+        AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
+            conflicting: Some(conflicting),
+            after: condition.and_then(|c| c.after),
+        })),
+        _ => Err(Error::Storage {
+            operation: "append",
+            message: "the append wrote no event".into(),
+            outcome_unknown: false,
+            source: None,
+        }),
     }
 }
 

@@ -95,6 +95,18 @@ pub struct StoreConfig {
     /// per transaction (sized `max_locks_per_transaction` × `max_connections`): raise
     /// `max_locks_per_transaction` with it. Processes with different values can share a store.
     pub max_lock_keys: usize,
+    /// The most `append`/`append_if` calls one shared transaction may carry (group commit).
+    /// Concurrent calls on one store are coalesced: a group is whatever queued while the
+    /// previous flush was in flight, so a lone caller never waits for company. Each call keeps
+    /// its own outcome (cursor, conflict, timeout); the calls of a group take effect in their
+    /// queue order, and a call whose condition matches events of an earlier call of the same
+    /// group goes to the next group, so it conflicts exactly as if they had run one after the
+    /// other. `1` turns group commit off: every append is its own transaction. Appends of
+    /// command sessions never join a group. Default 32.
+    pub group_commit_max: usize,
+    /// How many groups may be in flight at once, each on its own pooled connection (no more
+    /// than the pool's size are ever used). Default 4.
+    pub group_commit_flushers: usize,
 }
 
 impl Default for StoreConfig {
@@ -113,6 +125,8 @@ impl Default for StoreConfig {
             notify_on_append: true,
             notify_interval: Duration::from_millis(10),
             max_lock_keys: 48,
+            group_commit_max: 32,
+            group_commit_flushers: 4,
         }
     }
 }
@@ -157,6 +171,10 @@ impl StoreConfig {
         notify_interval: Duration);
     setter!(/// Sets the most lock keys one operation takes before it escalates.
         max_lock_keys: usize);
+    setter!(/// Sets the most appends one group commit carries (`1`: off).
+        group_commit_max: usize);
+    setter!(/// Sets how many group commits may be in flight at once.
+        group_commit_flushers: usize);
 
     /// Checks every field, naming the first invalid one.
     pub fn validate(&self) -> Result<(), Error> {
@@ -198,6 +216,15 @@ impl StoreConfig {
         }
         if self.max_lock_keys == 0 || self.max_lock_keys > 10_000 {
             return bad("max_lock_keys", "must be between 1 and 10000");
+        }
+        if self.group_commit_max == 0 || self.group_commit_max > 10_000 {
+            return bad(
+                "group_commit_max",
+                "must be between 1 (group commit off) and 10000",
+            );
+        }
+        if self.group_commit_flushers == 0 || self.group_commit_flushers > 1000 {
+            return bad("group_commit_flushers", "must be between 1 and 1000");
         }
         Ok(())
     }

@@ -42,6 +42,7 @@
 mod append;
 mod config;
 mod conn;
+mod group;
 mod handlers;
 mod json;
 mod keys;

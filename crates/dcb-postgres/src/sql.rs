@@ -412,6 +412,81 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
     stmt
 }
 
+/// One append of a group commit: its events and its condition.
+pub(crate) struct GroupPart<'a> {
+    pub(crate) events: &'a [NewEvent],
+    pub(crate) condition: Option<&'a dcb_core::AppendCondition>,
+}
+
+/// The checking insert of a group commit: every part's condition is probed, and the events of
+/// the parts whose probes found nothing are inserted, in part order, in one statement. Runs
+/// after the group's locks were granted, like [`append`]'s checks. The parts must not depend on
+/// each other (no condition matching an earlier part's events): one statement's probes cannot
+/// see its own inserts.
+///
+/// Rows: `('conflict', part, transaction_id, position)` for each part whose condition failed,
+/// and `('event', NULL, transaction_id, position)` for every inserted event, in insert order.
+pub(crate) fn append_group(schema: &str, parts: &[GroupPart<'_>]) -> Statement {
+    let mut stmt = Statement::default();
+    let mut ctes = Vec::new();
+    let mut conflicts = Vec::new();
+    for (r, part) in parts.iter().enumerate() {
+        let Some(condition) = part.condition else {
+            continue;
+        };
+        let mut hits = Vec::new();
+        for (i, item) in condition.fail_if_events_match.items.iter().enumerate() {
+            let (probe, filter) = probe(&mut stmt, schema, item, condition.after);
+            ctes.push(format!("probe{r}_{i} AS MATERIALIZED ({probe})"));
+            hits.push(format!("(SELECT * FROM probe{r}_{i}{filter} LIMIT 1)"));
+        }
+        conflicts.push(format!(
+            "(SELECT {r} AS part, transaction_id, position FROM ({}) AS hits LIMIT 1)",
+            hits.join(" UNION ALL ")
+        ));
+    }
+    let (mut types, mut tags, mut data, mut metadata, mut part_of) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (r, part) in parts.iter().enumerate() {
+        for event in part.events {
+            types.push(event.event_type.clone());
+            tags.push(tags_literal(&event.tags));
+            data.push(event.data.clone());
+            metadata.push(event.metadata.clone());
+            part_of.push(i32::try_from(r).unwrap_or(i32::MAX));
+        }
+    }
+    let conflict_rows = if conflicts.is_empty() {
+        "SELECT NULL::int4 AS part, NULL::xid8 AS transaction_id, NULL::int8 AS position WHERE FALSE"
+            .to_string()
+    } else {
+        conflicts.join(" UNION ALL ")
+    };
+    ctes.push(format!("conflict AS MATERIALIZED ({conflict_rows})"));
+    let (types, tags, data, metadata, part_of) = (
+        stmt.bind(types),
+        stmt.bind(tags),
+        stmt.bind(data),
+        stmt.bind(metadata),
+        stmt.bind(part_of),
+    );
+    ctes.push(format!(
+        "inserted AS (INSERT INTO {schema}.events (type, tags, data, metadata) \
+         SELECT u.type, u.tags::text[], u.data, u.metadata \
+         FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[], \
+                     {part_of}::int4[]) WITH ORDINALITY AS u(type, tags, data, metadata, part, ord) \
+         WHERE NOT EXISTS (SELECT 1 FROM conflict c WHERE c.part = u.part) ORDER BY u.ord \
+         RETURNING transaction_id, position)"
+    ));
+    stmt.sql = format!(
+        "WITH {} SELECT 'conflict'::text, part, transaction_id, position FROM conflict \
+         UNION ALL (SELECT 'event'::text, NULL::int4, transaction_id, position FROM inserted \
+         ORDER BY position)",
+        ctes.join(", ")
+    );
+    stmt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

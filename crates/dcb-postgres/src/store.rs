@@ -118,6 +118,8 @@ pub(crate) struct Inner {
     pub(crate) session_timeout: bool,
     /// Wake-ups for subscriptions and handler runners (see `notify.rs`).
     pub(crate) changes: crate::notify::Changes,
+    /// Group commit's queue (see `group.rs`).
+    pub(crate) groups: crate::group::Groups,
 }
 
 impl fmt::Debug for PostgresEventStore {
@@ -238,6 +240,7 @@ impl PostgresEventStore {
             session_unlock_sql: sql::session_unlock_rows("$1", "$2"),
             session_timeout,
             changes: crate::notify::Changes::new(&config, pool.clone()),
+            groups: crate::group::Groups::default(),
             schema,
             pool,
             config,
@@ -292,15 +295,24 @@ impl PostgresEventStore {
 
     /// The statements that open an append transaction with `condition`.
     pub(crate) fn begin_append(&self, condition: Option<&AppendCondition>) -> &str {
+        self.begin_append_for(condition.into_iter())
+    }
+
+    /// [`begin_append`](Self::begin_append) for a statement checking all of `conditions`.
+    pub(crate) fn begin_append_for<'a>(
+        &self,
+        mut conditions: impl Iterator<Item = &'a AppendCondition>,
+    ) -> &str {
         let type_only = |c: &AppendCondition| {
             c.fail_if_events_match
                 .items
                 .iter()
                 .any(|i| i.tags.is_empty() && !i.types.is_empty())
         };
-        match condition {
-            Some(c) if type_only(c) => &self.inner.begin_append_custom,
-            _ => &self.inner.begin_append,
+        if conditions.any(type_only) {
+            &self.inner.begin_append_custom
+        } else {
+            &self.inner.begin_append
         }
     }
 

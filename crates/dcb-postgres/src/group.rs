@@ -1,0 +1,363 @@
+//! Group commit: concurrent `append`/`append_if` calls of one store share a transaction.
+//!
+//! A call joins a queue; up to `group_commit_flushers` flusher tasks each take whatever is queued
+//! (at most `group_commit_max` calls) and commit it as one transaction, so a lone caller never
+//! waits for company and many callers pay one commit per group instead of one each. The calls of
+//! a group take effect in queue order. A call whose condition matches an event of an earlier
+//! call of the group stays for the next group: one statement's checks cannot see its own
+//! inserts, and deferring it keeps the serial order exact (it then conflicts exactly as if the
+//! calls had run one after the other). Each call
+//! keeps its own outcome and its own deadline; a call still queued when its deadline passes (or
+//! whose future was dropped) is taken out and certainly wrote nothing.
+//!
+//! The flush runs in a task of its own, so a caller's cancelled future never cuts a shared
+//! transaction short.
+use crate::append::{client_deadline, Protocol};
+use crate::conn::{outcome_unknown, Conn};
+use crate::keys::LockSet;
+use crate::sql::{self, GroupPart};
+use crate::store::PostgresEventStore;
+use crate::xid8::Xid8;
+use dcb_core::{matches, AppendCondition, ConflictInfo, Cursor, Error, NewEvent};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+/// The events and (simplified) condition of one call of a group.
+type Call = (Vec<NewEvent>, Option<AppendCondition>);
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// One call waiting for a group; owned by the queue, then by the flusher that takes it.
+struct Pending {
+    events: Vec<NewEvent>,
+    /// Simplified, as the single-call path checks it.
+    condition: Option<AppendCondition>,
+    /// Shared with the caller, who may abandon the call while it is queued.
+    state: Arc<AtomicU8>,
+    reply: oneshot::Sender<Result<Cursor, Error>>,
+}
+
+impl Pending {
+    /// Takes the call for a group, unless it was abandoned or its caller is gone.
+    fn take(&self) -> bool {
+        !self.reply.is_closed()
+            && self
+                .state
+                .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
+/// Gives up waiting: true if the call was never taken (it certainly wrote nothing).
+fn abandon(state: &AtomicU8) -> bool {
+    state
+        .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Pending>,
+    flushers: usize,
+}
+
+/// The group-commit queue of one store.
+#[derive(Default)]
+pub(crate) struct Groups {
+    queue: Mutex<Queue>,
+}
+
+impl Groups {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl PostgresEventStore {
+    /// Whether appends of this store go through group commit.
+    pub(crate) fn groups_enabled(&self) -> bool {
+        self.inner.config.group_commit_max > 1
+    }
+
+    /// Appends through group commit (validated input).
+    pub(crate) async fn append_grouped(
+        &self,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Cursor, Error> {
+        let inner = &self.inner;
+        let (tx, rx) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let pending = Pending {
+            events,
+            condition: condition.map(|c| AppendCondition {
+                fail_if_events_match: c.fail_if_events_match.simplified(),
+                after: c.after,
+            }),
+            state: state.clone(),
+            reply: tx,
+        };
+        let spawn = {
+            let mut queue = inner.groups.lock();
+            queue.waiting.push_back(pending);
+            let limit = inner
+                .config
+                .group_commit_flushers
+                .min(inner.pool.status().max_size.max(1));
+            if queue.flushers < limit {
+                queue.flushers += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if spawn {
+            let store = self.clone();
+            tokio::spawn(
+                async move { store.flush_groups().await }
+                    .instrument(tracing::debug_span!("pg.group_commit")),
+            );
+        }
+        let deadline = client_deadline(inner.config.append_timeout);
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(outcome_unknown(
+                "append",
+                "the group commit carrying this append ended without an answer",
+                None,
+            )),
+            Err(_) if abandon(&state) => Err(Error::Timeout {
+                operation: "append",
+                timeout: inner.config.append_timeout,
+            }),
+            Err(_) => Err(outcome_unknown(
+                "append",
+                format!("no answer from the group commit carrying this append within {deadline:?}"),
+                None,
+            )),
+        }
+    }
+
+    /// A flusher: commits groups while calls are queued, then ends.
+    async fn flush_groups(self) {
+        loop {
+            let group = self.next_group();
+            if group.is_empty() {
+                return;
+            }
+            let (replies, calls): (Vec<_>, Vec<_>) = group
+                .into_iter()
+                .map(|p| (p.reply, (p.events, p.condition)))
+                .unzip();
+            let results = self.commit_group(calls).await;
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Takes the next group off the queue; when it is empty, the flusher is counted out under
+    /// the same lock, so a call queued meanwhile starts a new one.
+    fn next_group(&self) -> Vec<Pending> {
+        let inner = &self.inner;
+        let mut queue = inner.groups.lock();
+        let mut group: Vec<Pending> = Vec::new();
+        let mut events = 0;
+        while let Some(next) = queue.waiting.front() {
+            if group.len() >= inner.config.group_commit_max {
+                break;
+            }
+            let depends = next.condition.as_ref().is_some_and(|c| {
+                group
+                    .iter()
+                    .flat_map(|p| &p.events)
+                    .any(|e| matches(&c.fail_if_events_match, &e.event_type, &e.tags))
+            });
+            let too_big =
+                !group.is_empty() && events + next.events.len() > inner.config.max_batch_size;
+            if depends || too_big {
+                break;
+            }
+            let Some(next) = queue.waiting.pop_front() else {
+                break;
+            };
+            if next.take() {
+                events += next.events.len();
+                group.push(next);
+            }
+        }
+        if group.is_empty() {
+            queue.flushers = queue.flushers.saturating_sub(1);
+        }
+        group
+    }
+
+    /// Commits `group` in one transaction; one result per call, in order.
+    async fn commit_group(&self, mut group: Vec<Call>) -> Vec<Result<Cursor, Error>> {
+        let conn = match Conn::get(&self.inner.pool, "append").await {
+            Ok(conn) => conn,
+            Err(err) => return group.iter().map(|_| Err(share(&err))).collect(),
+        };
+        if group.len() == 1 {
+            // Alone, the call takes the single-call path and its specialized statement.
+            if let Some((events, condition)) = group.pop() {
+                let outcome = self
+                    .append_on(&conn, events, condition.as_ref(), None)
+                    .await;
+                return vec![
+                    outcome.and_then(|o| crate::append::single_cursor(o, condition.as_ref()))
+                ];
+            }
+        }
+        match self.run_group(&conn, &group).await {
+            Ok(results) => results,
+            Err(err) => group.iter().map(|_| Err(share(&err))).collect(),
+        }
+    }
+
+    async fn run_group(
+        &self,
+        conn: &Conn,
+        group: &[Call],
+    ) -> Result<Vec<Result<Cursor, Error>>, Error> {
+        let inner = &self.inner;
+        let mut locks = LockSet::default();
+        for pending in group {
+            // Per call, so each stays within `max_lock_keys` on its own.
+            inner.keys.add_event_keys(&mut locks, &pending.0);
+            if let Some(c) = &pending.1 {
+                inner
+                    .keys
+                    .add_query_keys(&mut locks, &c.fail_if_events_match);
+            }
+        }
+        let lock = locks.into_params();
+        let parts: Vec<GroupPart<'_>> = group
+            .iter()
+            .map(|p| GroupPart {
+                events: &p.0,
+                condition: p.1.as_ref(),
+            })
+            .collect();
+        let stmt = sql::append_group(&inner.schema, &parts);
+        let any_condition = group.iter().any(|p| p.1.is_some());
+        // A group's locks are always taken in their own statement (never the one-statement
+        // path), with or without conditions.
+        let protocol = match self.protocol(any_condition) {
+            Protocol::OneStatement => Protocol::Transaction,
+            other => other,
+        };
+        let begin = self.begin_append_for(group.iter().filter_map(|p| p.1.as_ref()));
+        let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
+        let unreadable = |e| {
+            outcome_unknown(
+                "append",
+                "the group commit committed but its reply could not be read",
+                Some(e),
+            )
+        };
+        let mut conflicts: Vec<Option<Cursor>> = vec![None; group.len()];
+        let mut written: Vec<Cursor> = Vec::new();
+        for row in &rows {
+            let kind: &str = row.try_get(0).map_err(unreadable)?;
+            let part: Option<i32> = row.try_get(1).map_err(unreadable)?;
+            let tx: Xid8 = row.try_get(2).map_err(unreadable)?;
+            let position: i64 = row.try_get(3).map_err(unreadable)?;
+            let cursor = Cursor::new(tx.0, position);
+            match (kind, part.and_then(|p| usize::try_from(p).ok())) {
+                ("conflict", Some(p)) if p < group.len() => conflicts[p] = Some(cursor),
+                ("event", _) => written.push(cursor),
+                _ => {
+                    return Err(outcome_unknown(
+                        "append",
+                        format!("the group commit returned an unexpected row {kind:?}"),
+                        None,
+                    ))
+                }
+            }
+        }
+        // The inserted events are those of the calls without a conflict, in call order.
+        let expected: usize = group
+            .iter()
+            .zip(&conflicts)
+            .filter(|(_, c)| c.is_none())
+            .map(|(p, _)| p.0.len())
+            .sum();
+        if expected != written.len() {
+            return Err(outcome_unknown(
+                "append",
+                format!(
+                    "the group commit stored {} events where {expected} were expected",
+                    written.len()
+                ),
+                None,
+            ));
+        }
+        if !written.is_empty() {
+            inner.changes.committed();
+        }
+        let mut next = written.into_iter();
+        Ok(group
+            .iter()
+            .zip(conflicts)
+            .map(|(pending, conflict)| match conflict {
+                Some(conflicting) => Err(Error::Conflict(ConflictInfo {
+                    conflicting: Some(conflicting),
+                    after: pending.1.as_ref().and_then(|c| c.after),
+                })),
+                None => next
+                    .by_ref()
+                    .take(pending.0.len())
+                    .last()
+                    .ok_or_else(|| Error::Storage {
+                        operation: "append",
+                        message: "the append wrote no event".into(),
+                        outcome_unknown: false,
+                        source: None,
+                    }),
+            })
+            .collect())
+    }
+}
+
+/// The same failure for every call of a group (errors are not `Clone`: the source is kept as
+/// text in the message).
+fn share(err: &Error) -> Error {
+    match err {
+        Error::Conflict(info) => Error::Conflict(info.clone()),
+        Error::Timeout { operation, timeout } => Error::Timeout {
+            operation,
+            timeout: *timeout,
+        },
+        Error::Storage {
+            operation,
+            message,
+            outcome_unknown,
+            source,
+        } => Error::Storage {
+            operation,
+            message: match source {
+                Some(source) => format!("{message} ({})", dcb_core::runner::error_chain(&**source)),
+                None => message.clone(),
+            },
+            outcome_unknown: *outcome_unknown,
+            source: None,
+        },
+        Error::Schema { message } => Error::Schema {
+            message: message.clone(),
+        },
+        other => Error::Storage {
+            operation: "append",
+            message: other.to_string(),
+            outcome_unknown: false,
+            source: None,
+        },
+    }
+}
