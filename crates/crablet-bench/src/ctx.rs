@@ -91,7 +91,9 @@ impl Ctx {
             .schema(schema)
             .auto_migrate(true)
             .pool_size(max_clients + 2)
-            .stream_buffer(args.stream_buffer);
+            .stream_buffer(args.stream_buffer)
+            .group_commit_max(args.group_commit_max)
+            .group_commit_flushers(args.group_commit_flushers);
         let store_url = args.store_url.as_deref().unwrap_or(&url);
         let store = PostgresEventStore::connect(store_url, config)
             .await

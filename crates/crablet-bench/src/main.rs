@@ -189,6 +189,13 @@ pub struct Args {
     /// the floor of a locked, indexed append through this client stack.
     #[arg(long)]
     pub raw_locks: bool,
+    /// The store's `group_commit_max`: the most appends one shared transaction carries; 1
+    /// turns group commit off (every append its own transaction, as before group commit).
+    #[arg(long, default_value_t = 32)]
+    pub group_commit_max: usize,
+    /// The store's `group_commit_flushers`: groups in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub group_commit_flushers: usize,
 }
 
 impl Args {

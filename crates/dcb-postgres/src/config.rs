@@ -105,7 +105,9 @@ pub struct StoreConfig {
     /// command sessions never join a group. Default 32.
     pub group_commit_max: usize,
     /// How many groups may be in flight at once, each on its own pooled connection (no more
-    /// than the pool's size are ever used). Default 4.
+    /// than the pool's size are ever used). One flusher runs while calls are queued; another
+    /// starts only while a full group (`group_commit_max` calls) waits, so groups grow with the
+    /// load instead of splitting it. Default 4.
     pub group_commit_flushers: usize,
 }
 
