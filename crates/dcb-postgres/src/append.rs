@@ -158,7 +158,7 @@ impl PostgresEventStore {
                 // this is never a conflict of the append's own boundary).
                 Err(Error::Conflict(ConflictInfo {
                     conflicting: None, ..
-                })) if attempt < retries => {
+                })) if attempt < retries && conn.is_clean() => {
                     attempt += 1;
                     write_sent.store(false, Ordering::Release);
                     tracing::debug!(attempt, "append failed to serialize; running it again");
@@ -214,28 +214,33 @@ impl PostgresEventStore {
             let lock_stmt = prepare(client, &inner.session_lock_sql, "append").await?;
             let (opened, locked, committed) = tokio::join!(
                 client.batch_execute(&inner.begin_session_lock),
-                client.execute(&lock_stmt, &lock_params),
+                client.query_one(&lock_stmt, &lock_params),
                 client.batch_execute("COMMIT"),
             );
-            if let Some(err) = [opened.err(), locked.err(), committed.err()]
-                .into_iter()
-                .flatten()
-                .next()
-            {
-                // Nothing that writes was sent. Closing the connection releases whatever
-                // session locks were granted.
-                conn.fail_exchange();
-                return Err(db_error_with_timeout("append", err, false, timeout));
-            }
+            let holder = opened
+                .and(locked)
+                .and_then(|row| committed.map(|()| row))
+                .and_then(|row| row.try_get::<_, i32>(1));
+            let holder = match holder {
+                Ok(pid) => pid,
+                Err(err) => {
+                    // Nothing that writes was sent. Closing the connection releases whatever
+                    // session locks were granted.
+                    conn.fail_exchange();
+                    return Err(db_error_with_timeout("append", err, false, timeout));
+                }
+            };
             let unlock_stmt = prepare(client, &inner.session_unlock_sql, "append").await?;
+            let begin = format!("{begin}; {}", sql::same_backend_guard(holder));
             write_sent.store(true, Ordering::Release);
             let (begin, rows, commit, unlocked) = tokio::join!(
-                client.batch_execute(begin),
+                client.batch_execute(&begin),
                 client.query(&append_stmt, &params),
                 client.batch_execute("COMMIT"),
-                client.execute(&unlock_stmt, &lock_params),
+                client.query_one(&unlock_stmt, &lock_params),
             );
-            let unlocked = unlocked.map(|_| ());
+            // Every key released: none stays held by this session once it is pooled.
+            let unlocked = matches!(unlocked.map(|row| row.try_get::<_, bool>(0)), Ok(Ok(true)));
             return self
                 .settle(conn, [begin, Ok(())], rows, commit, unlocked)
                 .await;
@@ -248,25 +253,32 @@ impl PostgresEventStore {
             client.query(&append_stmt, &params),
             client.batch_execute("COMMIT"),
         );
-        self.settle(conn, [begin, locked.map(|_| ())], rows, commit, Ok(()))
+        self.settle(conn, [begin, locked.map(|_| ())], rows, commit, true)
             .await
     }
 
     /// What an append transaction's replies say: `before` are the statements ahead of the
-    /// checking insert, `after` the one behind its `COMMIT` (the unlock of session locks).
+    /// checking insert, `after` whether the one behind its `COMMIT` (the unlock of session
+    /// locks) released everything.
     async fn settle(
         &self,
         conn: &Conn,
         before: [Result<(), tokio_postgres::Error>; 2],
         rows: Result<Vec<Row>, tokio_postgres::Error>,
         commit: Result<(), tokio_postgres::Error>,
-        after: Result<(), tokio_postgres::Error>,
+        after: bool,
     ) -> Result<Vec<Row>, Error> {
         let timeout = Some(self.inner.config.append_timeout);
         let [begin, locked] = before;
-        if begin.is_ok() && locked.is_ok() && commit.is_ok() && after.is_ok() {
+        if begin.is_ok() && locked.is_ok() && commit.is_ok() {
             if let Ok(rows) = rows {
-                conn.end_exchange();
+                // Every reply in order and the COMMIT answered: written. Without a clean
+                // unlock, the session may still hold keys: it is closed, not pooled.
+                if after {
+                    conn.end_exchange();
+                } else {
+                    conn.fail_exchange();
+                }
                 return Ok(rows);
             }
         }
@@ -274,7 +286,7 @@ impl PostgresEventStore {
         if let Err(err) = commit {
             // A failure the commit itself reports is a certain rollback; a cancel or the end
             // of the session may have been reported after the commit.
-            return if commit_certainly_failed(&err) && after.is_ok() && conn.recover().await {
+            return if commit_certainly_failed(&err) && after && conn.recover().await {
                 Err(db_error("append", err, false))
             } else {
                 Err(outcome_unknown("append", "the commit failed", Some(err)))
@@ -296,7 +308,7 @@ impl PostgresEventStore {
         // The COMMIT was answered, so the transaction ended; it rolled back because a statement
         // before it failed, if the server really sent that failure for that statement.
         let first = begin.err().or(locked.err()).unwrap_or(rows_err);
-        let in_sync = if after.is_ok() {
+        let in_sync = if after {
             conn.recover().await
         } else {
             conn.in_sync().await

@@ -69,6 +69,14 @@ impl Conn {
             .compare_exchange(CLEAN, IN_EXCHANGE, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => Ok(()),
+            Err(IN_EXCHANGE) => Err(Error::Storage {
+                operation,
+                message: "this connection is busy with another operation of the same command \
+                          session (or one that was cancelled midway); await each before the next"
+                    .into(),
+                outcome_unknown: false,
+                source: None,
+            }),
             Err(_) => Err(Error::Storage {
                 operation,
                 message: "this connection is being discarded after an earlier failure on it; \
@@ -78,6 +86,11 @@ impl Conn {
                 source: None,
             }),
         }
+    }
+
+    /// Whether the connection may start an exchange.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.state.load(Ordering::Acquire) == CLEAN
     }
 
     /// Ends an exchange whose every statement succeeded.
@@ -249,10 +262,12 @@ pub(crate) fn db_error_with_timeout(
             };
         }
         let message = format!("{} (SQLSTATE {})", db.message(), code.code());
+        // A commit's cancel or lost session says nothing certain (see commit_certainly_failed).
+        let outcome_unknown = during_commit && !commit_certainly_failed(&err);
         return Error::Storage {
             operation,
             message,
-            outcome_unknown: false,
+            outcome_unknown,
             source: Some(Box::new(err)),
         };
     }

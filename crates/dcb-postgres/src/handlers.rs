@@ -142,8 +142,10 @@ pub struct HandlerOptions {
     /// Longest time the handler may take over one batch. A batch that takes longer is
     /// abandoned (its future dropped), its transaction rolled back, and it counts as a failed
     /// attempt (retried after the backoff, visible in the status). The handler's statements
-    /// run with `statement_timeout` set to this limit, so none can outlive it on the server. Code that blocks its thread without yielding is not
-    /// interrupted. Default `None`: no limit; a handler that never returns stalls its read
+    /// run with `statement_timeout` set to this limit, so none can outlive it on the server
+    /// (its timer can fire late and be reported as another statement's error: every error on
+    /// the runner's connection closes it and reloads the checkpoint, so that costs a retry at
+    /// most). Code that blocks its thread without yielding is not interrupted. Default `None`: no limit; a handler that never returns stalls its read
     /// model (and keeps the lease).
     pub batch_timeout: Option<Duration>,
     /// What to do about a batch that keeps failing (see [`FailurePolicy`]). Default
@@ -418,6 +420,8 @@ impl PostgresEventStore {
     /// The committed checkpoint of `handler` (`None` if it processed nothing yet or is unknown).
     pub async fn handler_checkpoint(&self, handler: &str) -> Result<Option<Cursor>, Error> {
         let conn = Conn::get(&self.inner.pool, "handler_checkpoint").await?;
+        // Closed, not pooled, unless the statement's reply came back.
+        conn.begin_exchange("handler_checkpoint")?;
         let client = conn.object();
         let stmt = prepare(
             client,
@@ -429,6 +433,7 @@ impl PostgresEventStore {
             .query_opt(&stmt, &[&handler])
             .await
             .map_err(|e| db_error("handler_checkpoint", e, false))?;
+        conn.end_exchange();
         match row {
             Some(row) => {
                 checkpoint_from(&row).map_err(|e| db_error("handler_checkpoint", e, false))
@@ -456,8 +461,10 @@ impl PostgresEventStore {
     pub async fn reset_handler(&self, handler: &str, to: Option<Cursor>) -> Result<(), Error> {
         check_name(handler)?;
         let conn = Conn::get(&self.inner.pool, "reset_handler").await?;
+        conn.begin_exchange("reset_handler")?;
         let client: &tokio_postgres::Client = conn.object();
         self.reset_on(client, handler, to).await?;
+        conn.end_exchange();
         // Wake runners (here, and through NOTIFY elsewhere) so they look at the checkpoint.
         self.inner.changes.committed();
         Ok(())
@@ -513,6 +520,7 @@ impl PostgresEventStore {
     /// streak, and whether some instance holds the lease. `None` if it never ran.
     pub async fn handler_status(&self, handler: &str) -> Result<Option<HandlerRecord>, Error> {
         let conn = Conn::get(&self.inner.pool, "handler_status").await?;
+        conn.begin_exchange("handler_status")?;
         let client = conn.object();
         let sql = format!(
             "SELECT c.transaction_id, c.position, c.updated_at, c.attempts, c.last_error, \
@@ -533,6 +541,7 @@ impl PostgresEventStore {
             .query_opt(&stmt, &[&handler, &key])
             .await
             .map_err(|e| db_error("handler_status", e, false))?;
+        conn.end_exchange();
         let Some(row) = row else { return Ok(None) };
         let get = |e| db_error("handler_status", e, false);
         let attempts: i32 = row.try_get(3).map_err(get)?;
@@ -554,6 +563,7 @@ impl PostgresEventStore {
     pub async fn parked_events(&self, handler: &str) -> Result<Vec<ParkedEvent>, Error> {
         let operation = "parked_events";
         let conn = Conn::get(&self.inner.pool, operation).await?;
+        conn.begin_exchange(operation)?;
         let rows = conn
             .object()
             .query(
@@ -562,6 +572,7 @@ impl PostgresEventStore {
             )
             .await
             .map_err(|e| db_error(operation, e, false))?;
+        conn.end_exchange();
         rows.iter()
             .map(|row| parked_from(row).map_err(|e| db_error(operation, e, false)))
             .collect()
@@ -672,6 +683,7 @@ impl PostgresEventStore {
     ) -> Result<ParkedEvent, ParkedError> {
         let operation = "drop_parked";
         let conn = Conn::get(&self.inner.pool, operation).await?;
+        conn.begin_exchange(operation)?;
         let row = conn
             .object()
             .query_opt(
@@ -679,7 +691,9 @@ impl PostgresEventStore {
                 &[&handler, &Xid8(cursor.transaction_id), &cursor.position],
             )
             .await
-            .map_err(|e| db_error(operation, e, false))?;
+            // An autocommit delete: a cancel or a lost session may come after its commit.
+            .map_err(|e| db_error(operation, e, true))?;
+        conn.end_exchange();
         match row {
             Some(row) => Ok(parked_from(&row).map_err(|e| db_error(operation, e, false))?),
             None => Err(ParkedError::NotFound {

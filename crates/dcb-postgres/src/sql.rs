@@ -210,19 +210,33 @@ pub(crate) fn lock_rows(keys: &str, exclusive: &str) -> String {
 }
 
 /// [`lock_rows`] at session level: these locks survive their transaction (and its rollback)
-/// until [`session_unlock_rows`] or the end of the session.
+/// until [`session_unlock_rows`] or the end of the session. One row: the number of keys and
+/// the backend that holds them (the checking transaction must run on the same one).
 pub(crate) fn session_lock_rows(keys: &str, exclusive: &str) -> String {
     format!(
-        "SELECT CASE WHEN u.x THEN pg_advisory_lock(u.k) ELSE pg_advisory_lock_shared(u.k) END \
+        "SELECT count(l.g), pg_backend_pid() FROM (SELECT CASE WHEN u.x THEN pg_advisory_lock(u.k) \
+         ELSE pg_advisory_lock_shared(u.k) END AS g \
+         FROM unnest({keys}::int8[], {exclusive}::bool[]) AS u(k, x)) AS l"
+    )
+}
+
+/// Releases the locks of [`session_lock_rows`] (one count of each key). One row: whether every
+/// key was held.
+pub(crate) fn session_unlock_rows(keys: &str, exclusive: &str) -> String {
+    format!(
+        "SELECT coalesce(bool_and(CASE WHEN u.x THEN pg_advisory_unlock(u.k) \
+         ELSE pg_advisory_unlock_shared(u.k) END), true) \
          FROM unnest({keys}::int8[], {exclusive}::bool[]) AS u(k, x)"
     )
 }
 
-/// Releases the locks of [`session_lock_rows`] (one count of each key).
-pub(crate) fn session_unlock_rows(keys: &str, exclusive: &str) -> String {
+/// Fails the transaction unless it runs on backend `pid`, the one holding its session locks
+/// (a pooler in transaction mode may hand each round trip to another backend).
+pub(crate) fn same_backend_guard(pid: i32) -> String {
     format!(
-        "SELECT CASE WHEN u.x THEN pg_advisory_unlock(u.k) ELSE pg_advisory_unlock_shared(u.k) END \
-         FROM unnest({keys}::int8[], {exclusive}::bool[]) AS u(k, x)"
+        "DO $$BEGIN IF pg_backend_pid() <> {pid} THEN RAISE EXCEPTION 'crablet: the session \
+         locks of this append were taken on another backend; appends at REPEATABLE READ or \
+         SERIALIZABLE need session pooling, not a pooler in transaction mode'; END IF; END$$"
     )
 }
 

@@ -484,7 +484,9 @@ impl PostgresEventStore {
                     conflicting: None, ..
                 })) if self.inner.config.read_isolation == IsolationLevel::Serializable
                     && attempt < READ_RETRIES
-                    && conn.recover().await =>
+                    && tokio::time::timeout_at(give_up, conn.recover())
+                        .await
+                        .unwrap_or(false) =>
                 {
                     attempt += 1;
                 }
@@ -785,6 +787,34 @@ mod tests {
              SET LOCAL max_parallel_workers_per_gather = 0; \
              SET LOCAL plan_cache_mode = force_generic_plan"
         );
+    }
+
+    #[tokio::test]
+    async fn the_same_backend_guard_fails_a_transaction_elsewhere() {
+        let schema = dcb_testkit::pg::TestSchema::new().await;
+        let client = dcb_testkit::pg::connect(&schema.url).await.expect("client");
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        client
+            .batch_execute(&format!(
+                "BEGIN; {}; ROLLBACK",
+                sql::same_backend_guard(pid)
+            ))
+            .await
+            .expect("on the backend holding the locks");
+        let err = client
+            .batch_execute(&format!("BEGIN; {}", sql::same_backend_guard(pid + 1)))
+            .await
+            .expect_err("on another backend");
+        assert!(
+            err.to_string().contains("transaction mode")
+                || format!("{err:?}").contains("transaction mode"),
+            "{err:?}"
+        );
+        client.batch_execute("ROLLBACK").await.expect("rollback");
     }
 
     async fn pool_with_options(options: &str) -> Pool {

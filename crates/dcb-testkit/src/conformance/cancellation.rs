@@ -201,18 +201,39 @@ pub async fn concurrent_cancelled_appends_tell_the_truth(factory: Factory<'_>) {
                     reported,
                 });
             }
-            // Nothing a cancelled call left behind may reach a later one.
-            let id = format!("{client}-after");
-            let after = store
-                .append(vec![NewEvent::new("After", vec![], json!({ "op": id }))])
-                .await
-                .unwrap_or_else(|err| panic!("client {client}: append after the storm: {err}"));
-            calls.push(AppendCall {
-                id,
-                size: 1,
-                condition: None,
-                reported: Reported::Written(after),
-            });
+            // Nothing a cancelled call left behind (a lock, a transaction, a reply out of step)
+            // may reach a later decision on any of the boundaries.
+            for n in 0..3u64 {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let id = format!("{client}-after-{n}-{attempt}");
+                    let decision = store
+                        .project(StateProjector::counter(slot(n)))
+                        .await
+                        .unwrap_or_else(|err| panic!("call {id}: decision after the storm: {err}"));
+                    let event = NewEvent::new(
+                        "Booked",
+                        vec![Tag::new("slot", n.to_string())],
+                        json!({ "op": id }),
+                    );
+                    let condition = decision.condition;
+                    match store.append_if(vec![event], condition.clone()).await {
+                        Ok(cursor) => {
+                            calls.push(AppendCall {
+                                id,
+                                size: 1,
+                                condition: Some(condition),
+                                reported: Reported::Written(cursor),
+                            });
+                            break;
+                        }
+                        // Other clients decide on the same boundaries meanwhile.
+                        Err(Error::Conflict(_)) if attempt < 100 => continue,
+                        Err(err) => panic!("call {id}: append after the storm: {err}"),
+                    }
+                }
+            }
             calls
         }));
     }
