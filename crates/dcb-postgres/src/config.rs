@@ -107,7 +107,9 @@ pub struct StoreConfig {
     /// How many groups may be in flight at once, each on its own pooled connection (no more
     /// than the pool's size are ever used). One flusher runs while calls are queued; another
     /// starts only while a full group (`group_commit_max` calls) waits, so groups grow with the
-    /// load instead of splitting it. Default 4.
+    /// load instead of splitting it. Default 4. Independently of this bound, when queued calls
+    /// see no group make progress for 20 ms (one is stuck on a lock), another flusher starts, up
+    /// to the pool's size: a stuck group never holds up appends of other boundaries.
     pub group_commit_flushers: usize,
 }
 

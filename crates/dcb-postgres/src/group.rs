@@ -1,8 +1,11 @@
 //! Group commit: concurrent `append`/`append_if` calls of one store share a transaction.
 //!
 //! A call joins a queue; a flusher task takes whatever is queued (at most `group_commit_max`
-//! calls); more flushers, up to `group_commit_flushers`, start while a full group waits and commit it as one transaction, so a lone caller never
-//! waits for company and many callers pay one commit per group instead of one each. The calls of
+//! calls) and commits it as one transaction, so a lone caller never waits for company and many
+//! callers pay one commit per group instead of one each. More flushers, up to
+//! `group_commit_flushers`, start while a full group waits; and whenever queued calls see no
+//! flusher make progress for [`STALL`] (a group stuck on a lock), another starts, up to the
+//! pool's size, so one stuck group never holds up the rest of the store. The calls of
 //! a group take effect in queue order. A call whose condition matches an event of an earlier
 //! call of the group stays for the next group: one statement's checks cannot see its own
 //! inserts, and deferring it keeps the serial order exact (it then conflicts exactly as if the
@@ -22,7 +25,9 @@ use dcb_core::{matches, AppendCondition, ConflictInfo, Cursor, Error, NewEvent};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// The events and (simplified) condition of one call of a group.
@@ -60,10 +65,18 @@ fn abandon(state: &AtomicU8) -> bool {
         .is_ok()
 }
 
+/// How long queued calls wait with no flusher making progress before another flusher starts
+/// (up to the pool's size): a group stuck on a lock (another store's transaction, a brake)
+/// must not hold up every other append of the store. Ordinary flushes take a few
+/// milliseconds, so under load this adds no flushers.
+const STALL: Duration = Duration::from_millis(20);
+
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Pending>,
     flushers: usize,
+    /// When a flusher last started or took a group.
+    progress: Option<Instant>,
 }
 
 /// The group-commit queue of one store.
@@ -115,38 +128,78 @@ impl PostgresEventStore {
             // waits, so groups grow as large as the load makes them (measured on 2 cores, 16
             // clients: 1.00x raw-insert with one flusher, 0.89x with two, 0.70x with eight).
             let full = queue.waiting.len() >= inner.config.group_commit_max;
-            if queue.flushers == 0 || (queue.flushers < limit && full) {
+            let due = queue.flushers == 0 || (queue.flushers < limit && full);
+            if due {
                 queue.flushers += 1;
-                true
-            } else {
-                false
+                queue.progress = Some(Instant::now());
             }
+            due
         };
         if spawn {
-            let store = self.clone();
-            tokio::spawn(
-                async move { store.flush_groups().await }
-                    .instrument(tracing::debug_span!("pg.group_commit")),
-            );
+            self.spawn_flusher();
         }
         let deadline = client_deadline(inner.config.append_timeout);
-        match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(outcome_unknown(
+        let give_up = Instant::now() + deadline;
+        let mut rx = rx;
+        let answer = loop {
+            let wake = give_up.min(Instant::now() + STALL);
+            match tokio::time::timeout_at(wake, &mut rx).await {
+                Ok(answer) => break Some(answer),
+                Err(_) if Instant::now() >= give_up => break None,
+                Err(_) => {
+                    if state.load(Ordering::Acquire) == QUEUED {
+                        self.unstall();
+                    }
+                }
+            }
+        };
+        match answer {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(outcome_unknown(
                 "append",
                 "the group commit carrying this append ended without an answer",
                 None,
             )),
-            Err(_) if abandon(&state) => Err(Error::Timeout {
+            None if abandon(&state) => Err(Error::Timeout {
                 operation: "append",
                 timeout: inner.config.append_timeout,
             }),
-            Err(_) => Err(outcome_unknown(
+            None => Err(outcome_unknown(
                 "append",
                 format!("no answer from the group commit carrying this append within {deadline:?}"),
                 None,
             )),
         }
+    }
+
+    /// Starts another flusher if calls are queued, no flusher made progress for [`STALL`] and
+    /// the pool has room for one more.
+    fn unstall(&self) {
+        let inner = &self.inner;
+        {
+            let mut queue = inner.groups.lock();
+            let quiet = queue.progress.is_none_or(|at| at.elapsed() >= STALL);
+            let room = queue.flushers < inner.pool.status().max_size.max(1);
+            if !(quiet && room && !queue.waiting.is_empty()) {
+                return;
+            }
+            tracing::debug!(
+                flushers = queue.flushers,
+                "group commit stalled; starting another flusher"
+            );
+            queue.flushers += 1;
+            queue.progress = Some(Instant::now());
+        }
+        self.spawn_flusher();
+    }
+
+    /// Spawns a flusher already counted in `Queue::flushers`.
+    fn spawn_flusher(&self) {
+        let store = self.clone();
+        tokio::spawn(
+            async move { store.flush_groups().await }
+                .instrument(tracing::debug_span!("pg.group_commit")),
+        );
     }
 
     /// A flusher: commits groups while calls are queued, then ends.
@@ -199,6 +252,8 @@ impl PostgresEventStore {
         }
         if group.is_empty() {
             queue.flushers = queue.flushers.saturating_sub(1);
+        } else {
+            queue.progress = Some(Instant::now());
         }
         group
     }

@@ -110,6 +110,9 @@ async fn a_group_keeps_each_calls_outcome() {
     let ts = test_store(
         StoreConfig::default()
             .group_commit_flushers(1)
+            // One connection: while the first group is stuck no other flusher can start, so the
+            // calls queued behind it form one group.
+            .pool_size(1)
             .append_timeout(Duration::from_secs(20)),
     )
     .await;
@@ -182,6 +185,9 @@ async fn a_killed_group_acknowledges_nothing_and_stores_nothing() {
     let ts = test_store(
         StoreConfig::default()
             .group_commit_flushers(1)
+            // One connection: while the first group is stuck no other flusher can start, so the
+            // calls queued behind it form one group.
+            .pool_size(1)
             .append_timeout(Duration::from_secs(20)),
     )
     .await;
@@ -248,6 +254,9 @@ async fn a_call_timing_out_in_the_queue_certainly_wrote_nothing() {
     let ts = test_store(
         StoreConfig::default()
             .group_commit_flushers(1)
+            // One connection: while the first group is stuck no other flusher can start, so the
+            // calls queued behind it form one group.
+            .pool_size(1)
             .append_timeout(Duration::from_millis(100)),
     )
     .await;
@@ -303,4 +312,57 @@ async fn a_call_timing_out_in_the_queue_certainly_wrote_nothing() {
         !ops(&all(&ts).await).contains(&"queued".to_string()),
         "the timed-out call wrote nothing"
     );
+}
+
+/// A group stuck on a lock (here a brake; in production another transaction's locks) does not
+/// hold up the store: barrier-synchronized appends and conditional appends on other boundaries
+/// all commit while it waits, through flushers started because the queue stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_group_does_not_hold_up_other_boundaries() {
+    let ts = test_store(StoreConfig::default().append_timeout(Duration::from_secs(20))).await;
+    let brake = install_brake(&ts, 0x6c00_0004).await;
+    let store = ts.store.clone();
+    let stuck = tokio::spawn(async move {
+        store
+            .append(vec![NewEvent::new(
+                "Slow",
+                vec![],
+                json!({ "op": "stuck" }),
+            )])
+            .await
+    });
+    stuck_on_brake(&ts, 0x6c00_0004).await;
+    let barrier = Arc::new(Barrier::new(8));
+    let others: Vec<_> = (0..8)
+        .map(|n| {
+            let store = ts.store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let s = format!("free-{n}");
+                let event = booked(&s, &s);
+                if n % 2 == 0 {
+                    store.append(vec![event]).await
+                } else {
+                    store
+                        .append_if(vec![event], AppendCondition::new(slot(&s)))
+                        .await
+                }
+            })
+        })
+        .collect();
+    for other in others {
+        tokio::time::timeout(Duration::from_secs(5), other)
+            .await
+            .expect("an append on another boundary waited for the stuck group")
+            .expect("join")
+            .expect("append");
+    }
+    assert!(!stuck.is_finished(), "the stuck append is still waiting");
+    drop(brake);
+    stuck
+        .await
+        .expect("join")
+        .expect("the stuck append commits");
+    assert_eq!(all(&ts).await.len(), 9);
 }
