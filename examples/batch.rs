@@ -1,9 +1,10 @@
 //! Creating users and orders in batches: one atomic append per batch, no duplicates.
 //!
-//! - A batch is checked before it is sent: a batch that names the same user (or order) twice is
-//!   refused as a whole, and nothing is appended.
-//! - A user batch is appended with `append_if` and a condition with one query item per user of
-//!   the batch: if ANY of them already exists, the whole batch is refused and nothing is written.
+//! - A batch that names the same user (or order) twice is refused as a whole, and nothing is
+//!   appended (orders are checked before sending; users by the multi-command append itself).
+//! - A user batch is one multi-command append (`append_batch`): one command per user, each with
+//!   the condition "this user does not exist yet". If ANY of them exists (or the batch names a
+//!   user twice), the whole batch is refused, nothing is written, and the error names the user.
 //! - An order batch decides on a projection (the `BTreeMap` projectors "does user X exist" and
 //!   "does order Y exist", folded in one read) and appends with the condition that read returned.
 //! - Batches racing with overlapping users: a batch gets in only if none of its users did
@@ -20,8 +21,8 @@ mod common;
 
 use common::{check, check_none, AnyError};
 use crablet::{
-    AppendCondition, Cursor, EventReaderExt, EventStore, NewEvent, Query, QueryItem, ReadOptions,
-    StateProjector,
+    AppendCommand, AppendCondition, Cursor, EventReaderExt, EventStore, NewEvent, Query, QueryItem,
+    ReadOptions, StateProjector,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -79,6 +80,8 @@ enum Refused {
     DuplicateInBatch(String),
     /// Some ids of the batch already exist in the store.
     AlreadyExists,
+    /// This user of the batch exists already.
+    UserExists(String),
     /// Orders for users that do not exist.
     UnknownUsers(Vec<String>),
 }
@@ -88,6 +91,7 @@ impl std::fmt::Display for Refused {
         match self {
             Refused::DuplicateInBatch(id) => write!(f, "{id} occurs twice in the batch"),
             Refused::AlreadyExists => write!(f, "some of its ids already exist"),
+            Refused::UserExists(id) => write!(f, "user {id} exists already"),
             Refused::UnknownUsers(ids) => write!(f, "unknown users {}", ids.join(", ")),
         }
     }
@@ -101,30 +105,34 @@ fn first_duplicate<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<String>
         .map(str::to_string)
 }
 
-/// Creates all `users` in one atomic append, or none of them.
+/// Creates all `users` in one multi-command append (one command per user, each with its own
+/// condition), or none of them. The error names the command that failed, so the refusal names
+/// the user: one that exists already, or one the batch names twice.
 async fn create_users(
     store: &dyn EventStore,
     users: &[User],
 ) -> Result<Result<Cursor, Refused>, crablet::Error> {
-    if let Some(id) = first_duplicate(users.iter().map(|u| u.user_id.as_str())) {
-        return Ok(Err(Refused::DuplicateInBatch(id)));
-    }
-    let events = users
+    let commands = users
         .iter()
         .map(|u| {
-            NewEvent::builder(USER_CREATED)
+            let event = NewEvent::builder(USER_CREATED)
                 .tag("user_id", &u.user_id)
                 .data(u)
-                .build()
+                .build()?;
+            let fresh = AppendCondition::new(Query::from(user_item(&u.user_id)));
+            Ok(AppendCommand::new(vec![event]).only_if(fresh))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    // One item per user: fail if any of them exists anywhere in the log.
-    let condition = AppendCondition::new(Query::from_items(
-        users.iter().map(|u| user_item(&u.user_id)),
-    ));
-    match store.append_if(events, condition).await {
-        Ok(cursor) => Ok(Ok(cursor)),
-        Err(err) if err.is_conflict() => Ok(Err(Refused::AlreadyExists)),
+        .collect::<Result<Vec<_>, crablet::Error>>()?;
+    match store.append_batch(commands).await {
+        Ok(cursors) => Ok(cursors.last().copied().ok_or(Refused::AlreadyExists)),
+        Err(crablet::Error::Conflict(info)) => {
+            let named = info.command.and_then(|i| users.get(i));
+            Ok(Err(match (named, info.earlier_command) {
+                (Some(u), Some(_)) => Refused::DuplicateInBatch(u.user_id.clone()),
+                (Some(u), None) => Refused::UserExists(u.user_id.clone()),
+                (None, _) => Refused::AlreadyExists,
+            }))
+        }
         Err(err) => Err(err),
     }
 }
@@ -286,7 +294,7 @@ async fn run() -> Result<(), AnyError> {
     for (task, range) in tasks.into_iter().zip(&ranges) {
         match task.await?? {
             Ok(_) => winners.push(*range),
-            Err(Refused::AlreadyExists) => losers.push(*range),
+            Err(Refused::AlreadyExists | Refused::UserExists(_)) => losers.push(*range),
             Err(other) => return Err(format!("unexpected refusal: {other}").into()),
         }
     }

@@ -38,6 +38,9 @@ pub enum Scenario {
     AppendIf,
     /// All clients decide and `append_if` on ONE boundary; conflicts are retried.
     AppendIfHot,
+    /// `append_if` of K events to the client's own boundary, with the condition "nothing on my
+    /// boundary after the cursor my previous append returned": no read (no conflicts expected).
+    AppendIfAfter,
     /// The unprotected decision `append-if` makes safe: one autocommit SELECT of the client's
     /// own boundary, then one autocommit INSERT into the store's `events` table, no locks and
     /// no check (what a store without concurrency control costs; racy by design).
@@ -46,6 +49,9 @@ pub enum Scenario {
     Batch,
     /// Baseline of `batch`: one multi-row INSERT of the same rows into the raw table.
     RawBatch,
+    /// One multi-command append (`append_batch`) of `--batch-size` single-event commands, each
+    /// with its own condition on its own fresh boundary. Baseline: `raw-batch` of as many rows.
+    Commands,
     /// A boundary query returning 10 events.
     Query,
     /// Baseline of `query`: one autocommit SELECT of the same rows.
@@ -69,9 +75,11 @@ impl Scenario {
             Scenario::Append => "append",
             Scenario::AppendIf => "append-if",
             Scenario::AppendIfHot => "append-if-hot",
+            Scenario::AppendIfAfter => "append-if-after",
             Scenario::RawDecision => "raw-decision",
             Scenario::Batch => "batch",
             Scenario::RawBatch => "raw-batch",
+            Scenario::Commands => "commands",
             Scenario::Query => "query",
             Scenario::RawQuery => "raw-query",
             Scenario::Project => "project",
@@ -85,10 +93,11 @@ impl Scenario {
     /// The raw baseline a scenario is measured against.
     pub fn baseline(self) -> Option<Scenario> {
         match self {
-            Scenario::Append | Scenario::AppendIf | Scenario::AppendIfHot => {
-                Some(Scenario::RawInsert)
-            }
-            Scenario::Batch => Some(Scenario::RawBatch),
+            Scenario::Append
+            | Scenario::AppendIf
+            | Scenario::AppendIfHot
+            | Scenario::AppendIfAfter => Some(Scenario::RawInsert),
+            Scenario::Batch | Scenario::Commands => Some(Scenario::RawBatch),
             Scenario::Query => Some(Scenario::RawQuery),
             Scenario::Project => Some(Scenario::RawProject),
             Scenario::Stream => Some(Scenario::RawStream),
@@ -251,7 +260,10 @@ async fn run(args: Args) -> Result<(), String> {
     let result = measure(&args, &ctx, target, args.clients).await?;
     report(&args, &result);
     // batch and stream are always reported next to their raw baseline.
-    if matches!(target, Scenario::Batch | Scenario::Stream) {
+    if matches!(
+        target,
+        Scenario::Batch | Scenario::Commands | Scenario::Stream
+    ) {
         if let Some(baseline) = target.baseline() {
             let base = measure(&args, &ctx, baseline, args.clients).await?;
             report(&args, &base);

@@ -3,8 +3,8 @@ use crate::ctx::{fixture_course, query_of, Ctx, PROJECT_BOUNDARIES, QUERY_BOUNDA
 use crate::stats::{proc_status_mb, reset_peak_rss, RunResult};
 use crate::Scenario;
 use dcb_core::{
-    EventReader, EventReaderExt, EventStore, NewEvent, Query, QueryItem, ReadOptions,
-    StateProjector, Tag,
+    AppendCommand, AppendCondition, Cursor, EventReader, EventReaderExt, EventStore, NewEvent,
+    Query, QueryItem, ReadOptions, StateProjector, Tag,
 };
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
@@ -54,6 +54,8 @@ struct Client {
     decisions: u64,
     /// Appends so far (unique boundaries of `batch`).
     appends: u64,
+    /// The cursor of this client's previous append (`append-if-after`).
+    last: Option<Cursor>,
     /// Raw INSERT statements by (into the store's `events`?, rows); the raw table and whether
     /// it locks are fixed per process.
     raw_sql: HashMap<(bool, usize), String>,
@@ -102,7 +104,7 @@ pub async fn run_timed(
         let _ = reporter.await;
     }
     let events_per_append = match scenario {
-        Scenario::Batch | Scenario::RawBatch => ctx.batch_size,
+        Scenario::Batch | Scenario::RawBatch | Scenario::Commands => ctx.batch_size,
         Scenario::Query | Scenario::RawQuery | Scenario::Project | Scenario::RawProject => 0,
         _ => ctx.events_per_append,
     };
@@ -172,6 +174,7 @@ async fn client_loop(
         rng: StdRng::seed_from_u64(0x5eed_0000 + id as u64),
         decisions: 0,
         appends: 0,
+        last: None,
         raw_sql: HashMap::new(),
     };
     let mut latencies = Vec::with_capacity(4096);
@@ -301,6 +304,49 @@ async fn op(
                 .await
                 .map_err(other)?;
             written(ctx.batch_size)
+        }
+        Scenario::AppendIfAfter => {
+            let course = format!("{}-{}-after{}", ctx.run_id, client.run, client.id);
+            let mine = Query::from(
+                QueryItem::new()
+                    .types(["CourseDefined", "StudentEnrolled"])
+                    .tag("course_id", course.as_str()),
+            );
+            let condition = AppendCondition::new(mine).with_after(client.last);
+            let events = enrolments(&course, client.appends * k as u64, k);
+            match ctx.store.append_if(events, condition).await {
+                Ok(cursor) => {
+                    client.appends += 1;
+                    client.last = Some(cursor);
+                    written(k)
+                }
+                Err(e) if e.is_conflict() => Err(OpError::Conflict(1)),
+                Err(e) => Err(other(e)),
+            }
+        }
+        Scenario::Commands => {
+            client.appends += 1;
+            let commands = (0..ctx.batch_size)
+                .map(|n| {
+                    let course = format!(
+                        "{}-{}-cmd{}-{}-{n}",
+                        ctx.run_id, client.run, client.id, client.appends
+                    );
+                    let fresh = Query::from(
+                        QueryItem::new()
+                            .types(["StudentEnrolled"])
+                            .tag("course_id", course.as_str()),
+                    );
+                    let first = client.rng.gen_range(0..1_000_000);
+                    AppendCommand::new(enrolments(&course, first, 1))
+                        .only_if(AppendCondition::new(fresh))
+                })
+                .collect();
+            match ctx.store.append_batch(commands).await {
+                Ok(_) => written(ctx.batch_size),
+                Err(e) if e.is_conflict() => Err(OpError::Conflict(1)),
+                Err(e) => Err(other(e)),
+            }
         }
         Scenario::AppendIf => {
             let generation = client.decisions / ctx.boundary_size;

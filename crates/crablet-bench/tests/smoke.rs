@@ -42,6 +42,8 @@ async fn every_scenario_runs_and_reports_without_errors() {
         vec!["raw-decision"],
         vec!["append-if-hot", "--clients", "3", "--hot-backoff-ms", "1"],
         vec!["batch", "--batch-size", "60"],
+        vec!["append-if-after", "--clients", "2"],
+        vec!["commands", "--batch-size", "20"],
         vec![
             "raw-batch",
             "--batch-size",

@@ -13,7 +13,7 @@ use dcb_core::{ConflictInfo, ValidationError};
 ///
 /// let err: CommandError<std::io::Error> = CommandError::Conflict {
 ///     attempts: 3,
-///     conflict: ConflictInfo { conflicting: None, after: None },
+///     conflict: ConflictInfo::new(None, None),
 /// };
 /// assert!(err.is_conflict());
 /// assert_eq!(err.attempts(), Some(3));

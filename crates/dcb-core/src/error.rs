@@ -188,6 +188,30 @@ pub struct ConflictInfo {
     pub conflicting: Option<Cursor>,
     /// The condition's `after` cursor.
     pub after: Option<Cursor>,
+    /// In a multi-command append ([`EventStore::append_batch`](crate::EventStore::append_batch)):
+    /// the index of the first command whose condition failed.
+    pub command: Option<usize>,
+    /// In a multi-command append: the earlier command of the same batch whose events match
+    /// the failed condition, when that is why it failed.
+    pub earlier_command: Option<usize>,
+}
+
+impl ConflictInfo {
+    /// A conflict of a single append: `conflicting` found after `after`.
+    pub fn new(conflicting: Option<Cursor>, after: Option<Cursor>) -> Self {
+        Self {
+            conflicting,
+            after,
+            command: None,
+            earlier_command: None,
+        }
+    }
+
+    /// The same conflict, attributed to command `index` of a multi-command append.
+    pub fn in_command(mut self, index: usize) -> Self {
+        self.command = Some(index);
+        self
+    }
 }
 
 impl fmt::Display for ConflictInfo {
@@ -196,6 +220,16 @@ impl fmt::Display for ConflictInfo {
             Some(c) => format!("after {c}"),
             None => "in the whole log".to_string(),
         };
+        if let Some(index) = self.command {
+            write!(f, "command {index} of the batch: ")?;
+            if let Some(earlier) = self.earlier_command {
+                return write!(
+                    f,
+                    "its condition matches events of command {earlier} of the same batch \
+                     (the commands take effect in order)"
+                );
+            }
+        }
         match self.conflicting {
             Some(c) => write!(f, "event {c} matches the condition's query {after}"),
             None => write!(

@@ -22,6 +22,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod batch;
 mod command;
 mod condition;
 mod cursor;
@@ -36,6 +37,7 @@ mod subscribe;
 mod tag;
 mod validate;
 
+pub use batch::{conflict_within_batch, discard_commands, validate_batch, AppendCommand};
 pub use command::{CommandFilter, CommandRecord, CommandSession, CommitOutcome, NewCommand};
 pub use condition::AppendCondition;
 pub use cursor::Cursor;

@@ -1,7 +1,7 @@
 use crate::projection::{fold_stream, Projection, ProjectionStep, Projectors};
 use crate::{
-    AppendCondition, CommandFilter, CommandRecord, CommandSession, Cursor, Error, Event, NewEvent,
-    Query,
+    AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommandSession, Cursor, Error,
+    Event, NewEvent, Query,
 };
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
@@ -150,6 +150,35 @@ pub trait EventStore: EventReader {
         events: Vec<NewEvent>,
         condition: AppendCondition,
     ) -> Result<Cursor, Error>;
+
+    /// Appends several commands, each with its own events and condition, in one transaction:
+    /// all or nothing. Returns the cursor of each command's last event, in order.
+    ///
+    /// The commands take effect in order: a command's condition fails when an event matching
+    /// it exists after its cursor, or when an earlier command of the batch appends one. Then
+    /// nothing is written and [`Error::Conflict`] names the first failing command
+    /// ([`ConflictInfo::command`](crate::ConflictInfo::command)). Invalid input is named by
+    /// its command too (`commands[3].events[0]…`). All events of the batch count against
+    /// `max_batch_size`.
+    ///
+    /// ```
+    /// # async fn demo(store: &dyn dcb_core::EventStore) -> dcb_core::Result<()> {
+    /// use dcb_core::{AppendCommand, AppendCondition, NewEvent, Query, QueryItem};
+    ///
+    /// let mut commands = Vec::new();
+    /// for user in ["u1", "u2"] {
+    ///     let exists = Query::from(QueryItem::new().types(["UserCreated"]).tag("user_id", user));
+    ///     let event = NewEvent::builder("UserCreated").tag("user_id", user).build()?;
+    ///     commands.push(AppendCommand::new(vec![event]).only_if(AppendCondition::new(exists)));
+    /// }
+    /// match store.append_batch(commands).await {
+    ///     Ok(cursors) => assert_eq!(cursors.len(), 2),
+    ///     Err(dcb_core::Error::Conflict(info)) => println!("command {:?} exists", info.command),
+    ///     Err(other) => return Err(other),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error>;
 
     /// Opens a session for one command: reads through it and commit its events together with
     /// the command's audit record, atomically.

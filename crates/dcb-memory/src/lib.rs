@@ -29,9 +29,10 @@ pub use handlers::{
 
 use async_trait::async_trait;
 use dcb_core::{
-    matches, validate_condition, validate_events, validate_query, AppendCondition, CommandFilter,
-    CommandRecord, CommandSession, CommitOutcome, ConflictInfo, Cursor, Direction, Error, Event,
-    EventReader, EventStore, EventStream, Limits, NewCommand, NewEvent, Query, ReadOptions,
+    conflict_within_batch, matches, validate_batch, validate_condition, validate_events,
+    validate_query, AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommandSession,
+    CommitOutcome, ConflictInfo, Cursor, Direction, Error, Event, EventReader, EventStore,
+    EventStream, Limits, NewCommand, NewEvent, Query, ReadOptions,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -59,10 +60,10 @@ impl Log {
     fn check(&self, condition: Option<&AppendCondition>) -> Result<(), Error> {
         match condition {
             Some(cond) => match self.first_match_after(&cond.fail_if_events_match, cond.after) {
-                Some(conflicting) => Err(Error::Conflict(ConflictInfo {
-                    conflicting: Some(conflicting),
-                    after: cond.after,
-                })),
+                Some(conflicting) => Err(Error::Conflict(ConflictInfo::new(
+                    Some(conflicting),
+                    cond.after,
+                ))),
                 None => Ok(()),
             },
             None => Ok(()),
@@ -302,6 +303,42 @@ impl EventStore for InMemoryEventStore {
         condition: AppendCondition,
     ) -> Result<Cursor, Error> {
         self.append_checked(events, Some(&condition))
+    }
+
+    #[tracing::instrument(name = "memory.append_batch", skip_all, fields(commands = commands.len()))]
+    async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
+        if let Err(err) = validate_batch(&commands, &self.limits) {
+            dcb_core::discard_commands(commands);
+            return Err(err);
+        }
+        if let Some(info) = conflict_within_batch(&commands) {
+            return Err(Error::Conflict(info));
+        }
+        let mut log = self.lock();
+        for (index, command) in commands.iter().enumerate() {
+            log.check(command.condition.as_ref())
+                .map_err(|err| match err {
+                    Error::Conflict(info) => Error::Conflict(info.in_command(index)),
+                    other => other,
+                })?;
+        }
+        // One transaction: the commands' events in order, each command's last cursor returned.
+        let ends: Vec<usize> = commands
+            .iter()
+            .scan(0, |n, c| {
+                *n += c.events.len();
+                Some(*n)
+            })
+            .collect();
+        let first = log.events.len();
+        log.write(commands.into_iter().flat_map(|c| c.events).collect());
+        let cursors = ends
+            .iter()
+            .map(|end| log.events[first + end - 1].cursor)
+            .collect();
+        drop(log);
+        self.changes.notify();
+        Ok(cursors)
     }
 
     async fn command_session(&self) -> Result<Box<dyn CommandSession>, Error> {

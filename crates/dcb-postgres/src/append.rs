@@ -438,10 +438,10 @@ impl PostgresEventStore {
                 last_event,
                 occurred_at: occurred_at.unwrap_or_else(SystemTime::now),
             })),
-            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
-                conflicting: Some(conflicting),
-                after: condition.and_then(|c| c.after),
-            })),
+            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo::new(
+                Some(conflicting),
+                condition.and_then(|c| c.after),
+            ))),
             AppendOutcome::Duplicate => Ok(None),
         }
     }
@@ -457,10 +457,10 @@ pub(crate) fn single_cursor(
             last_event: Some(cursor),
             ..
         } => Ok(cursor),
-        AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo {
-            conflicting: Some(conflicting),
-            after: condition.and_then(|c| c.after),
-        })),
+        AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo::new(
+            Some(conflicting),
+            condition.and_then(|c| c.after),
+        ))),
         _ => Err(Error::Storage {
             operation: "append",
             message: "the append wrote no event".into(),

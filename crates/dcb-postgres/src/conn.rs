@@ -243,10 +243,7 @@ pub(crate) fn db_error_with_timeout(
         }
         if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
         {
-            return Error::Conflict(ConflictInfo {
-                conflicting: None,
-                after: None,
-            });
+            return Error::Conflict(ConflictInfo::new(None, None));
         }
         if *code == SqlState::INVALID_SCHEMA_NAME
             || *code == SqlState::UNDEFINED_TABLE

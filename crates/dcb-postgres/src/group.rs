@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 /// The events and (simplified) condition of one call of a group.
-type Call = (Vec<NewEvent>, Option<AppendCondition>);
+pub(crate) type Call = (Vec<NewEvent>, Option<AppendCondition>);
 
 const QUEUED: u8 = 0;
 const TAKEN: u8 = 1;
@@ -275,16 +275,20 @@ impl PostgresEventStore {
                 ];
             }
         }
-        match self.run_group(&conn, &group).await {
+        match self.run_group(&conn, &group, false).await {
             Ok(results) => results,
             Err(err) => group.iter().map(|_| Err(share(&err))).collect(),
         }
     }
 
-    async fn run_group(
+    /// Runs `group` as one transaction: one result per call, in order. With `all_or_nothing`
+    /// (a multi-command append) nothing is inserted if any call conflicts; the conflicting
+    /// calls get their conflicts and the others an error saying they wrote nothing.
+    pub(crate) async fn run_group(
         &self,
         conn: &Conn,
         group: &[Call],
+        all_or_nothing: bool,
     ) -> Result<Vec<Result<Cursor, Error>>, Error> {
         let inner = &self.inner;
         let mut locks = LockSet::default();
@@ -297,6 +301,9 @@ impl PostgresEventStore {
                     .add_query_keys(&mut locks, &c.fail_if_events_match);
             }
         }
+        if locks.len() > inner.keys.max_group_keys() {
+            locks = inner.keys.escalated();
+        }
         let lock = locks.into_params();
         let parts: Vec<GroupPart<'_>> = group
             .iter()
@@ -305,7 +312,7 @@ impl PostgresEventStore {
                 condition: p.1.as_ref(),
             })
             .collect();
-        let stmt = sql::append_group(&inner.schema, &parts);
+        let stmt = sql::append_group(&inner.schema, &parts, all_or_nothing);
         let any_condition = group.iter().any(|p| p.1.is_some());
         // A group's locks are always taken in their own statement (never the one-statement
         // path), with or without conditions.
@@ -343,10 +350,11 @@ impl PostgresEventStore {
             }
         }
         // The inserted events are those of the calls without a conflict, in call order.
+        let any_conflict = conflicts.iter().any(Option::is_some);
         let expected: usize = group
             .iter()
             .zip(&conflicts)
-            .filter(|(_, c)| c.is_none())
+            .filter(|(_, c)| c.is_none() && !(all_or_nothing && any_conflict))
             .map(|(p, _)| p.0.len())
             .sum();
         if expected != written.len() {
@@ -367,10 +375,10 @@ impl PostgresEventStore {
             .iter()
             .zip(conflicts)
             .map(|(pending, conflict)| match conflict {
-                Some(conflicting) => Err(Error::Conflict(ConflictInfo {
-                    conflicting: Some(conflicting),
-                    after: pending.1.as_ref().and_then(|c| c.after),
-                })),
+                Some(conflicting) => Err(Error::Conflict(ConflictInfo::new(
+                    Some(conflicting),
+                    pending.1.as_ref().and_then(|c| c.after),
+                ))),
                 None => next
                     .by_ref()
                     .take(pending.0.len())

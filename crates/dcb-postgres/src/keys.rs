@@ -40,6 +40,11 @@ impl LockSet {
         self.entries.push((key, exclusive));
     }
 
+    /// How many keys were added (before duplicates are merged).
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Sorts, merges duplicates (exclusive wins) and returns the two parameter arrays.
     pub(crate) fn into_params(mut self) -> (Vec<i64>, Vec<bool>) {
         self.entries.sort_unstable();
@@ -154,6 +159,23 @@ impl KeySpace {
             keys.into_iter().for_each(|k| set.add(k, true));
         }
         set.add(self.key(Level::Escalation, &[]), false);
+    }
+
+    /// The keys of a multi-command append or group too large to lock key by key: the exclusive
+    /// escalation key (conflicts with every check and fenced read) and the exclusive match-all
+    /// key (conflicts with every writer), so it serializes with everything it could touch.
+    pub(crate) fn escalated(&self) -> LockSet {
+        let mut set = LockSet::default();
+        set.add(self.key(Level::All, &[]), true);
+        set.add(self.key(Level::Escalation, &[]), true);
+        set
+    }
+
+    /// The most keys one transaction of several calls takes before it escalates: enough for
+    /// 100 single-event conditional commands, small against PostgreSQL's shared lock table
+    /// (`max_locks_per_transaction` x connections, 6,400 entries by default).
+    pub(crate) fn max_group_keys(&self) -> usize {
+        (16 * self.max_keys).max(1024)
     }
 
     /// The exclusive key serializing commands with the same idempotency id.

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 mod append;
+mod batch;
 mod config;
 mod conn;
 mod group;

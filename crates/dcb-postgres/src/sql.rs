@@ -440,7 +440,14 @@ pub(crate) struct GroupPart<'a> {
 ///
 /// Rows: `('conflict', part, transaction_id, position)` for each part whose condition failed,
 /// and `('event', NULL, transaction_id, position)` for every inserted event, in insert order.
-pub(crate) fn append_group(schema: &str, parts: &[GroupPart<'_>]) -> Statement {
+///
+/// With `all_or_nothing` (a multi-command append), no event is inserted if any part's condition
+/// failed.
+pub(crate) fn append_group(
+    schema: &str,
+    parts: &[GroupPart<'_>],
+    all_or_nothing: bool,
+) -> Statement {
     let mut stmt = Statement::default();
     let mut ctes = Vec::new();
     let mut conflicts = Vec::new();
@@ -489,8 +496,9 @@ pub(crate) fn append_group(schema: &str, parts: &[GroupPart<'_>]) -> Statement {
          SELECT u.type, u.tags::text[], u.data, u.metadata \
          FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[], \
                      {part_of}::int4[]) WITH ORDINALITY AS u(type, tags, data, metadata, part, ord) \
-         WHERE NOT EXISTS (SELECT 1 FROM conflict c WHERE c.part = u.part) ORDER BY u.ord \
-         RETURNING transaction_id, position)"
+         WHERE NOT EXISTS (SELECT 1 FROM conflict c WHERE {which}) ORDER BY u.ord \
+         RETURNING transaction_id, position)",
+        which = if all_or_nothing { "TRUE" } else { "c.part = u.part" },
     ));
     stmt.sql = format!(
         "WITH {} SELECT 'conflict'::text, part, transaction_id, position FROM conflict \

@@ -7,9 +7,9 @@ use crate::sql;
 use crate::xid8::Xid8;
 use async_trait::async_trait;
 use dcb_core::{
-    validate_query, AppendCondition, CommandFilter, CommandRecord, CommandSession, ConflictInfo,
-    Cursor, Error, Event, EventReader, EventStore, EventStream, Limits, NewEvent, ProjectionPermit,
-    Query, ReadOptions, Tag,
+    validate_query, AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommandSession,
+    ConflictInfo, Cursor, Error, Event, EventReader, EventStore, EventStream, Limits, NewEvent,
+    ProjectionPermit, Query, ReadOptions, Tag,
 };
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::fmt;
@@ -747,6 +747,11 @@ impl EventStore for PostgresEventStore {
         condition: AppendCondition,
     ) -> Result<Cursor, Error> {
         self.append_checked(events, Some(&condition)).await
+    }
+
+    #[tracing::instrument(name = "pg.append_batch", skip_all, fields(commands = commands.len()))]
+    async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
+        self.append_commands(commands).await
     }
 
     async fn command_session(&self) -> Result<Box<dyn CommandSession>, Error> {

@@ -124,10 +124,9 @@ async fn conflicts_are_detected_and_own_writes_read_while_an_unrelated_transacti
             .await
             .expect("project");
         let result = if decision.states {
-            Err(dcb_core::Error::Conflict(dcb_core::ConflictInfo {
-                conflicting: None,
-                after: None,
-            }))
+            Err(dcb_core::Error::Conflict(dcb_core::ConflictInfo::new(
+                None, None,
+            )))
         } else {
             ts.append_if(
                 vec![event("CourseDefined", "course_id", "c1")],

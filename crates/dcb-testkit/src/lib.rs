@@ -97,6 +97,12 @@ macro_rules! conformance_tests {
             append_batch_shares_transaction_id,
             append_batch_with_invalid_event_writes_nothing,
             append_accepts_batch_at_max_size,
+            // multi-command appends
+            batch_commits_every_command_in_one_transaction,
+            batch_with_a_stale_command_writes_nothing_and_names_it,
+            batch_command_depending_on_an_earlier_one_conflicts,
+            batch_with_invalid_input_writes_nothing,
+            batch_racers_on_a_shared_boundary_one_winner,
             // append conditions
             condition_on_empty_store_succeeds,
             condition_without_after_conflicts_with_any_match,

@@ -7,6 +7,7 @@
 use crate::StoreFactory;
 
 mod append;
+mod batch;
 mod cancellation;
 mod commands;
 mod concurrency;
@@ -19,6 +20,7 @@ mod support;
 mod validation;
 
 pub use append::*;
+pub use batch::*;
 pub use cancellation::*;
 pub use commands::*;
 pub use concurrency::*;
