@@ -1,5 +1,4 @@
-use crate::{AppendCondition, Cursor, Error, EventReader, NewEvent};
-use async_trait::async_trait;
+use crate::Cursor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::SystemTime;
@@ -76,31 +75,11 @@ impl CommandFilter {
     }
 }
 
-/// The outcome of [`CommandSession::commit`].
+/// The outcome of [`CommandSession::commit`](crate::CommandSession::commit).
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitOutcome {
     /// The events and the command record were written in one transaction.
     Committed(CommandRecord),
     /// A command with the same id was recorded before; nothing was written. Holds the original.
     Duplicate(CommandRecord),
-}
-
-/// One command's access to a store: reads, then one atomic commit of events and command record.
-///
-/// A session holds at most one backend connection for its whole life, so running many commands
-/// at once can never exhaust a connection pool by waiting for a second connection.
-#[async_trait]
-pub trait CommandSession: EventReader {
-    /// The command previously recorded with idempotency key `id`, if any.
-    async fn find_command(&self, id: &str) -> Result<Option<CommandRecord>, Error>;
-
-    /// Appends `events` (which may be empty) if `condition` holds and records `command`, in one
-    /// transaction. With an id already recorded, writes nothing and returns
-    /// [`CommitOutcome::Duplicate`].
-    async fn commit(
-        &mut self,
-        command: &NewCommand,
-        events: Vec<NewEvent>,
-        condition: Option<AppendCondition>,
-    ) -> Result<CommitOutcome, Error>;
 }

@@ -23,14 +23,18 @@
 #![warn(missing_docs)]
 
 mod batch;
+mod change_feed;
 mod command;
 mod condition;
 mod cursor;
 mod error;
 mod event;
+mod event_stream;
 mod matching;
+mod permit;
 mod projection;
 mod query;
+mod reader;
 pub mod runner;
 mod store;
 mod subscribe;
@@ -38,25 +42,24 @@ mod tag;
 mod validate;
 
 pub use batch::{conflict_within_batch, discard_commands, validate_batch, AppendCommand};
-pub use command::{CommandFilter, CommandRecord, CommandSession, CommitOutcome, NewCommand};
+pub use change_feed::{ChangeFeed, ChangeNotifier};
+pub use command::{CommandFilter, CommandRecord, CommitOutcome, NewCommand};
 pub use condition::AppendCondition;
 pub use cursor::Cursor;
 pub use error::{ConflictInfo, Error, Result, ValidationError, ValidationKind};
 pub use event::{Event, NewEvent, NewEventBuilder};
+pub use event_stream::EventStream;
 pub use matching::matches;
+pub use permit::ProjectionPermit;
 pub use projection::{fold, Projection, ProjectionStep, Projectors, StateProjector};
 pub use query::{Query, QueryItem};
-pub use store::{
-    Direction, EventReader, EventReaderExt, EventStore, EventStream, ProjectionPermit, ReadOptions,
-};
-pub use subscribe::{
-    is_fatal_for_subscription, subscribe, ChangeFeed, ChangeNotifier, SubscribeExt,
-    SubscribeOptions,
-};
+pub use reader::{validate_read_options, Direction, EventReader, EventReaderExt, ReadOptions};
+pub use store::{CommandSession, EventStore};
+pub use subscribe::{is_fatal_for_subscription, subscribe, SubscribeExt, SubscribeOptions};
 pub use tag::Tag;
 pub use validate::{
-    discard_events, validate_command, validate_condition, validate_events, validate_query,
-    validate_read_options, Limits, MAX_EVENT_TYPE_LEN, MAX_JSON_DEPTH,
+    discard_events, validate_command, validate_condition, validate_events, validate_query, Limits,
+    MAX_EVENT_TYPE_LEN, MAX_JSON_DEPTH,
 };
 
 /// Builds a `Vec<Tag>` from `key => value` pairs.

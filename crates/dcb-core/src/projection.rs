@@ -1,4 +1,5 @@
-use crate::store::{EventStream, ProjectionPermit};
+use crate::event_stream::EventStream;
+use crate::permit::ProjectionPermit;
 use crate::{matches, validate_query, AppendCondition, Cursor, Error, Event, Query};
 use futures_util::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;

@@ -351,18 +351,6 @@ pub fn validate_command(command: &crate::NewCommand) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks read options: a limit, when given, must be at least 1.
-pub fn validate_read_options(options: &crate::ReadOptions) -> Result<(), Error> {
-    if options.limit == Some(0) {
-        return Err(invalid(
-            "options.limit",
-            K::InvalidReadOption,
-            "limit must be at least 1 (use None for no limit)",
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! one round trip, all or nothing (the group-commit statement with every insert conditional on
 //! every probe).
 use crate::conn::Conn;
-use crate::group::Call;
+use crate::group_queue::Call;
 use crate::store::PostgresEventStore;
 use dcb_core::{
     conflict_within_batch, validate_batch, AppendCommand, AppendCondition, Cursor, Error,

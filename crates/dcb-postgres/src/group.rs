@@ -17,81 +17,24 @@
 //! transaction short.
 use crate::append::{client_deadline, Protocol};
 use crate::conn::{outcome_unknown, Conn};
+use crate::group_queue::{abandon, Call, Pending, QUEUED};
 use crate::keys::LockSet;
 use crate::sql::{self, GroupPart};
 use crate::store::PostgresEventStore;
 use crate::xid8::Xid8;
 use dcb_core::{matches, AppendCondition, ConflictInfo, Cursor, Error, NewEvent};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
-
-/// The events and (simplified) condition of one call of a group.
-pub(crate) type Call = (Vec<NewEvent>, Option<AppendCondition>);
-
-const QUEUED: u8 = 0;
-const TAKEN: u8 = 1;
-const ABANDONED: u8 = 2;
-
-/// One call waiting for a group; owned by the queue, then by the flusher that takes it.
-struct Pending {
-    events: Vec<NewEvent>,
-    /// Simplified, as the single-call path checks it.
-    condition: Option<AppendCondition>,
-    /// Shared with the caller, who may abandon the call while it is queued.
-    state: Arc<AtomicU8>,
-    reply: oneshot::Sender<Result<Cursor, Error>>,
-}
-
-impl Pending {
-    /// Takes the call for a group, unless it was abandoned or its caller is gone.
-    fn take(&self) -> bool {
-        !self.reply.is_closed()
-            && self
-                .state
-                .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-}
-
-/// Gives up waiting: true if the call was never taken (it certainly wrote nothing).
-fn abandon(state: &AtomicU8) -> bool {
-    state
-        .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-}
 
 /// How long queued calls wait with no flusher making progress before another flusher starts
 /// (up to the pool's size): a group stuck on a lock (another store's transaction, a brake)
 /// must not hold up every other append of the store. Ordinary flushes take a few
 /// milliseconds, so under load this adds no flushers.
 const STALL: Duration = Duration::from_millis(20);
-
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<Pending>,
-    flushers: usize,
-    /// When a flusher last started or took a group.
-    progress: Option<Instant>,
-}
-
-/// The group-commit queue of one store.
-#[derive(Default)]
-pub(crate) struct Groups {
-    queue: Mutex<Queue>,
-}
-
-impl Groups {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
 
 impl PostgresEventStore {
     /// Whether appends of this store go through group commit.

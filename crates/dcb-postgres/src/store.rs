@@ -2,14 +2,11 @@ use crate::config::{IsolationLevel, StoreConfig};
 use crate::conn::{db_error, db_error_with_timeout, Conn};
 use crate::keys::{KeySpace, LockSet};
 use crate::migrate;
-use crate::session::PgCommandSession;
 use crate::sql;
 use crate::xid8::Xid8;
-use async_trait::async_trait;
 use dcb_core::{
-    validate_query, AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommandSession,
-    ConflictInfo, Cursor, Error, Event, EventReader, EventStore, EventStream, Limits, NewEvent,
-    ProjectionPermit, Query, ReadOptions, Tag,
+    validate_query, AppendCondition, CommandFilter, CommandRecord, ConflictInfo, Cursor, Error,
+    Event, Limits, Query, ReadOptions, Tag,
 };
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::fmt;
@@ -85,7 +82,7 @@ pub(crate) struct Inner {
     pub(crate) config: StoreConfig,
     pub(crate) schema: String,
     pub(crate) keys: KeySpace,
-    projections: Arc<Semaphore>,
+    pub(crate) projections: Arc<Semaphore>,
     begin_append: String,
     /// `begin_append` for conditions with a type-only item: how selective a type is and how
     /// recent the cursor is decide between the type index and the primary key, and only a
@@ -119,7 +116,7 @@ pub(crate) struct Inner {
     /// Wake-ups for subscriptions and handler runners (see `notify.rs`).
     pub(crate) changes: crate::notify::Changes,
     /// Group commit's queue (see `group.rs`).
-    pub(crate) groups: crate::group::Groups,
+    pub(crate) groups: crate::group_queue::Groups,
 }
 
 impl fmt::Debug for PostgresEventStore {
@@ -240,7 +237,7 @@ impl PostgresEventStore {
             session_unlock_sql: sql::session_unlock_rows("$1", "$2"),
             session_timeout,
             changes: crate::notify::Changes::new(&config, pool.clone()),
-            groups: crate::group::Groups::default(),
+            groups: crate::group_queue::Groups::default(),
             schema,
             pool,
             config,
@@ -698,72 +695,6 @@ fn command_from_row(row: &Row) -> Result<CommandRecord, Error> {
         last_event: last.map(|p| Cursor::new(tx.0, p)),
         occurred_at: row.try_get(6).map_err(get_err)?,
     })
-}
-
-#[async_trait]
-impl EventReader for PostgresEventStore {
-    #[tracing::instrument(name = "pg.query", skip_all, fields(items = query.items.len()))]
-    async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
-        validate_query(query)?;
-        dcb_core::validate_read_options(&options)?;
-        let conn = Conn::get(&self.inner.pool, "query").await?;
-        self.read_on(&conn, query, options).await
-    }
-
-    fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
-        crate::stream::query_stream(self.clone(), query.clone(), options)
-    }
-
-    fn projection_permit(&self) -> Result<ProjectionPermit, Error> {
-        self.inner
-            .projections
-            .clone()
-            .try_acquire_owned()
-            .map(ProjectionPermit::new)
-            .map_err(|_| Error::TooManyProjections {
-                limit: self.inner.config.max_concurrent_projections,
-            })
-    }
-
-    /// Woken by this store's appends and, through LISTEN, by other processes' (see
-    /// [`StoreConfig::notify_on_append`]). A store built with `from_pool` has no URL for the
-    /// listener's own connection: its subscribers are woken by its own appends and poll.
-    fn change_feed(&self) -> Option<dcb_core::ChangeFeed> {
-        Some(self.inner.changes.feed())
-    }
-}
-
-#[async_trait]
-impl EventStore for PostgresEventStore {
-    #[tracing::instrument(name = "pg.append", skip_all, fields(events = events.len()))]
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Cursor, Error> {
-        self.append_checked(events, None).await
-    }
-
-    #[tracing::instrument(name = "pg.append_if", skip_all, fields(events = events.len()))]
-    async fn append_if(
-        &self,
-        events: Vec<NewEvent>,
-        condition: AppendCondition,
-    ) -> Result<Cursor, Error> {
-        self.append_checked(events, Some(&condition)).await
-    }
-
-    #[tracing::instrument(name = "pg.append_batch", skip_all, fields(commands = commands.len()))]
-    async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
-        self.append_commands(commands).await
-    }
-
-    async fn command_session(&self) -> Result<Box<dyn CommandSession>, Error> {
-        let conn = Conn::get(&self.inner.pool, "command").await?;
-        Ok(Box::new(PgCommandSession::new(self.clone(), conn)))
-    }
-
-    #[tracing::instrument(name = "pg.commands", skip_all)]
-    async fn commands(&self, filter: &CommandFilter) -> Result<Vec<CommandRecord>, Error> {
-        let conn = Conn::get(&self.inner.pool, "commands").await?;
-        self.list_commands(&conn, filter, None).await
-    }
 }
 
 #[cfg(test)]
