@@ -3,7 +3,8 @@
 mod support;
 
 use dcb_core::{
-    AppendCondition, Error, EventReader, EventStore, NewEvent, Query, QueryItem, ReadOptions, Tag,
+    AppendCommand, AppendCondition, Error, EventReader, EventStore, NewEvent, Query, QueryItem,
+    ReadOptions, Tag,
 };
 use dcb_postgres::StoreConfig;
 use serde_json::json;
@@ -365,4 +366,70 @@ async fn a_stuck_group_does_not_hold_up_other_boundaries() {
         .expect("join")
         .expect("the stuck append commits");
     assert_eq!(all(&ts).await.len(), 9);
+}
+
+/// A multi-command append whose backend is killed mid-statement acknowledges nothing and
+/// stores none of its commands (the last one is braked, so the earlier ones were already
+/// inserted when it died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_multi_command_append_stores_nothing() {
+    let ts = test_store(StoreConfig::default().append_timeout(Duration::from_secs(20))).await;
+    let brake = install_brake(&ts, 0x6c00_0005).await;
+    let store = ts.store.clone();
+    let batch = tokio::spawn(async move {
+        let mut commands: Vec<AppendCommand> = (0..5)
+            .map(|n| {
+                let s = format!("k{n}");
+                AppendCommand::new(vec![booked(&s, &s)]).only_if(AppendCondition::new(slot(&s)))
+            })
+            .collect();
+        commands.push(AppendCommand::new(vec![NewEvent::new(
+            "Slow",
+            vec![],
+            json!({ "op": "last" }),
+        )]));
+        store.append_batch(commands).await
+    });
+    let pid = stuck_on_brake(&ts, 0x6c00_0005).await;
+    ts.admin()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("kill the batch");
+    match batch.await.expect("join") {
+        Ok(cursors) => panic!("acknowledged {cursors:?} although the batch was killed"),
+        Err(Error::Storage { .. }) => {}
+        Err(other) => panic!("a killed batch must not claim a certain outcome: {other:?}"),
+    }
+    drop(brake);
+    assert!(all(&ts).await.is_empty(), "no command of the batch stored");
+    ts.append_batch(vec![AppendCommand::new(vec![booked("after", "after")])])
+        .await
+        .expect("the store carries on");
+}
+
+/// A batch past the key bound (300 conditional commands, about 1,500 keys) escalates to the two
+/// coarse keys and keeps its semantics: it commits when every condition holds, and one stale
+/// command stops all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_past_the_key_bound_escalates_and_keeps_its_semantics() {
+    let ts = test_store(StoreConfig::default()).await;
+    let commands = |prefix: &str| -> Vec<AppendCommand> {
+        (0..300)
+            .map(|n| {
+                let s = format!("{prefix}{n}");
+                AppendCommand::new(vec![booked(&s, &s)]).only_if(AppendCondition::new(slot(&s)))
+            })
+            .collect()
+    };
+    let cursors = ts.append_batch(commands("a")).await.expect("300 commands");
+    assert_eq!(cursors.len(), 300);
+    let mut stale = commands("b");
+    stale[299] =
+        AppendCommand::new(vec![booked("b299", "b299")]).only_if(AppendCondition::new(slot("a7")));
+    match ts.append_batch(stale).await {
+        Err(Error::Conflict(info)) => assert_eq!(info.command, Some(299), "{info}"),
+        other => panic!("a stale command must stop the batch: {other:?}"),
+    }
+    assert_eq!(all(&ts).await.len(), 300, "the stale batch wrote nothing");
 }
