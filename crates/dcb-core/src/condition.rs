@@ -23,6 +23,15 @@ pub struct AppendCondition {
 }
 
 impl AppendCondition {
+    /// The same condition with its query simplified ([`Query::simplified`]): fewer items mean
+    /// fewer probes and lock keys, and the condition fails for exactly the same events.
+    pub fn simplified(&self) -> Self {
+        Self {
+            fail_if_events_match: self.fail_if_events_match.simplified(),
+            after: self.after,
+        }
+    }
+
     /// A condition that fails if any event matching `query` exists at all.
     pub fn new(query: Query) -> Self {
         Self {

@@ -85,10 +85,7 @@ impl PostgresEventStore {
     ) -> Result<AppendOutcome, Error> {
         let inner = &self.inner;
         // Fewer items, fewer probes and keys (projectors on one entity share its tags).
-        let simplified = condition.map(|c| AppendCondition {
-            fail_if_events_match: c.fail_if_events_match.simplified(),
-            after: c.after,
-        });
+        let simplified = condition.map(|c| c.simplified());
         let condition = simplified.as_ref();
         let mut locks = LockSet::default();
         inner.keys.add_event_keys(&mut locks, &events);

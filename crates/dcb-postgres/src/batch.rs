@@ -4,9 +4,7 @@
 use crate::conn::Conn;
 use crate::group_queue::Call;
 use crate::store::PostgresEventStore;
-use dcb_core::{
-    conflict_within_batch, validate_batch, AppendCommand, AppendCondition, Cursor, Error,
-};
+use dcb_core::{conflict_within_batch, validate_batch, AppendCommand, Cursor, Error};
 
 impl PostgresEventStore {
     /// [`EventStore::append_batch`](dcb_core::EventStore::append_batch) on PostgreSQL.
@@ -26,10 +24,7 @@ impl PostgresEventStore {
         let calls: Vec<Call> = commands
             .into_iter()
             .map(|c| {
-                let condition = c.condition.map(|c| AppendCondition {
-                    fail_if_events_match: c.fail_if_events_match.simplified(),
-                    after: c.after,
-                });
+                let condition = c.condition.map(|c| c.simplified());
                 (c.events, condition)
             })
             .collect();

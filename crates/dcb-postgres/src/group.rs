@@ -53,10 +53,7 @@ impl PostgresEventStore {
         let state = Arc::new(AtomicU8::new(QUEUED));
         let pending = Pending {
             events,
-            condition: condition.map(|c| AppendCondition {
-                fail_if_events_match: c.fail_if_events_match.simplified(),
-                after: c.after,
-            }),
+            condition: condition.map(|c| c.simplified()),
             state: state.clone(),
             reply: tx,
         };

@@ -35,6 +35,20 @@ async fn all(ts: &TestStore) -> Vec<dcb_core::Event> {
         .expect("log")
 }
 
+/// An event the brake holds up (see `support::install_brake`).
+fn slow(op: &str) -> NewEvent {
+    NewEvent::new("Slow", vec![], json!({ "op": op }))
+}
+
+/// Spawns an append of one braked event.
+fn spawn_slow(
+    ts: &TestStore,
+    op: &'static str,
+) -> tokio::task::JoinHandle<Result<dcb_core::Cursor, Error>> {
+    let store = ts.store.clone();
+    tokio::spawn(async move { store.append(vec![slow(op)]).await })
+}
+
 /// Waits until a backend of the test database waits on the brake's advisory lock; returns its pid.
 async fn stuck_on_brake(ts: &TestStore, brake: i64) -> i32 {
     let admin = ts.admin().await;
@@ -122,16 +136,7 @@ async fn a_group_keeps_each_calls_outcome() {
         .await
         .expect("seed");
     let brake = install_brake(&ts, 0x6c00_0001).await;
-    let store = ts.store.clone();
-    let first = tokio::spawn(async move {
-        store
-            .append(vec![NewEvent::new(
-                "Slow",
-                vec![],
-                json!({ "op": "first" }),
-            )])
-            .await
-    });
+    let first = spawn_slow(&ts, "first");
     stuck_on_brake(&ts, 0x6c00_0001).await;
     let call = |op: &'static str, s: &'static str, condition: Option<AppendCondition>| {
         let store = ts.store.clone();
@@ -193,15 +198,7 @@ async fn a_killed_group_acknowledges_nothing_and_stores_nothing() {
     )
     .await;
     let brake = install_brake(&ts, 0x6c00_0002).await;
-    let slow = |op: &'static str| {
-        let store = ts.store.clone();
-        tokio::spawn(async move {
-            store
-                .append(vec![NewEvent::new("Slow", vec![], json!({ "op": op }))])
-                .await
-        })
-    };
-    let first = slow("first");
+    let first = spawn_slow(&ts, "first");
     let pid = stuck_on_brake(&ts, 0x6c00_0002).await;
     let group: Vec<_> = ["g1", "g2", "g3"]
         .into_iter()
@@ -209,9 +206,7 @@ async fn a_killed_group_acknowledges_nothing_and_stores_nothing() {
             let store = ts.store.clone();
             tokio::spawn(async move {
                 if op == "g1" {
-                    store
-                        .append(vec![NewEvent::new("Slow", vec![], json!({ "op": op }))])
-                        .await
+                    store.append(vec![slow(op)]).await
                 } else {
                     store.append(vec![booked(op, op)]).await
                 }
@@ -322,16 +317,7 @@ async fn a_call_timing_out_in_the_queue_certainly_wrote_nothing() {
 async fn a_stuck_group_does_not_hold_up_other_boundaries() {
     let ts = test_store(StoreConfig::default().append_timeout(Duration::from_secs(20))).await;
     let brake = install_brake(&ts, 0x6c00_0004).await;
-    let store = ts.store.clone();
-    let stuck = tokio::spawn(async move {
-        store
-            .append(vec![NewEvent::new(
-                "Slow",
-                vec![],
-                json!({ "op": "stuck" }),
-            )])
-            .await
-    });
+    let stuck = spawn_slow(&ts, "stuck");
     stuck_on_brake(&ts, 0x6c00_0004).await;
     let barrier = Arc::new(Barrier::new(8));
     let others: Vec<_> = (0..8)
@@ -383,11 +369,7 @@ async fn a_killed_multi_command_append_stores_nothing() {
                 AppendCommand::new(vec![booked(&s, &s)]).only_if(AppendCondition::new(slot(&s)))
             })
             .collect();
-        commands.push(AppendCommand::new(vec![NewEvent::new(
-            "Slow",
-            vec![],
-            json!({ "op": "last" }),
-        )]));
+        commands.push(AppendCommand::new(vec![slow("last")]));
         store.append_batch(commands).await
     });
     let pid = stuck_on_brake(&ts, 0x6c00_0005).await;
