@@ -31,6 +31,8 @@
 //! # Ok(()) }
 //! ```
 pub use dcb_core::*;
+/// The derives of typed events and named decision models.
+pub use dcb_derive::{DecisionModel, DomainEvent};
 
 /// The in-memory store.
 pub mod memory {

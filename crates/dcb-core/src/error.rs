@@ -51,6 +51,13 @@ pub enum Error {
         reason: String,
     },
 
+    /// A stored event does not decode into the typed event it was read as: its type is not one
+    /// of the Rust type's, its payload or a tag does not fit, or no upcaster brings its schema
+    /// version to the current one. Nothing is wrong with the store; fix the type, or register
+    /// an upcaster ([`Upcasters`](crate::Upcasters)).
+    #[error("{0}")]
+    Decode(crate::DecodeError),
+
     /// The database schema is missing or at another version than this library expects.
     #[error("schema mismatch: {message}")]
     Schema {

@@ -27,6 +27,10 @@ mod change_feed;
 mod command;
 mod condition;
 mod cursor;
+mod decode_error;
+#[doc(hidden)]
+pub mod derive_support;
+mod domain_event;
 mod error;
 mod event;
 mod event_stream;
@@ -39,6 +43,9 @@ pub mod runner;
 mod store;
 mod subscribe;
 mod tag;
+mod tag_value;
+mod typed_event;
+mod upcast;
 mod validate;
 
 pub use batch::{conflict_within_batch, discard_commands, validate_batch, AppendCommand};
@@ -46,6 +53,10 @@ pub use change_feed::{ChangeFeed, ChangeNotifier};
 pub use command::{CommandFilter, CommandRecord, CommitOutcome, NewCommand};
 pub use condition::AppendCondition;
 pub use cursor::Cursor;
+pub use decode_error::{DecodeError, DecodeErrorKind};
+pub use domain_event::{
+    encode_all, stored_version, DomainEvent, EventTypes, EventView, SCHEMA_VERSION_KEY,
+};
 pub use error::{ConflictInfo, Error, Result, ValidationError, ValidationKind};
 pub use event::{Event, NewEvent, NewEventBuilder};
 pub use event_stream::EventStream;
@@ -57,6 +68,9 @@ pub use reader::{validate_read_options, Direction, EventReader, EventReaderExt, 
 pub use store::{CommandSession, EventStore};
 pub use subscribe::{is_fatal_for_subscription, subscribe, SubscribeExt, SubscribeOptions};
 pub use tag::Tag;
+pub use tag_value::TagValue;
+pub use typed_event::{decode_all, decode_stream, TypedEvent};
+pub use upcast::Upcasters;
 pub use validate::{
     discard_events, validate_command, validate_condition, validate_events, validate_query, Limits,
     MAX_EVENT_TYPE_LEN, MAX_JSON_DEPTH,

@@ -1,6 +1,6 @@
 use crate::event_stream::EventStream;
 use crate::permit::ProjectionPermit;
-use crate::{matches, validate_query, AppendCondition, Cursor, Error, Event, Query};
+use crate::{matches, validate_query, AppendCondition, Cursor, DomainEvent, Error, Event, Query};
 use futures_util::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +33,7 @@ pub struct StateProjector<S> {
     pub query: Query,
     initial: S,
     transition: Transition<S>,
+    newest_only: bool,
 }
 
 impl<S: Clone> Clone for StateProjector<S> {
@@ -41,6 +42,7 @@ impl<S: Clone> Clone for StateProjector<S> {
             query: self.query.clone(),
             initial: self.initial.clone(),
             transition: self.transition.clone(),
+            newest_only: self.newest_only,
         }
     }
 }
@@ -50,6 +52,7 @@ impl<S: fmt::Debug> fmt::Debug for StateProjector<S> {
         f.debug_struct("StateProjector")
             .field("query", &self.query)
             .field("initial", &self.initial)
+            .field("newest_only", &self.newest_only)
             .finish_non_exhaustive()
     }
 }
@@ -78,7 +81,54 @@ impl<S: Clone + Send + Sync + 'static> StateProjector<S> {
             query,
             initial,
             transition: Arc::new(transition),
+            newest_only: false,
         }
+    }
+
+    /// A projector whose transition gets each matching event decoded into the typed event `E`
+    /// ([`DomainEvent::decode`], upcasting included). An event that does not decode aborts the
+    /// projection with [`Error::Decode`] naming it.
+    ///
+    /// ```ignore
+    /// let enrolled = StateProjector::typed(
+    ///     QueryItem::of::<StudentEnrolled>().tag("course_id", "c1"),
+    ///     0_u32,
+    ///     |count, _: &StudentEnrolled| *count += 1,
+    /// );
+    /// ```
+    pub fn typed<E: DomainEvent>(
+        query: impl Into<Query>,
+        initial: S,
+        transition: impl Fn(&mut S, &E) + Send + Sync + 'static,
+    ) -> Self {
+        Self::try_new(query.into(), initial, move |state, event| {
+            transition(state, &E::decode(event)?);
+            Ok(())
+        })
+    }
+
+    /// Like [`typed`](Self::typed), with a transition that can fail.
+    pub fn try_typed<E: DomainEvent>(
+        query: impl Into<Query>,
+        initial: S,
+        transition: impl Fn(&mut S, &E) -> Result<(), Error> + Send + Sync + 'static,
+    ) -> Self {
+        Self::try_new(query.into(), initial, move |state, event| {
+            transition(state, &E::decode(event)?)
+        })
+    }
+
+    /// Declares that the state depends only on the newest matching event, so that projected
+    /// ALONE the projector reads backwards with a limit of 1 instead of every matching event.
+    /// The returned condition is the same either way: the projector's query after the newest
+    /// matching event. In a set with other projectors it folds over their shared read as usual.
+    ///
+    /// Only correct when folding the newest event into the initial state gives the same state as
+    /// folding every event in order; [`last`](StateProjector::last) and
+    /// [`last_typed`](StateProjector::last_typed) are such projectors.
+    pub fn newest_only(mut self) -> Self {
+        self.newest_only = true;
+        self
     }
 }
 
@@ -98,8 +148,23 @@ impl StateProjector<bool> {
 
 impl StateProjector<Option<Event>> {
     /// The last matching event, if any (go-crablet's `ProjectState` with a "keep last" fold).
+    /// Projected alone it reads only that event, backwards with a limit of 1
+    /// ([`newest_only`](StateProjector::newest_only)).
     pub fn last(query: Query) -> Self {
-        Self::new(query, None, |last, event| *last = Some(event.clone()))
+        Self::new(query, None, |last, event| *last = Some(event.clone())).newest_only()
+    }
+}
+
+impl<E: DomainEvent + Clone> StateProjector<Option<E>> {
+    /// The last matching event decoded into the typed event `E`, if any. Projected alone it
+    /// reads only that event, backwards with a limit of 1, and its condition fails exactly when
+    /// a newer matching event is appended: the shape of "the next invoice number".
+    pub fn last_typed(query: impl Into<Query>) -> Self {
+        Self::try_new(query.into(), None, |last, event| {
+            *last = Some(E::decode(event)?);
+            Ok(())
+        })
+        .newest_only()
     }
 }
 
@@ -107,12 +172,14 @@ impl<T> StateProjector<Option<T>>
 where
     T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    /// The payload of the last matching event, deserialized into `T`.
+    /// The payload of the last matching event, deserialized into `T`. Projected alone it reads
+    /// only that event ([`newest_only`](StateProjector::newest_only)).
     pub fn last_data(query: Query) -> Self {
         Self::try_new(query, None, |last, event| {
             *last = Some(event.data_as()?);
             Ok(())
         })
+        .newest_only()
     }
 }
 
@@ -140,6 +207,13 @@ pub trait Projectors: Send + Sync {
 
     /// Feeds one event to every projector whose query it matches.
     fn apply(&self, states: &mut Self::States, event: &Event) -> Result<(), Error>;
+
+    /// True when the states depend only on the newest event of the combined query, so a
+    /// projection may read just that one, backwards with a limit of 1. False unless the set is
+    /// a single projector declared [`newest_only`](StateProjector::newest_only).
+    fn newest_only(&self) -> bool {
+        false
+    }
 
     /// The combined query (the OR of all projector queries, identical items once), validated.
     fn query(&self) -> Result<Query, Error> {
@@ -174,6 +248,10 @@ impl<S: Clone + Send + Sync + 'static> Projectors for StateProjector<S> {
             (self.transition)(state, event)?;
         }
         Ok(())
+    }
+
+    fn newest_only(&self) -> bool {
+        self.newest_only
     }
 }
 

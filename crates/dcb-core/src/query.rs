@@ -27,6 +27,18 @@ impl QueryItem {
         Self::default()
     }
 
+    /// An item selecting the event types of the typed event `T` (a
+    /// [`DomainEvent`](crate::DomainEvent), or a tuple of them), old names included, so the
+    /// names are never spelled out by hand.
+    ///
+    /// ```ignore
+    /// // Every CourseDefined and StudentEnrolled event of course c1:
+    /// let item = QueryItem::of::<(CourseDefined, StudentEnrolled)>().tag("course_id", "c1");
+    /// ```
+    pub fn of<T: crate::EventTypes>() -> Self {
+        Self::new().types(T::read_types())
+    }
+
     /// Adds accepted event types.
     pub fn types<I, S>(mut self, types: I) -> Self
     where
@@ -97,6 +109,12 @@ impl Query {
         S: Into<String>,
     {
         Self::from(QueryItem::new().types(types))
+    }
+
+    /// A one-item query on the event types of the typed event `T` (or a tuple of them); see
+    /// [`QueryItem::of`].
+    pub fn of<T: crate::EventTypes>() -> Self {
+        Self::from(QueryItem::of::<T>())
     }
 
     /// A one-item query on tags only.

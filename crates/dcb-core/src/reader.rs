@@ -3,7 +3,8 @@ use crate::change_feed::ChangeFeed;
 use crate::event_stream::EventStream;
 use crate::permit::ProjectionPermit;
 use crate::projection::{fold_stream, Projection, ProjectionStep, Projectors};
-use crate::{Cursor, Error, Event, Query, ValidationError, ValidationKind};
+use crate::typed_event::{decode_stream, TypedEvent};
+use crate::{Cursor, DomainEvent, Error, Event, Query, ValidationError, ValidationKind};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
@@ -125,7 +126,7 @@ pub trait EventReaderExt: EventReader {
     {
         let _permit = self.projection_permit()?;
         let query = projectors.query()?;
-        let events = self.query(&query, ReadOptions::default()).await?;
+        let events = self.query(&query, projection_read(&projectors)).await?;
         let mut states = projectors.initial();
         for event in &events {
             projectors.apply(&mut states, event)?;
@@ -154,8 +155,43 @@ pub trait EventReaderExt: EventReader {
             Ok(query) => query,
             Err(err) => return Box::pin(futures_util::stream::once(async { Err(err) })),
         };
-        let events = self.query_stream(&query, ReadOptions::default());
+        let events = self.query_stream(&query, projection_read(&projectors));
         fold_stream(projectors, query, events, progress_every, permit)
+    }
+
+    /// Reads the events matching `query` and decodes them into the typed event `E`
+    /// ([`DomainEvent::decode`], upcasting included). An event that does not decode fails the
+    /// read with [`Error::Decode`] naming it.
+    async fn query_typed<E: DomainEvent>(
+        &self,
+        query: &Query,
+        options: ReadOptions,
+    ) -> Result<Vec<TypedEvent<E>>, Error> {
+        self.query(query, options)
+            .await?
+            .into_iter()
+            .map(TypedEvent::decode)
+            .collect()
+    }
+
+    /// [`query_stream`](EventReader::query_stream), decoded into the typed event `E`.
+    fn query_stream_typed<E: DomainEvent>(
+        &self,
+        query: &Query,
+        options: ReadOptions,
+    ) -> BoxStream<'static, Result<TypedEvent<E>, Error>> {
+        decode_stream(self.query_stream(query, options))
+    }
+}
+
+/// How a projection reads: forwards through every matching event, or, for a single projector
+/// that only keeps the newest one, backwards with a limit of 1. Either way the condition's
+/// `after` is the newest matching event the read saw, which is what makes it exact.
+fn projection_read<P: Projectors>(projectors: &P) -> ReadOptions {
+    if projectors.newest_only() {
+        ReadOptions::default().backwards().limit(1)
+    } else {
+        ReadOptions::default()
     }
 }
 

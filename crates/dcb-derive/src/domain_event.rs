@@ -1,0 +1,467 @@
+//! `#[derive(DomainEvent)]`.
+use crate::attrs::{event_attrs, field_attrs, no_generics, EventAttrPlace};
+use crate::krate::runtime_path;
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Attribute, Data, DeriveInput, Error, Fields, Ident, LitStr, Result, Type};
+
+/// How a tag field holds its values.
+enum TagKind {
+    /// `T`: exactly one value.
+    Single,
+    /// `Vec<T>`: any number of values, in order.
+    Many,
+    /// `Option<T>`: none or one.
+    Optional,
+}
+
+struct Field {
+    ident: Ident,
+    ty: Type,
+    /// The tag key and how the field holds its values, for a tag field.
+    tag: Option<(LitStr, TagKind)>,
+    serde_attrs: Vec<Attribute>,
+}
+
+/// The layout of one event type: a struct, or one inline variant of an enum.
+struct Shape {
+    event_type: LitStr,
+    version: u32,
+    /// `None` for a unit struct or unit variant.
+    fields: Option<Vec<Field>>,
+}
+
+enum Variant {
+    Inline(Ident, Shape),
+    /// `Variant(Inner)`, where `Inner` is a typed event itself.
+    Delegate(Ident, Type),
+}
+
+pub fn expand(input: DeriveInput) -> Result<TokenStream> {
+    no_generics(&input.generics, "DomainEvent")?;
+    let name = &input.ident;
+    match &input.data {
+        Data::Struct(data) => {
+            let attrs = event_attrs(&input.attrs, EventAttrPlace::Struct)?;
+            let krate = runtime_path(attrs.krate.as_ref());
+            let shape = shape(name, &attrs, &data.fields)?;
+            Ok(expand_struct(
+                name,
+                &shape,
+                attrs.upcasters.as_ref(),
+                &krate,
+            ))
+        }
+        Data::Enum(data) => {
+            let attrs = event_attrs(&input.attrs, EventAttrPlace::Enum)?;
+            let krate = runtime_path(attrs.krate.as_ref());
+            let mut variants = Vec::new();
+            let mut seen: Vec<String> = Vec::new();
+            for variant in &data.variants {
+                let variant_attrs = event_attrs(&variant.attrs, EventAttrPlace::Variant)?;
+                match &variant.fields {
+                    Fields::Unnamed(unnamed) => {
+                        if unnamed.unnamed.len() != 1
+                            || variant_attrs.event_type.is_some()
+                            || variant_attrs.version.is_some()
+                        {
+                            return Err(Error::new(
+                                variant.span(),
+                                "a tuple variant wraps exactly one typed event (a type that \
+                                 derives DomainEvent), which names its own event type and version; \
+                                 give inline events named fields",
+                            ));
+                        }
+                        let inner = &unnamed.unnamed[0];
+                        if let Some(attr) =
+                            inner.attrs.iter().find(|a| a.path().is_ident("crablet"))
+                        {
+                            return Err(Error::new(
+                                attr.span(),
+                                "the wrapped typed event declares its own tags",
+                            ));
+                        }
+                        variants.push(Variant::Delegate(variant.ident.clone(), inner.ty.clone()));
+                    }
+                    fields => {
+                        let shape = shape(&variant.ident, &variant_attrs, fields)?;
+                        let event_type = shape.event_type.value();
+                        if seen.contains(&event_type) {
+                            return Err(Error::new(
+                                shape.event_type.span(),
+                                format!(
+                                    "two variants have the event type {event_type:?}; give one \
+                                     of them another with #[crablet(event_type = \"...\")]"
+                                ),
+                            ));
+                        }
+                        seen.push(event_type);
+                        variants.push(Variant::Inline(variant.ident.clone(), shape));
+                    }
+                }
+            }
+            if variants.is_empty() {
+                return Err(Error::new(
+                    name.span(),
+                    "an enum of typed events needs at least one variant",
+                ));
+            }
+            Ok(expand_enum(
+                name,
+                &variants,
+                attrs.upcasters.as_ref(),
+                &krate,
+            ))
+        }
+        Data::Union(_) => Err(Error::new(
+            name.span(),
+            "DomainEvent is derived for structs and enums, not unions",
+        )),
+    }
+}
+
+fn shape(ident: &Ident, attrs: &crate::attrs::EventAttrs, fields: &Fields) -> Result<Shape> {
+    let event_type = attrs
+        .event_type
+        .clone()
+        .unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
+    let version = match &attrs.version {
+        Some(v) => v.base10_parse()?,
+        None => 1,
+    };
+    let fields = match fields {
+        Fields::Unit => None,
+        Fields::Unnamed(unnamed) => return Err(Error::new(
+            unnamed.span(),
+            "a typed event needs named fields: they name the payload's JSON fields and the tags",
+        )),
+        Fields::Named(named) => {
+            let mut out: Vec<Field> = Vec::new();
+            for field in &named.named {
+                let ident = field
+                    .ident
+                    .clone()
+                    .ok_or_else(|| Error::new(field.span(), "a typed event needs named fields"))?;
+                let field_attrs = field_attrs(&field.attrs)?;
+                let tag = match field_attrs.tag {
+                    None => None,
+                    Some(key) => {
+                        let key =
+                            key.unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
+                        if let Some(other) = out.iter().find(|f| {
+                            f.tag
+                                .as_ref()
+                                .is_some_and(|(k, _)| k.value() == key.value())
+                        }) {
+                            return Err(Error::new(
+                                key.span(),
+                                format!(
+                                    "the tag key {:?} is already the key of field `{}`; a key with \
+                                     several values is one `Vec` field",
+                                    key.value(),
+                                    other.ident
+                                ),
+                            ));
+                        }
+                        Some((key, tag_kind(&field.ty)))
+                    }
+                };
+                let serde_attrs = field
+                    .attrs
+                    .iter()
+                    .filter(|a| a.path().is_ident("serde"))
+                    .cloned()
+                    .collect();
+                out.push(Field {
+                    ident,
+                    ty: field.ty.clone(),
+                    tag,
+                    serde_attrs,
+                });
+            }
+            Some(out)
+        }
+    };
+    Ok(Shape {
+        event_type,
+        version,
+        fields,
+    })
+}
+
+/// `Vec<T>` and `Option<T>`, by the last segment of their path; anything else is one value.
+fn tag_kind(ty: &Type) -> TagKind {
+    if let Type::Path(path) = ty {
+        if let Some(last) = path.path.segments.last() {
+            if matches!(last.arguments, syn::PathArguments::AngleBracketed(_)) {
+                if last.ident == "Vec" {
+                    return TagKind::Many;
+                }
+                if last.ident == "Option" {
+                    return TagKind::Optional;
+                }
+            }
+        }
+    }
+    TagKind::Single
+}
+
+fn serde_crate(krate: &TokenStream) -> LitStr {
+    LitStr::new(
+        &format!("{krate}::derive_support::serde").replace(' ', ""),
+        Span::call_site(),
+    )
+}
+
+/// The expression encoding `shape`, with each field bound by reference to a local of its name.
+fn encode_shape(shape: &Shape, krate: &TokenStream) -> TokenStream {
+    let event_type = &shape.event_type;
+    let version = shape.version;
+    let fields = shape.fields.as_deref().unwrap_or(&[]);
+    let support = quote!(#krate::derive_support);
+    let push_tags = fields.iter().filter_map(|f| {
+        let (key, kind) = f.tag.as_ref()?;
+        let ident = &f.ident;
+        let function = match kind {
+            TagKind::Single => quote!(push_tag),
+            TagKind::Many => quote!(push_tags),
+            TagKind::Optional => quote!(push_optional_tag),
+        };
+        Some(quote_spanned!(f.ty.span()=> #support::#function(&mut __tags, #key, #ident);))
+    });
+    let payload: Vec<&Field> = fields.iter().filter(|f| f.tag.is_none()).collect();
+    let payload_idents: Vec<&Ident> = payload.iter().map(|f| &f.ident).collect();
+    let payload_types = payload.iter().map(|f| &f.ty);
+    let payload_attrs = payload.iter().map(|f| &f.serde_attrs);
+    let serde_crate = serde_crate(krate);
+    quote! {{
+        let mut __tags = ::std::vec::Vec::new();
+        #(#push_tags)*
+        #[derive(#support::serde::Serialize)]
+        #[serde(crate = #serde_crate)]
+        struct __CrabletPayload<'__a> {
+            #( #(#payload_attrs)* #payload_idents: &'__a #payload_types, )*
+            #[serde(skip)]
+            __crablet_marker: ::std::marker::PhantomData<&'__a ()>,
+        }
+        #support::new_event(
+            #event_type,
+            #version,
+            __tags,
+            &__CrabletPayload { #(#payload_idents,)* __crablet_marker: ::std::marker::PhantomData },
+        )
+    }}
+}
+
+/// The expression decoding `view` into `constructor` (`Self` or `Self::Variant`).
+fn decode_shape(shape: &Shape, constructor: TokenStream, krate: &TokenStream) -> TokenStream {
+    let version = shape.version;
+    let support = quote!(#krate::derive_support);
+    let Some(fields) = &shape.fields else {
+        return quote! {{
+            #support::check_version(&view, #version)?;
+            ::std::result::Result::Ok(#constructor)
+        }};
+    };
+    let tag_values = fields.iter().filter_map(|f| {
+        let (key, kind) = f.tag.as_ref()?;
+        let ident = &f.ident;
+        let function = match kind {
+            TagKind::Single => quote!(tag),
+            TagKind::Many => quote!(tags),
+            TagKind::Optional => quote!(optional_tag),
+        };
+        Some(quote_spanned!(f.ty.span()=> #ident: #support::#function(&view, #key)?,))
+    });
+    let payload: Vec<&Field> = fields.iter().filter(|f| f.tag.is_none()).collect();
+    let payload_idents: Vec<&Ident> = payload.iter().map(|f| &f.ident).collect();
+    let payload_types = payload.iter().map(|f| &f.ty);
+    let payload_attrs = payload.iter().map(|f| &f.serde_attrs);
+    let serde_crate = serde_crate(krate);
+    quote! {{
+        #support::check_version(&view, #version)?;
+        #[derive(#support::serde::Deserialize)]
+        #[serde(crate = #serde_crate)]
+        struct __CrabletPayload {
+            #( #(#payload_attrs)* #payload_idents: #payload_types, )*
+        }
+        let __payload: __CrabletPayload = #support::payload(&view)?;
+        ::std::result::Result::Ok(#constructor {
+            #(#tag_values)*
+            #( #payload_idents: __payload.#payload_idents, )*
+        })
+    }}
+}
+
+fn bindings(shape: &Shape) -> TokenStream {
+    match &shape.fields {
+        None => quote!(),
+        Some(fields) => {
+            let idents = fields.iter().map(|f| &f.ident);
+            quote!({ #(#idents,)* })
+        }
+    }
+}
+
+fn upcasters_fn(upcasters: Option<&syn::Path>, krate: &TokenStream) -> TokenStream {
+    match upcasters {
+        None => quote!(),
+        Some(path) => quote! {
+            fn upcasters() -> &'static #krate::Upcasters {
+                static UPCASTERS: ::std::sync::OnceLock<#krate::Upcasters> =
+                    ::std::sync::OnceLock::new();
+                #krate::derive_support::cached_upcasters(&UPCASTERS, #path)
+            }
+        },
+    }
+}
+
+fn expand_struct(
+    name: &Ident,
+    shape: &Shape,
+    upcasters: Option<&syn::Path>,
+    krate: &TokenStream,
+) -> TokenStream {
+    let event_type = &shape.event_type;
+    let version = shape.version;
+    let binding = bindings(shape);
+    let encode = encode_shape(shape, krate);
+    let decode = decode_shape(shape, quote!(Self), krate);
+    let upcasters = upcasters_fn(upcasters, krate);
+    quote! {
+        impl #name {
+            /// The event type this struct encodes to.
+            pub const EVENT_TYPE: &'static str = #event_type;
+        }
+
+        impl #krate::DomainEvent for #name {
+            fn event_types() -> ::std::vec::Vec<&'static str> {
+                ::std::vec![#event_type]
+            }
+
+            #upcasters
+
+            fn event_type(&self) -> &'static str {
+                #event_type
+            }
+
+            fn schema_version(&self) -> u32 {
+                #version
+            }
+
+            #[allow(unused_variables)]
+            fn encode(&self) -> ::std::result::Result<#krate::NewEvent, #krate::Error> {
+                let Self #binding = self;
+                #encode
+            }
+
+            fn decode_view(
+                view: #krate::EventView<'_>,
+            ) -> ::std::result::Result<Self, #krate::DecodeErrorKind> {
+                let view = <Self as #krate::DomainEvent>::upcasters().apply(view)?;
+                if view.event_type != #event_type {
+                    return ::std::result::Result::Err(#krate::derive_support::unknown_type(
+                        ::std::vec![#event_type],
+                    ));
+                }
+                #decode
+            }
+        }
+    }
+}
+
+fn expand_enum(
+    name: &Ident,
+    variants: &[Variant],
+    upcasters: Option<&syn::Path>,
+    krate: &TokenStream,
+) -> TokenStream {
+    let support = quote!(#krate::derive_support);
+    let trait_ = quote!(#krate::DomainEvent);
+    let mut event_types = Vec::new();
+    let mut event_type_arms = Vec::new();
+    let mut version_arms = Vec::new();
+    let mut encode_arms = Vec::new();
+    let mut decode_branches = Vec::new();
+    let mut delegates = Vec::new();
+    for variant in variants {
+        match variant {
+            Variant::Inline(ident, shape) => {
+                let event_type = &shape.event_type;
+                let version = shape.version;
+                let binding = bindings(shape);
+                let encode = encode_shape(shape, krate);
+                let decode = decode_shape(shape, quote!(Self::#ident), krate);
+                event_types.push(quote!(types.push(#event_type);));
+                event_type_arms.push(quote!(Self::#ident { .. } => #event_type,));
+                version_arms.push(quote!(Self::#ident { .. } => #version,));
+                encode_arms.push(quote!(Self::#ident #binding => #encode,));
+                decode_branches.push(quote! {
+                    if view.event_type == #event_type {
+                        return #decode;
+                    }
+                });
+            }
+            Variant::Delegate(ident, inner) => {
+                event_types.push(quote!(types.extend(<#inner as #trait_>::event_types());));
+                event_type_arms.push(quote!(Self::#ident(inner) => #trait_::event_type(inner),));
+                version_arms.push(quote!(Self::#ident(inner) => #trait_::schema_version(inner),));
+                encode_arms.push(quote!(Self::#ident(inner) => #trait_::encode(inner),));
+                decode_branches.push(quote! {
+                    if <#inner as #trait_>::decodes(&view.event_type) {
+                        return <#inner as #trait_>::decode_view(view).map(Self::#ident);
+                    }
+                });
+                delegates.push(inner);
+            }
+        }
+    }
+    let upcasters = upcasters_fn(upcasters, krate);
+    quote! {
+        impl #trait_ for #name {
+            fn event_types() -> ::std::vec::Vec<&'static str> {
+                let mut types = ::std::vec::Vec::new();
+                #(#event_types)*
+                types
+            }
+
+            fn read_types() -> ::std::vec::Vec<::std::string::String> {
+                #support::read_types(
+                    <Self as #trait_>::event_types(),
+                    <Self as #trait_>::upcasters(),
+                    ::std::vec![#(<#delegates as #trait_>::read_types()),*],
+                )
+            }
+
+            #upcasters
+
+            fn event_type(&self) -> &'static str {
+                match self {
+                    #(#event_type_arms)*
+                }
+            }
+
+            fn schema_version(&self) -> u32 {
+                match self {
+                    #(#version_arms)*
+                }
+            }
+
+            #[allow(unused_variables)]
+            fn encode(&self) -> ::std::result::Result<#krate::NewEvent, #krate::Error> {
+                match self {
+                    #(#encode_arms)*
+                }
+            }
+
+            fn decode_view(
+                view: #krate::EventView<'_>,
+            ) -> ::std::result::Result<Self, #krate::DecodeErrorKind> {
+                let view = <Self as #trait_>::upcasters().apply(view)?;
+                #(#decode_branches)*
+                ::std::result::Result::Err(#support::unknown_type(<Self as #trait_>::event_types()))
+            }
+        }
+    }
+}
