@@ -20,7 +20,8 @@ mod common;
 use async_trait::async_trait;
 use common::{check, check_none, AnyError, Interleaving};
 use crablet::command::{
-    Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome, Decision, RetryPolicy,
+    reject, Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome, Decision,
+    HandlerResult, RetryPolicy,
 };
 use crablet::{Event, EventReader, EventReaderExt, NewEvent, Query, QueryItem, StateProjector};
 use rand::rngs::StdRng;
@@ -82,7 +83,6 @@ enum Refusal {
     CourseFull { capacity: u32 },
     TooManyCourses,
     NotEnrolled,
-    Store(crablet::Error),
 }
 
 impl fmt::Display for Refusal {
@@ -98,18 +98,11 @@ impl fmt::Display for Refusal {
                 write!(f, "already enrolled in {MAX_COURSES_PER_STUDENT} courses")
             }
             Refusal::NotEnrolled => write!(f, "not enrolled"),
-            Refusal::Store(err) => write!(f, "{err}"),
         }
     }
 }
 
 impl std::error::Error for Refusal {}
-
-impl From<crablet::Error> for Refusal {
-    fn from(err: crablet::Error) -> Self {
-        Refusal::Store(err)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Queries and projectors.
@@ -158,13 +151,13 @@ impl CommandHandler<DefineCourse> for DefineCourseHandler {
         &self,
         command: &Command<DefineCourse>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Refusal> {
+    ) -> HandlerResult<Refusal> {
         let course = &command.payload;
         let model = reader
             .project(StateProjector::exists(course_defined(&course.course_id)))
             .await?;
         if model.states {
-            return Err(Refusal::CourseExists(course.course_id.clone()));
+            return Err(reject(Refusal::CourseExists(course.course_id.clone())));
         }
         let event = NewEvent::builder(COURSE_DEFINED)
             .tag("course_id", &course.course_id)
@@ -184,7 +177,7 @@ impl CommandHandler<RegisterStudent> for RegisterStudentHandler {
         &self,
         command: &Command<RegisterStudent>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Refusal> {
+    ) -> HandlerResult<Refusal> {
         let student = &command.payload;
         let model = reader
             .project(StateProjector::exists(student_registered(
@@ -192,7 +185,7 @@ impl CommandHandler<RegisterStudent> for RegisterStudentHandler {
             )))
             .await?;
         if model.states {
-            return Err(Refusal::StudentExists(student.student_id.clone()));
+            return Err(reject(Refusal::StudentExists(student.student_id.clone())));
         }
         let event = NewEvent::builder(STUDENT_REGISTERED)
             .tag("student_id", &student.student_id)
@@ -212,7 +205,7 @@ impl CommandHandler<Enrollment> for EnrollHandler {
         &self,
         command: &Command<Enrollment>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Refusal> {
+    ) -> HandlerResult<Refusal> {
         let Enrollment {
             student_id,
             course_id,
@@ -235,21 +228,21 @@ impl CommandHandler<Enrollment> for EnrollHandler {
             .await?;
         let (course, student_exists, seats_taken, student_courses, enrolled) = model.states;
         let Some(course) = course else {
-            return Err(Refusal::NoSuchCourse(course_id.clone()));
+            return Err(reject(Refusal::NoSuchCourse(course_id.clone())));
         };
         if !student_exists {
-            return Err(Refusal::NoSuchStudent(student_id.clone()));
+            return Err(reject(Refusal::NoSuchStudent(student_id.clone())));
         }
         if enrolled > 0 {
-            return Err(Refusal::AlreadyEnrolled);
+            return Err(reject(Refusal::AlreadyEnrolled));
         }
         if seats_taken >= course.capacity {
-            return Err(Refusal::CourseFull {
+            return Err(reject(Refusal::CourseFull {
                 capacity: course.capacity,
-            });
+            }));
         }
         if student_courses >= MAX_COURSES_PER_STUDENT {
-            return Err(Refusal::TooManyCourses);
+            return Err(reject(Refusal::TooManyCourses));
         }
         let event = NewEvent::builder(ENROLLED)
             .tag("course_id", course_id)
@@ -270,7 +263,7 @@ impl CommandHandler<Enrollment> for UnenrollHandler {
         &self,
         command: &Command<Enrollment>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Refusal> {
+    ) -> HandlerResult<Refusal> {
         let Enrollment {
             student_id,
             course_id,
@@ -283,7 +276,7 @@ impl CommandHandler<Enrollment> for UnenrollHandler {
             ))
             .await?;
         if model.states == 0 {
-            return Err(Refusal::NotEnrolled);
+            return Err(reject(Refusal::NotEnrolled));
         }
         let event = NewEvent::builder(UNENROLLED)
             .tag("course_id", course_id)
@@ -350,9 +343,6 @@ impl Tally {
         for outcome in outcomes {
             match outcome {
                 Ok(_) => tally.succeeded += 1,
-                Err(CommandError::Rejected(Refusal::Store(err))) => {
-                    return Err(format!("a read failed: {err}").into())
-                }
                 Err(CommandError::Rejected(reason)) => {
                     let kind = format!("{reason:?}");
                     let kind = kind.split([' ', '(', '{']).next().unwrap_or_default();

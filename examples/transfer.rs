@@ -20,11 +20,11 @@ mod common;
 
 use common::{check, check_none, AnyError, Interleaving};
 use crablet::command::{
-    handler_fn, Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome, Decision,
-    RetryPolicy,
+    handler_fn, reject, Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome,
+    Decision, HandlerError, RetryPolicy,
 };
 use crablet::{
-    CommandFilter, Event, EventReaderExt, NewEvent, Query, QueryItem, ReadOptions, StateProjector,
+    CommandFilter, DomainEvent, EventReaderExt, Query, QueryItem, ReadOptions, StateProjector,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -33,17 +33,40 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const ACCOUNT_OPENED: &str = "AccountOpened";
-const MONEY_TRANSFERRED: &str = "MoneyTransferred";
+/// An account was opened. Its id is a tag, so queries select the account's events by it.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct AccountOpened {
+    #[crablet(tag)]
+    account_id: String,
+    initial_balance: i64,
+}
 
-/// The payload of `OpenAccount` and of the `AccountOpened` event it appends.
+/// Money moved between two accounts. The event carries both accounts as tags (one event cannot
+/// carry the same tag twice, so under two keys): it belongs to the consistency boundary of both.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct MoneyTransferred {
+    #[crablet(tag)]
+    from_account_id: String,
+    #[crablet(tag)]
+    to_account_id: String,
+    amount: i64,
+}
+
+/// Every event of the bank: the event types come from the wrapped structs.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum BankEvent {
+    Opened(AccountOpened),
+    Transferred(MoneyTransferred),
+}
+
+/// The payload of the `OpenAccount` command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpenAccount {
     account_id: String,
     initial_balance: i64,
 }
 
-/// The payload of `TransferMoney` and of the `MoneyTransferred` event it appends.
+/// The payload of the `TransferMoney` command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TransferMoney {
     from_account_id: String,
@@ -63,8 +86,6 @@ enum BankError {
     },
     NotPositive(i64),
     SameAccount(String),
-    /// A read or an event failed (store unavailable, invalid event, ...).
-    Store(crablet::Error),
 }
 
 impl fmt::Display for BankError {
@@ -82,18 +103,11 @@ impl fmt::Display for BankError {
             ),
             BankError::NotPositive(amount) => write!(f, "amount must be positive, got {amount}"),
             BankError::SameAccount(id) => write!(f, "cannot transfer from {id} to itself"),
-            BankError::Store(err) => write!(f, "{err}"),
         }
     }
 }
 
 impl std::error::Error for BankError {}
-
-impl From<crablet::Error> for BankError {
-    fn from(err: crablet::Error) -> Self {
-        BankError::Store(err)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The decision model: one account's balance.
@@ -104,15 +118,9 @@ impl From<crablet::Error> for BankError {
 /// cannot carry the same tag key twice), so it belongs to the consistency boundary of both.
 fn account_events(account_id: &str) -> Query {
     Query::from_items([
-        QueryItem::new()
-            .types([ACCOUNT_OPENED])
-            .tag("account_id", account_id),
-        QueryItem::new()
-            .types([MONEY_TRANSFERRED])
-            .tag("from_account_id", account_id),
-        QueryItem::new()
-            .types([MONEY_TRANSFERRED])
-            .tag("to_account_id", account_id),
+        QueryItem::of::<AccountOpened>().tag("account_id", account_id),
+        QueryItem::of::<MoneyTransferred>().tag("from_account_id", account_id),
+        QueryItem::of::<MoneyTransferred>().tag("to_account_id", account_id),
     ])
 }
 
@@ -123,15 +131,13 @@ struct Account {
 }
 
 /// Applies one event to the balance of `account_id`.
-fn apply(account_id: &str, account: &mut Account, event: &Event) -> crablet::Result<()> {
-    match event.event_type.as_str() {
-        ACCOUNT_OPENED => {
-            let opened: OpenAccount = event.data_as()?;
+fn apply(account_id: &str, account: &mut Account, event: &BankEvent) {
+    match event {
+        BankEvent::Opened(opened) => {
             account.open = true;
             account.balance += opened.initial_balance;
         }
-        MONEY_TRANSFERRED => {
-            let transfer: TransferMoney = event.data_as()?;
+        BankEvent::Transferred(transfer) => {
             if transfer.from_account_id == account_id {
                 account.balance -= transfer.amount;
             }
@@ -139,18 +145,16 @@ fn apply(account_id: &str, account: &mut Account, event: &Event) -> crablet::Res
                 account.balance += transfer.amount;
             }
         }
-        _ => {}
     }
-    Ok(())
 }
 
-/// A projector of one account.
+/// A projector of one account: its transition gets each event decoded.
 fn account(account_id: &str) -> StateProjector<Account> {
     let id = account_id.to_string();
-    StateProjector::try_new(
+    StateProjector::typed(
         account_events(account_id),
         Account::default(),
-        move |a, e| apply(&id, a, e),
+        move |a, e: &BankEvent| apply(&id, a, e),
     )
 }
 
@@ -162,21 +166,19 @@ fn open_account_handler() -> impl CommandHandler<OpenAccount, Error = BankError>
     handler_fn(|command: &Command<OpenAccount>, reader| {
         Box::pin(async move {
             let open = &command.payload;
-            let opened = Query::from(
-                QueryItem::new()
-                    .types([ACCOUNT_OPENED])
-                    .tag("account_id", &open.account_id),
-            );
-            let model = reader.project(StateProjector::exists(opened)).await?;
+            let opened = QueryItem::of::<AccountOpened>().tag("account_id", &open.account_id);
+            let model = reader
+                .project(StateProjector::exists(Query::from(opened)))
+                .await?;
             if model.states {
-                return Err(BankError::AlreadyOpen(open.account_id.clone()));
+                return Err(reject(BankError::AlreadyOpen(open.account_id.clone())));
             }
-            let event = NewEvent::builder(ACCOUNT_OPENED)
-                .tag("account_id", &open.account_id)
-                .data(open)
-                .build()?;
+            let event = AccountOpened {
+                account_id: open.account_id.clone(),
+                initial_balance: open.initial_balance,
+            };
             // Fails (and is retried, then refused) if another open of this account got in first.
-            Ok(Decision::append([event]).guarded_by(model.condition))
+            Ok(Decision::append([event.encode()?]).guarded_by(model.condition))
         })
     })
 }
@@ -186,10 +188,12 @@ fn transfer_handler() -> impl CommandHandler<TransferMoney, Error = BankError> {
         Box::pin(async move {
             let transfer = &command.payload;
             if transfer.amount <= 0 {
-                return Err(BankError::NotPositive(transfer.amount));
+                return Err(reject(BankError::NotPositive(transfer.amount)));
             }
             if transfer.from_account_id == transfer.to_account_id {
-                return Err(BankError::SameAccount(transfer.from_account_id.clone()));
+                return Err(reject(BankError::SameAccount(
+                    transfer.from_account_id.clone(),
+                )));
             }
             // Both accounts, folded in ONE read; the condition covers both boundaries.
             let model = reader
@@ -204,22 +208,24 @@ fn transfer_handler() -> impl CommandHandler<TransferMoney, Error = BankError> {
                 (&transfer.to_account_id, to),
             ] {
                 if !state.open {
-                    return Err(BankError::UnknownAccount(id.clone()));
+                    return Err(reject(BankError::UnknownAccount(id.clone())));
                 }
             }
             if from.balance < transfer.amount {
-                return Err(BankError::InsufficientFunds {
+                return Err(reject(BankError::InsufficientFunds {
                     account_id: transfer.from_account_id.clone(),
                     balance: from.balance,
                     amount: transfer.amount,
-                });
+                }));
             }
-            let event = NewEvent::builder(MONEY_TRANSFERRED)
-                .tag("from_account_id", &transfer.from_account_id)
-                .tag("to_account_id", &transfer.to_account_id)
-                .data(transfer)
-                .build()?;
-            Ok(Decision::append([event]).guarded_by(model.condition))
+            let event = MoneyTransferred {
+                from_account_id: transfer.from_account_id.clone(),
+                to_account_id: transfer.to_account_id.clone(),
+                amount: transfer.amount,
+            };
+            Ok::<_, HandlerError<BankError>>(
+                Decision::append([event.encode()?]).guarded_by(model.condition),
+            )
         })
     })
 }
@@ -449,39 +455,37 @@ async fn run() -> Result<(), AnyError> {
     println!("final balances:");
     let log = executor
         .store()
-        .query(
-            &Query::types([ACCOUNT_OPENED, MONEY_TRANSFERRED]),
-            ReadOptions::default(),
-        )
+        .query_typed::<BankEvent>(&Query::of::<BankEvent>(), ReadOptions::default())
         .await?;
     let mut balances: BTreeMap<String, i64> = BTreeMap::new();
     let mut opened_twice = Vec::new();
     let mut overdrawn = Vec::new();
     let mut unknown = Vec::new();
     let mut transfers = 0;
-    for event in &log {
-        if event.event_type == ACCOUNT_OPENED {
-            let open: OpenAccount = event.data_as()?;
-            if balances
-                .insert(open.account_id.clone(), open.initial_balance)
-                .is_some()
-            {
-                opened_twice.push(open.account_id);
-            }
-        } else {
-            transfers += 1;
-            let t: TransferMoney = event.data_as()?;
-            for id in [&t.from_account_id, &t.to_account_id] {
-                if !balances.contains_key(id) {
-                    unknown.push(id.clone());
+    for logged in &log {
+        match &logged.event {
+            BankEvent::Opened(open) => {
+                if balances
+                    .insert(open.account_id.clone(), open.initial_balance)
+                    .is_some()
+                {
+                    opened_twice.push(open.account_id.clone());
                 }
             }
-            let from = balances.entry(t.from_account_id.clone()).or_default();
-            *from -= t.amount;
-            if *from < 0 {
-                overdrawn.push(format!("{} at {}", t.from_account_id, event.cursor));
+            BankEvent::Transferred(t) => {
+                transfers += 1;
+                for id in [&t.from_account_id, &t.to_account_id] {
+                    if !balances.contains_key(id) {
+                        unknown.push(id.clone());
+                    }
+                }
+                let from = balances.entry(t.from_account_id.clone()).or_default();
+                *from -= t.amount;
+                if *from < 0 {
+                    overdrawn.push(format!("{} at {}", t.from_account_id, logged.cursor));
+                }
+                *balances.entry(t.to_account_id.clone()).or_default() += t.amount;
             }
-            *balances.entry(t.to_account_id.clone()).or_default() += t.amount;
         }
     }
     for (id, balance) in &balances {

@@ -16,7 +16,7 @@
 #![allow(dead_code)]
 
 use async_trait::async_trait;
-use crablet::command::{Command, CommandHandler, Decision};
+use crablet::command::{Command, CommandHandler};
 use crablet::memory::InMemoryEventStore;
 use crablet::postgres::{tokio_postgres, PostgresEventStore, StoreConfig};
 use crablet::{EventReader, EventStore};
@@ -150,7 +150,7 @@ impl<T: Send + Sync, H: CommandHandler<T>> CommandHandler<T> for Interleaving<H>
         &self,
         command: &Command<T>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, H::Error> {
+    ) -> crablet::command::HandlerResult<H::Error> {
         self.decisions.fetch_add(1, Ordering::Relaxed);
         let decision = self.inner.handle(command, reader).await;
         tokio::task::yield_now().await;

@@ -1,4 +1,4 @@
-use dcb_core::{AppendCondition, NewEvent};
+use dcb_core::{AppendCondition, DomainEvent, NewEvent};
 
 /// What a handler decided: the events to append and the [`AppendCondition`] that protects the
 /// decision, if any.
@@ -36,6 +36,13 @@ impl Decision {
             events: events.into_iter().collect(),
             condition: None,
         }
+    }
+
+    /// Appends typed events ([`DomainEvent`]), encoded in order; fails if one does not encode.
+    pub fn append_typed<'a, E: DomainEvent>(
+        events: impl IntoIterator<Item = &'a E>,
+    ) -> Result<Self, dcb_core::Error> {
+        Ok(Self::append(dcb_core::encode_all(events)?))
     }
 
     /// Appends no event; the command is still recorded in the audit trail (and, with an id,

@@ -22,12 +22,11 @@ use dcb_core::{ConflictInfo, ValidationError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommandError<E> {
-    /// The handler returned an error: the command was rejected for a reason of its own (for
-    /// instance a business rule). Displays as, and has the source of, the handler's error.
+    /// The handler rejected the command for a reason of its own (a business rule), with
+    /// [`reject`](crate::reject). Displays as, and has the source of, the handler's error.
     ///
-    /// The executor never wraps or reinterprets it. A handler whose error type wraps
-    /// [`dcb_core::Error`] (to use `?` on its reads) reports failed reads here too, inside its
-    /// own error.
+    /// Store errors raised inside the handler (`?` on a read) are never reported here: they
+    /// come back as [`Store`](Self::Store) or [`Validation`](Self::Validation).
     #[error(transparent)]
     Rejected(E),
 

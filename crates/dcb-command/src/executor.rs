@@ -1,4 +1,4 @@
-use crate::{Command, CommandError, CommandHandler, RetryPolicy};
+use crate::{Command, CommandError, CommandHandler, HandlerError, RetryPolicy};
 use async_trait::async_trait;
 use dcb_core::{
     validate_command, CommandFilter, CommandRecord, CommandSession, CommitOutcome, Cursor, Error,
@@ -52,7 +52,7 @@ impl CommandOutcome {
 /// number of attempts.
 ///
 /// ```
-/// use dcb_command::{handler_fn, Command, CommandExecutor, Decision, RetryPolicy};
+/// use dcb_command::{handler_fn, Command, CommandExecutor, Decision, HandlerError, RetryPolicy};
 /// use dcb_core::{CommandFilter, EventReaderExt, NewEvent, Query, QueryItem, StateProjector};
 /// use dcb_memory::InMemoryEventStore;
 /// use serde_json::json;
@@ -79,7 +79,7 @@ impl CommandOutcome {
 ///             .tag("course_id", course)
 ///             .tag("student_id", &command.payload.student_id)
 ///             .build()?;
-///         Ok::<_, dcb_core::Error>(Decision::append([event]).guarded_by(model.condition))
+///         Ok::<_, HandlerError>(Decision::append([event]).guarded_by(model.condition))
 ///     })
 /// });
 ///
@@ -231,7 +231,10 @@ impl CommandExecutor {
             let decision = handler
                 .handle(command, &SessionReader(session.as_ref()))
                 .await
-                .map_err(CommandError::Rejected)?;
+                .map_err(|err| match err {
+                    HandlerError::Rejected(rejection) => CommandError::Rejected(rejection),
+                    HandlerError::Store(err) => CommandError::from_store(err, attempt),
+                })?;
             let (events, condition) = decision.into_parts();
             match session.commit(&record, events, condition).await {
                 Ok(CommitOutcome::Committed(committed)) => {
@@ -274,7 +277,7 @@ impl CommandExecutor {
     /// Delegates to [`EventStore::commands`].
     ///
     /// ```
-    /// use dcb_command::{handler_fn, Command, CommandExecutor, Decision};
+    /// use dcb_command::{handler_fn, Command, CommandExecutor, Decision, HandlerError};
     /// use dcb_core::CommandFilter;
     /// use dcb_memory::InMemoryEventStore;
     /// use std::sync::Arc;
@@ -283,7 +286,7 @@ impl CommandExecutor {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let executor = CommandExecutor::new(Arc::new(InMemoryEventStore::new()));
-    /// let noop = handler_fn(|_: &Command<()>, _| Box::pin(async { Ok::<_, std::io::Error>(Decision::nothing()) }));
+    /// let noop = handler_fn(|_: &Command<()>, _| Box::pin(async { Ok::<_, HandlerError>(Decision::nothing()) }));
     /// let start = SystemTime::now();
     /// executor.execute(Command::new("Ping", ()), &noop).await?;
     /// executor.execute(Command::new("Pong", ()), &noop).await?;

@@ -1,4 +1,4 @@
-use crate::{Command, Decision};
+use crate::{Command, HandlerResult};
 use async_trait::async_trait;
 use dcb_core::EventReader;
 use futures_util::future::BoxFuture;
@@ -11,15 +11,17 @@ use std::sync::Arc;
 /// The handler gets the command and a read view of the store that goes through the command's
 /// session (on PostgreSQL: the session's single pooled connection). It builds its decision
 /// model with [`EventReaderExt::project`](dcb_core::EventReaderExt::project) and returns the
-/// events to append with the condition that protects the decision, or fails with its own
-/// business error, which the executor returns as [`CommandError::Rejected`](crate::CommandError::Rejected).
+/// events to append with the condition that protects the decision. It fails with
+/// [`reject(error)`](crate::reject) for a business refusal, which the executor returns as
+/// [`CommandError::Rejected`](crate::CommandError::Rejected), or with a store error (`?` on a
+/// read), which the executor returns as the store error it is.
 ///
 /// A handler may run more than once for one execution when a
 /// [`RetryPolicy`](crate::RetryPolicy) retries conflicts, so it should only read through
 /// `reader` and have no other side effects.
 ///
 /// ```
-/// use dcb_command::{Command, CommandError, CommandExecutor, CommandHandler, Decision};
+/// use dcb_command::{reject, Command, CommandError, CommandExecutor, CommandHandler, Decision, HandlerResult};
 /// use dcb_core::{EventReader, EventReaderExt, NewEvent, Query, QueryItem, StateProjector};
 /// use dcb_memory::InMemoryEventStore;
 /// use std::sync::Arc;
@@ -31,8 +33,6 @@ use std::sync::Arc;
 /// enum DefineError {
 ///     #[error("course {0} is already defined")]
 ///     AlreadyDefined(String),
-///     #[error(transparent)]
-///     Store(#[from] dcb_core::Error),
 /// }
 ///
 /// struct DefineCourseHandler;
@@ -45,12 +45,12 @@ use std::sync::Arc;
 ///         &self,
 ///         command: &Command<DefineCourse>,
 ///         reader: &dyn EventReader,
-///     ) -> Result<Decision, DefineError> {
+///     ) -> HandlerResult<DefineError> {
 ///         let id = &command.payload.course_id;
 ///         let course = Query::from(QueryItem::new().types(["CourseDefined"]).tag("course_id", id));
 ///         let model = reader.project(StateProjector::exists(course)).await?;
 ///         if model.states {
-///             return Err(DefineError::AlreadyDefined(id.clone()));
+///             return Err(reject(DefineError::AlreadyDefined(id.clone())));
 ///         }
 ///         let event = NewEvent::builder("CourseDefined").tag("course_id", id).build()?;
 ///         Ok(Decision::append([event]).guarded_by(model.condition))
@@ -82,7 +82,7 @@ where
         &self,
         command: &Command<T>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Self::Error>;
+    ) -> HandlerResult<Self::Error>;
 }
 
 #[async_trait]
@@ -97,7 +97,7 @@ where
         &self,
         command: &Command<T>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Self::Error> {
+    ) -> HandlerResult<Self::Error> {
         (**self).handle(command, reader).await
     }
 }
@@ -114,7 +114,7 @@ where
         &self,
         command: &Command<T>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, Self::Error> {
+    ) -> HandlerResult<Self::Error> {
         (**self).handle(command, reader).await
     }
 }
@@ -143,11 +143,12 @@ impl<F: Clone, T, E> Clone for HandlerFn<F, T, E> {
 /// Turns a closure into a [`CommandHandler`].
 ///
 /// The closure gets the command and the session's reader and returns a boxed future; write it
-/// as `|command, reader| Box::pin(async move { ... })`. The error type usually needs to be named
-/// once, for instance in the `Ok::<_, MyError>(...)` at the end or the closure's return.
+/// as `|command, reader| Box::pin(async move { ... })`. The rejection type usually needs to be
+/// named once, for instance in an `Ok::<_, HandlerError<MyError>>(...)` at the end; a handler
+/// that never rejects ends with `Ok::<_, HandlerError>(...)`.
 ///
 /// ```
-/// use dcb_command::{handler_fn, Command, CommandExecutor, Decision};
+/// use dcb_command::{handler_fn, Command, CommandExecutor, Decision, HandlerError};
 /// use dcb_core::{EventReaderExt, NewEvent, Query, StateProjector};
 /// use dcb_memory::InMemoryEventStore;
 /// use std::sync::Arc;
@@ -161,7 +162,7 @@ impl<F: Clone, T, E> Clone for HandlerFn<F, T, E> {
 ///         let event = NewEvent::builder("AccountOpened")
 ///             .tag("account_id", command.payload.as_str())
 ///             .build()?;
-///         Ok::<_, dcb_core::Error>(Decision::append([event]).guarded_by(model.condition))
+///         Ok::<_, HandlerError>(Decision::append([event]).guarded_by(model.condition))
 ///     })
 /// });
 ///
@@ -172,7 +173,7 @@ impl<F: Clone, T, E> Clone for HandlerFn<F, T, E> {
 /// ```
 pub fn handler_fn<T, E, F>(f: F) -> HandlerFn<F, T, E>
 where
-    F: for<'a> Fn(&'a Command<T>, &'a dyn EventReader) -> BoxFuture<'a, Result<Decision, E>>
+    F: for<'a> Fn(&'a Command<T>, &'a dyn EventReader) -> BoxFuture<'a, HandlerResult<E>>
         + Send
         + Sync,
 {
@@ -187,13 +188,13 @@ impl<T, E, F> CommandHandler<T> for HandlerFn<F, T, E>
 where
     T: Send + Sync,
     E: std::error::Error + Send + Sync + 'static,
-    F: for<'a> Fn(&'a Command<T>, &'a dyn EventReader) -> BoxFuture<'a, Result<Decision, E>>
+    F: for<'a> Fn(&'a Command<T>, &'a dyn EventReader) -> BoxFuture<'a, HandlerResult<E>>
         + Send
         + Sync,
 {
     type Error = E;
 
-    async fn handle(&self, command: &Command<T>, reader: &dyn EventReader) -> Result<Decision, E> {
+    async fn handle(&self, command: &Command<T>, reader: &dyn EventReader) -> HandlerResult<E> {
         (self.f)(command, reader).await
     }
 }

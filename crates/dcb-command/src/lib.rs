@@ -17,11 +17,13 @@
 //!   caller gets the original record, flagged as replayed, also when executions race.
 //! - **Opt-in retries.** With a [`RetryPolicy`], a commit whose condition failed is retried on
 //!   fresh state with jittered exponential backoff.
-//! - **Typed errors.** The handler's business error comes back as
-//!   [`CommandError::Rejected`], distinct from conflicts, invalid input and store failures.
+//! - **Typed errors.** The handler's business error ([`reject`]) comes back as
+//!   [`CommandError::Rejected`], distinct from conflicts, invalid input and store failures,
+//!   also those of the handler's own reads (`?` in a handler turns them into
+//!   [`HandlerError::Store`]).
 //!
 //! ```
-//! use dcb_command::{handler_fn, Command, CommandError, CommandExecutor, Decision};
+//! use dcb_command::{handler_fn, reject, Command, CommandError, CommandExecutor, Decision, HandlerError};
 //! use dcb_core::{CommandFilter, EventReaderExt, EventStore, NewEvent, Query, QueryItem, StateProjector};
 //! use dcb_memory::InMemoryEventStore;
 //! use std::sync::Arc;
@@ -35,8 +37,6 @@
 //!     NotPositive,
 //!     #[error("account {0} does not exist")]
 //!     NoAccount(String),
-//!     #[error(transparent)]
-//!     Store(#[from] dcb_core::Error),
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -49,18 +49,18 @@
 //!     Box::pin(async move {
 //!         let Deposit { account_id, amount } = &command.payload;
 //!         if *amount == 0 {
-//!             return Err(DepositError::NotPositive);
+//!             return Err(reject(DepositError::NotPositive));
 //!         }
 //!         let opened = Query::from(QueryItem::new().types(["AccountOpened"]).tag("account_id", account_id));
 //!         let model = reader.project(StateProjector::exists(opened)).await?;
 //!         if !model.states {
-//!             return Err(DepositError::NoAccount(account_id.clone()));
+//!             return Err(reject(DepositError::NoAccount(account_id.clone())));
 //!         }
 //!         let event = NewEvent::builder("Deposited")
 //!             .tag("account_id", account_id)
 //!             .data(&serde_json::json!({ "amount": amount }))
 //!             .build()?;
-//!         Ok(Decision::append([event]).guarded_by(model.condition))
+//!         Ok::<_, HandlerError<DepositError>>(Decision::append([event]).guarded_by(model.condition))
 //!     })
 //! });
 //!
@@ -86,6 +86,7 @@ mod decision;
 mod error;
 mod executor;
 mod handler;
+mod handler_error;
 mod retry;
 
 pub use command::Command;
@@ -93,4 +94,5 @@ pub use decision::Decision;
 pub use error::CommandError;
 pub use executor::{CommandExecutor, CommandOutcome};
 pub use handler::{handler_fn, CommandHandler, HandlerFn};
+pub use handler_error::{reject, HandlerError, HandlerResult};
 pub use retry::RetryPolicy;

@@ -83,7 +83,7 @@ async fn failure_inside_the_commit_transaction_rolls_back_the_events() {
                         .build()
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, dcb_core::Error>(Decision::append(events))
+            Ok::<_, dcb_command::HandlerError>(Decision::append(events))
         })
     });
 

@@ -100,12 +100,12 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
 }
 
 fn decode_error<E>(event: &Event, kind: DecodeErrorKind) -> Error {
-    Error::Decode(DecodeError {
+    Error::Decode(Box::new(DecodeError {
         cursor: event.cursor,
         event_type: event.event_type.clone(),
         target: std::any::type_name::<E>(),
         kind,
-    })
+    }))
 }
 
 /// A stored event as a typed decoder sees it: its type name and payload after the upcasters

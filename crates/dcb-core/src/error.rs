@@ -56,7 +56,7 @@ pub enum Error {
     /// version to the current one. Nothing is wrong with the store; fix the type, or register
     /// an upcaster ([`Upcasters`](crate::Upcasters)).
     #[error("{0}")]
-    Decode(crate::DecodeError),
+    Decode(Box<crate::DecodeError>),
 
     /// The database schema is missing or at another version than this library expects.
     #[error("schema mismatch: {message}")]

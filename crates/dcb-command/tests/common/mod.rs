@@ -4,8 +4,8 @@
 
 use async_trait::async_trait;
 use dcb_command::{
-    handler_fn, Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome, Decision,
-    RetryPolicy,
+    handler_fn, reject, Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome,
+    Decision, HandlerError, HandlerResult, RetryPolicy,
 };
 use dcb_core::{
     AppendCondition, CommandFilter, CommandRecord, Event, EventReader, EventReaderExt, EventStore,
@@ -125,8 +125,6 @@ pub enum CourseError {
     AlreadyDefined(String),
     #[error("capacity must be positive")]
     NoCapacity,
-    #[error(transparent)]
-    Store(#[from] dcb_core::Error),
 }
 
 /// A handler written as a trait implementation; counts its runs.
@@ -143,20 +141,20 @@ impl CommandHandler<DefineCourse> for DefineCourseHandler {
         &self,
         command: &Command<DefineCourse>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, CourseError> {
+    ) -> HandlerResult<CourseError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         let DefineCourse {
             course_id,
             capacity,
         } = &command.payload;
         if *capacity == 0 {
-            return Err(CourseError::NoCapacity);
+            return Err(reject(CourseError::NoCapacity));
         }
         let model = reader
             .project(StateProjector::exists(course_query(course_id)))
             .await?;
         if model.states {
-            return Err(CourseError::AlreadyDefined(course_id.clone()));
+            return Err(reject(CourseError::AlreadyDefined(course_id.clone())));
         }
         let event = NewEvent::builder("CourseDefined")
             .tag("course_id", course_id)
@@ -212,7 +210,7 @@ impl CommandHandler<Enroll> for InterferingEnroll {
         &self,
         command: &Command<Enroll>,
         reader: &dyn EventReader,
-    ) -> Result<Decision, CourseError> {
+    ) -> HandlerResult<CourseError> {
         let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         let course = &command.payload.course_id;
         let model = reader
@@ -309,10 +307,9 @@ pub async fn business_rejection_is_returned_unchanged_and_writes_nothing(store: 
                 .project(StateProjector::counter(enrolled_query(
                     &command.payload.course_id,
                 )))
-                .await
-                .map_err(|e| Closed(e.to_string()))?;
+                .await?;
             assert_eq!(model.states, 0);
-            Err::<Decision, _>(Closed(command.payload.course_id.clone()))
+            Err::<Decision, _>(reject(Closed(command.payload.course_id.clone())))
         })
     });
     let err = executor
@@ -324,6 +321,27 @@ pub async fn business_rejection_is_returned_unchanged_and_writes_nothing(store: 
         Err(other) => panic!("expected the handler's own error, got {other:?}"),
     }
     assert_store_empty(store.as_ref(), "after Closed").await;
+
+    // A store error inside a handler (`?` on a failed read) is a store error, never a
+    // rejection: here an invalid (empty) query.
+    let bad_read = handler_fn(|_: &Command<Enroll>, reader| {
+        Box::pin(async move {
+            reader
+                .query(&Query::from_items([]), dcb_core::ReadOptions::default())
+                .await?;
+            Err::<Decision, _>(reject(Closed("unreachable".into())))
+        })
+    });
+    let err = executor
+        .execute(enroll("c9", "s1"), &bad_read)
+        .await
+        .expect_err("the read fails");
+    assert!(
+        matches!(&err, CommandError::Validation(v) if v.field.contains("query")),
+        "a failed read must not come back as a rejection: {err:?}"
+    );
+    assert!(!err.is_rejected());
+    assert_store_empty(store.as_ref(), "after a failed read").await;
 
     // The rejection after a successful definition: exactly one event and one record remain.
     executor
@@ -345,7 +363,7 @@ pub async fn business_rejection_is_returned_unchanged_and_writes_nothing(store: 
 pub async fn command_without_events_is_recorded(store: Store) {
     let executor = CommandExecutor::new(store.clone());
     let noop = handler_fn(|_: &Command<serde_json::Value>, _| {
-        Box::pin(async { Ok::<_, std::io::Error>(Decision::nothing()) })
+        Box::pin(async { Ok::<_, HandlerError>(Decision::nothing()) })
     });
     let outcome = executor
         .execute(
@@ -543,7 +561,7 @@ async fn race_same_id(store: Store, guarded: bool) {
                             .build()?,
                     ];
                     let condition = guarded.then_some(model.condition);
-                    Ok::<_, dcb_core::Error>(Decision::append(events).guarded_by(condition))
+                    Ok::<_, HandlerError>(Decision::append(events).guarded_by(condition))
                 })
             });
             start.wait().await;
@@ -615,7 +633,7 @@ pub async fn invalid_command_writes_nothing(store: Store) {
             runs.fetch_add(1, Ordering::SeqCst);
             Box::pin(async {
                 let event = NewEvent::builder("Happened").tag("k", "v").build()?;
-                Ok::<_, dcb_core::Error>(Decision::append([event]))
+                Ok::<_, HandlerError>(Decision::append([event]))
             })
         })
     };
@@ -671,7 +689,7 @@ pub async fn invalid_command_writes_nothing(store: Store) {
     // A payload that does not serialize to JSON (a map with non-string keys).
     let unserializable: HashMap<(i32, i32), i32> = HashMap::from([((1, 2), 3)]);
     let typed = handler_fn(|_: &Command<HashMap<(i32, i32), i32>>, _| {
-        Box::pin(async { Ok::<_, std::io::Error>(Decision::nothing()) })
+        Box::pin(async { Ok::<_, HandlerError>(Decision::nothing()) })
     });
     let err = executor
         .execute(Command::new("Map", unserializable), &typed)
@@ -695,7 +713,7 @@ pub async fn invalid_decision_rolls_back_everything(store: Store) {
     let executor = CommandExecutor::new(store.clone()).with_retry(fast_retry(3));
     let decide = |decision: fn() -> Decision| {
         handler_fn(move |_: &Command<serde_json::Value>, _| {
-            Box::pin(async move { Ok::<_, std::io::Error>(decision()) })
+            Box::pin(async move { Ok::<_, HandlerError>(decision()) })
         })
     };
     type Case = (&'static str, fn() -> Decision, ValidationKind);
@@ -843,7 +861,7 @@ pub async fn handler_may_stream_through_the_session(store: Store) {
                 .tag("course_id", &command.payload)
                 .data(&json!({ "count": read.len() }))
                 .build()?;
-            Ok::<_, dcb_core::Error>(
+            Ok::<_, HandlerError>(
                 Decision::append([event]).guarded_by(AppendCondition::new(query).with_after(last)),
             )
         })
@@ -882,7 +900,7 @@ pub async fn many_concurrent_commands_complete(store: Store, commands: usize) {
             let event = NewEvent::builder("CourseDefined")
                 .tag("course_id", &command.payload.course_id)
                 .build()?;
-            Ok::<_, dcb_core::Error>(Decision::append([event]).guarded_by(model.condition))
+            Ok::<_, HandlerError>(Decision::append([event]).guarded_by(model.condition))
         })
     }));
     let start = Arc::new(Barrier::new(commands));
