@@ -118,22 +118,18 @@ pub fn cached_upcasters(
     cell.get_or_init(make)
 }
 
-/// The read types of an enum: its event types with their old names, and its wrapped events'.
-pub fn read_types(
-    event_types: Vec<&'static str>,
-    upcasters: &crate::Upcasters,
-    delegated: Vec<Vec<String>>,
-) -> Vec<String> {
+/// The read types of an enum: per variant in declaration order, its event type (or its
+/// wrapped event's read types), with every old name the enum's upcasters rename to it.
+pub fn read_types(variants: Vec<Vec<String>>, upcasters: &crate::Upcasters) -> Vec<String> {
     let mut types: Vec<String> = Vec::new();
     let mut push = |name: &str| {
         if !types.iter().any(|t| t == name) {
             types.push(name.to_string());
         }
     };
-    for current in event_types {
-        push(current);
-        upcasters.old_names(current).into_iter().for_each(&mut push);
+    for name in variants.iter().flatten() {
+        push(name);
+        upcasters.old_names(name).into_iter().for_each(&mut push);
     }
-    delegated.iter().flatten().for_each(|name| push(name));
     types
 }

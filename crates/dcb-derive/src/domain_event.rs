@@ -384,7 +384,7 @@ fn expand_enum(
     let mut version_arms = Vec::new();
     let mut encode_arms = Vec::new();
     let mut decode_branches = Vec::new();
-    let mut delegates = Vec::new();
+    let mut read_types = Vec::new();
     for variant in variants {
         match variant {
             Variant::Inline(ident, shape) => {
@@ -394,6 +394,7 @@ fn expand_enum(
                 let encode = encode_shape(shape, krate);
                 let decode = decode_shape(shape, quote!(Self::#ident), krate);
                 event_types.push(quote!(types.push(#event_type);));
+                read_types.push(quote!(::std::vec![::std::string::String::from(#event_type)]));
                 event_type_arms.push(quote!(Self::#ident { .. } => #event_type,));
                 version_arms.push(quote!(Self::#ident { .. } => #version,));
                 encode_arms.push(quote!(Self::#ident #binding => #encode,));
@@ -413,7 +414,7 @@ fn expand_enum(
                         return <#inner as #trait_>::decode_view(view).map(Self::#ident);
                     }
                 });
-                delegates.push(inner);
+                read_types.push(quote!(<#inner as #trait_>::read_types()));
             }
         }
     }
@@ -428,9 +429,8 @@ fn expand_enum(
 
             fn read_types() -> ::std::vec::Vec<::std::string::String> {
                 #support::read_types(
-                    <Self as #trait_>::event_types(),
+                    ::std::vec![#(#read_types),*],
                     <Self as #trait_>::upcasters(),
-                    ::std::vec![#(<#delegates as #trait_>::read_types()),*],
                 )
             }
 

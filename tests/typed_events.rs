@@ -1,0 +1,575 @@
+//! The typed layer on both backends: derived events round-trip exactly, old payloads and old
+//! type names are upcast on every read path, bad events fail with a typed error naming them,
+//! named decision models fold in one read, and a newest-only projector decides safely under
+//! concurrency.
+mod support;
+
+use crablet::command::{handler_fn, reject, Command, CommandError, Decision, HandlerError};
+use crablet::{
+    decode_all, tags, DecisionModel, DomainEvent, Error, EventReaderExt, EventStore, NewEvent,
+    ProjectionStep, Query, QueryItem, ReadOptions, StateProjector, TagValue, TypedEvent, Upcasters,
+};
+use dcb_testkit::scenario::Scenario;
+use futures_util::StreamExt;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::Barrier;
+
+/// An identifier of our own, tagged through its `TagValue` conversion.
+#[derive(Debug, Clone, PartialEq)]
+struct StudentId(String);
+
+impl TagValue for StudentId {
+    fn to_tag_value(&self) -> String {
+        format!("student-{}", self.0)
+    }
+    fn from_tag_value(value: &str) -> Result<Self, String> {
+        value
+            .strip_prefix("student-")
+            .map(|id| StudentId(id.to_string()))
+            .ok_or_else(|| format!("{value:?} does not start with student-"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct CourseDefined {
+    #[crablet(tag)]
+    course_id: String,
+    capacity: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[crablet(event_type = "StudentEnrolled", version = 2, upcasters = enrolled_upcasters)]
+struct Enrolled {
+    #[crablet(tag)]
+    course_id: String,
+    #[crablet(tag = "student_id")]
+    student: StudentId,
+    /// Added in version 2.
+    credits: u8,
+}
+
+/// v1 had no credits (3 was the rule); before that the event was called StudentSubscribed.
+fn enrolled_upcasters() -> Upcasters {
+    Upcasters::new()
+        .step("StudentEnrolled", 1, |mut data| {
+            data["credits"] = json!(3);
+            Ok(data)
+        })
+        .rename("StudentSubscribed", "StudentEnrolled")
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum CourseEvent {
+    Defined(CourseDefined),
+    Enrolled(Enrolled),
+    CourseRenamed {
+        #[crablet(tag)]
+        course_id: String,
+        #[serde(rename = "newTitle")]
+        title: String,
+        #[crablet(tag = "keyword")]
+        keywords: Vec<String>,
+        #[crablet(tag)]
+        term: Option<u16>,
+    },
+    CourseClosed {
+        #[crablet(tag)]
+        course_id: String,
+    },
+}
+
+fn defined(course: &str, capacity: u32) -> CourseEvent {
+    CourseEvent::Defined(CourseDefined {
+        course_id: course.into(),
+        capacity,
+    })
+}
+
+fn enrolled(course: &str, student: &str, credits: u8) -> CourseEvent {
+    CourseEvent::Enrolled(Enrolled {
+        course_id: course.into(),
+        student: StudentId(student.into()),
+        credits,
+    })
+}
+
+async fn round_trip_is_exact(store: Arc<dyn EventStore>) {
+    let events = vec![
+        defined("c1", 30),
+        enrolled("c1", "s1", 5),
+        CourseEvent::CourseRenamed {
+            course_id: "c1".into(),
+            title: "Databases".into(),
+            keywords: vec!["sql".into(), "storage".into()],
+            term: Some(2026),
+        },
+        CourseEvent::CourseRenamed {
+            course_id: "c1".into(),
+            title: "Databases II".into(),
+            keywords: vec![],
+            term: None,
+        },
+        CourseEvent::CourseClosed {
+            course_id: "c1".into(),
+        },
+    ];
+    store
+        .append(crablet::encode_all(&events).expect("encode"))
+        .await
+        .expect("append");
+
+    // The dynamic view: exactly what the derive wrote.
+    let raw = store
+        .query(&Query::all(), ReadOptions::default())
+        .await
+        .expect("raw read");
+    assert_eq!(raw[0].event_type, "CourseDefined");
+    assert_eq!(raw[0].data, json!({ "capacity": 30 }));
+    assert_eq!(raw[1].event_type, "StudentEnrolled");
+    assert_eq!(
+        raw[1].tags,
+        tags!["course_id" => "c1", "student_id" => "student-s1"]
+    );
+    assert_eq!(raw[1].data, json!({ "credits": 5 }));
+    assert_eq!(raw[1].metadata, Some(json!({ "schema_version": 2 })));
+    assert_eq!(
+        raw[2].tags,
+        tags!["course_id" => "c1", "keyword" => "sql", "keyword" => "storage", "term" => 2026]
+    );
+    assert_eq!(raw[2].data, json!({ "newTitle": "Databases" }));
+    assert_eq!(raw[3].tags, tags!["course_id" => "c1"]);
+    assert_eq!(raw[4].data, json!({}));
+
+    // The typed view: every value back as it was appended.
+    let typed = store
+        .query_typed::<CourseEvent>(&Query::of::<CourseEvent>(), ReadOptions::default())
+        .await
+        .expect("typed read");
+    let decoded: Vec<CourseEvent> = typed.into_iter().map(|t| t.event).collect();
+    assert_eq!(decoded, events);
+
+    // Typed queries select by the types' names, here one variant's struct and a tag.
+    let item = QueryItem::of::<Enrolled>().tag("student_id", "student-s1");
+    let only = store
+        .query_typed::<Enrolled>(&Query::from(item), ReadOptions::default())
+        .await
+        .expect("typed query");
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].event.credits, 5);
+    assert_eq!(
+        CourseEvent::read_types(),
+        [
+            "CourseDefined",
+            "StudentEnrolled",
+            "StudentSubscribed",
+            "CourseRenamed",
+            "CourseClosed"
+        ]
+    );
+}
+
+/// Version 1 enrollments and StudentSubscribed events, appended by the dynamic API, as old code
+/// wrote them.
+async fn append_old_events(store: &dyn EventStore) {
+    let v1 = NewEvent::builder("StudentEnrolled")
+        .tag("course_id", "c1")
+        .tag("student_id", "student-s1")
+        .build()
+        .expect("v1");
+    let older = NewEvent::builder("StudentSubscribed")
+        .tag("course_id", "c1")
+        .tag("student_id", "student-s2")
+        .build()
+        .expect("older");
+    store
+        .append(vec![defined("c1", 10).encode().expect("encode"), v1, older])
+        .await
+        .expect("append old events");
+    store
+        .append(vec![enrolled("c1", "s3", 6).encode().expect("encode")])
+        .await
+        .expect("append a v2 event");
+}
+
+fn expected_after_upcasting() -> Vec<CourseEvent> {
+    vec![
+        defined("c1", 10),
+        enrolled("c1", "s1", 3),
+        enrolled("c1", "s2", 3),
+        enrolled("c1", "s3", 6),
+    ]
+}
+
+async fn old_events_are_upcast_on_every_read_path(store: Arc<dyn EventStore>) {
+    append_old_events(store.as_ref()).await;
+    let query = Query::from(QueryItem::of::<CourseEvent>().tag("course_id", "c1"));
+    let expected = expected_after_upcasting();
+    let events = |typed: Vec<TypedEvent<CourseEvent>>| -> Vec<CourseEvent> {
+        typed.into_iter().map(|t| t.event).collect()
+    };
+
+    // query
+    let read = store
+        .query_typed::<CourseEvent>(&query, ReadOptions::default())
+        .await
+        .expect("query");
+    assert_eq!(events(read), expected, "query_typed");
+
+    // stream
+    let streamed: Vec<TypedEvent<CourseEvent>> = store
+        .query_stream_typed::<CourseEvent>(&query, ReadOptions::default())
+        .map(|item| item.expect("stream item"))
+        .collect()
+        .await;
+    assert_eq!(events(streamed), expected, "query_stream_typed");
+
+    // project and project_stream, with a typed projector
+    let credits = || {
+        StateProjector::typed(query.clone(), 0_u32, |sum, event: &CourseEvent| {
+            if let CourseEvent::Enrolled(e) = event {
+                *sum += u32::from(e.credits);
+            }
+        })
+    };
+    let projected = store.project(credits()).await.expect("project");
+    assert_eq!(projected.states, 12);
+    let mut steps = store.project_stream(credits(), 1);
+    let mut done = None;
+    while let Some(step) = steps.next().await {
+        if let ProjectionStep::Done(projection) = step.expect("step") {
+            done = Some(projection.states);
+        }
+    }
+    assert_eq!(done, Some(12), "project_stream");
+
+    // subscriptions
+    let subscription = crablet::decode_stream::<CourseEvent>(crablet::subscribe(
+        store.clone(),
+        &query,
+        None,
+        crablet::SubscribeOptions::default(),
+    ));
+    let seen: Vec<CourseEvent> = subscription
+        .take(4)
+        .map(|item| item.expect("subscription item").event)
+        .collect()
+        .await;
+    assert_eq!(seen, expected, "subscription");
+
+    // handlers receive raw batches: decode_all
+    let batch = store
+        .query(&query, ReadOptions::default())
+        .await
+        .expect("raw batch");
+    assert_eq!(
+        decode_all::<CourseEvent>(&batch).expect("decode_all"),
+        expected
+    );
+
+    // command handlers read through their session
+    let count = handler_fn(|_: &Command<()>, reader| {
+        Box::pin(async move {
+            let query = Query::of::<Enrolled>();
+            let read = reader
+                .query_typed::<Enrolled>(&query, ReadOptions::default())
+                .await?;
+            let credits: Vec<u8> = read.iter().map(|t| t.event.credits).collect();
+            assert_eq!(credits, [3, 3, 6]);
+            Ok::<_, HandlerError>(Decision::nothing())
+        })
+    });
+    Scenario::on(store.clone())
+        .when_command(Command::new("Count", ()), &count)
+        .await
+        .then_nothing()
+        .await;
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[crablet(event_type = "StudentEnrolled")]
+struct EnrolledV1Only {
+    #[crablet(tag)]
+    course_id: String,
+}
+
+async fn bad_events_fail_with_a_typed_error_naming_them(store: Arc<dyn EventStore>) {
+    let cursor = store
+        .append(vec![NewEvent::builder("CourseDefined")
+            .tag("course_id", "c1")
+            .data(&json!({ "capacity": "thirty" }))
+            .build()
+            .expect("event")])
+        .await
+        .expect("append");
+    let decode = |result: Result<Vec<TypedEvent<CourseDefined>>, Error>| match result {
+        Err(Error::Decode(err)) => *err,
+        other => panic!("expected a decode error, got {other:?}"),
+    };
+    let err = decode(
+        store
+            .query_typed::<CourseDefined>(&Query::all(), ReadOptions::default())
+            .await,
+    );
+    assert_eq!(err.cursor, cursor);
+    assert_eq!(err.event_type, "CourseDefined");
+    assert!(err.target.ends_with("CourseDefined"), "{}", err.target);
+    assert!(
+        matches!(&err.kind, crablet::DecodeErrorKind::Payload { reason } if reason.contains("capacity") || reason.contains("thirty") || reason.contains("invalid type")),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&cursor.to_string()), "{err}");
+
+    // An event of another type, a missing tag, a tag that does not parse, a newer version.
+    let others = vec![
+        NewEvent::builder("Unrelated").build().expect("event"),
+        NewEvent::builder("StudentEnrolled")
+            .tag("course_id", "c1")
+            .data(&json!({ "credits": 4 }))
+            .metadata(&json!({ "schema_version": 2 }))
+            .build()
+            .expect("event"),
+        NewEvent::builder("StudentEnrolled")
+            .tag("course_id", "c1")
+            .tag("student_id", "s9")
+            .data(&json!({ "credits": 4 }))
+            .metadata(&json!({ "schema_version": 2 }))
+            .build()
+            .expect("event"),
+        NewEvent::builder("StudentEnrolled")
+            .tag("course_id", "c1")
+            .tag("student_id", "student-s9")
+            .data(&json!({ "credits": 4 }))
+            .metadata(&json!({ "schema_version": 3 }))
+            .build()
+            .expect("event"),
+    ];
+    store.append(others).await.expect("append others");
+    let raw = store
+        .query(&Query::all(), ReadOptions::default())
+        .await
+        .expect("raw");
+    let kinds: Vec<crablet::DecodeErrorKind> = raw[1..]
+        .iter()
+        .map(|event| match Enrolled::decode(event) {
+            Err(Error::Decode(err)) => {
+                assert_eq!(err.cursor, event.cursor);
+                err.kind
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        matches!(&kinds[0], crablet::DecodeErrorKind::UnknownType { expected } if expected == &["StudentEnrolled".to_string()]),
+        "{kinds:?}"
+    );
+    assert!(
+        matches!(&kinds[1], crablet::DecodeErrorKind::MissingTag { key } if key == "student_id")
+    );
+    assert!(matches!(&kinds[2], crablet::DecodeErrorKind::BadTag { value, .. } if value == "s9"));
+    assert!(matches!(
+        &kinds[3],
+        crablet::DecodeErrorKind::NewerVersion {
+            found: 3,
+            current: 2
+        }
+    ));
+    // A version-2 event read by a type that only knows version 1 has no way down.
+    assert!(matches!(
+        EnrolledV1Only::decode(&raw[2]),
+        Err(Error::Decode(err)) if matches!(err.kind, crablet::DecodeErrorKind::NewerVersion { found: 2, current: 1 })
+    ));
+
+    // Metadata: merged with the version, which it may not set itself.
+    let with_metadata = enrolled("c1", "s1", 1)
+        .encode_with_metadata(json!({ "user": "alice" }))
+        .expect("metadata");
+    assert_eq!(
+        with_metadata.metadata,
+        Some(json!({ "user": "alice", "schema_version": 2 }))
+    );
+    let reserved = enrolled("c1", "s1", 1).encode_with_metadata(json!({ "schema_version": 7 }));
+    assert!(
+        matches!(reserved, Err(Error::Validation(_))),
+        "{reserved:?}"
+    );
+}
+
+/// A named decision model: the same read and condition as the tuple it replaces.
+#[derive(DecisionModel)]
+struct Subscription {
+    course: StateProjector<Option<CourseDefined>>,
+    enrolled: StateProjector<u64>,
+    already: StateProjector<bool>,
+}
+
+fn subscription(course: &str, student: &str) -> Subscription {
+    let enrolled = QueryItem::of::<Enrolled>().tag("course_id", course);
+    Subscription {
+        course: StateProjector::last_typed(
+            QueryItem::of::<CourseDefined>().tag("course_id", course),
+        ),
+        enrolled: StateProjector::counter(Query::from(enrolled.clone())),
+        already: StateProjector::exists(Query::from(
+            enrolled.tag("student_id", StudentId(student.into()).to_tag_value()),
+        )),
+    }
+}
+
+async fn named_decision_model_folds_in_one_read(store: Arc<dyn EventStore>) {
+    store
+        .append(
+            crablet::encode_all(&[defined("c1", 2), enrolled("c1", "s1", 3), defined("c2", 9)])
+                .expect("encode"),
+        )
+        .await
+        .expect("append");
+    let model = store
+        .project(subscription("c1", "s2"))
+        .await
+        .expect("project");
+    let SubscriptionState {
+        course,
+        enrolled: count,
+        already,
+    } = model.states;
+    assert_eq!(course.map(|c| c.capacity), Some(2));
+    assert_eq!((count, already), (1, false));
+    assert_eq!(
+        model.events_read, 2,
+        "one read of the model's combined query"
+    );
+
+    let tuple = {
+        let Subscription {
+            course,
+            enrolled,
+            already,
+        } = subscription("c1", "s2");
+        store
+            .project((course, enrolled, already))
+            .await
+            .expect("tuple")
+    };
+    assert_eq!(tuple.condition, model.condition);
+
+    // The condition protects every field: an enrollment into c1 conflicts, one into c2 not.
+    let decision = crablet::encode_all(&[enrolled("c1", "s2", 3)]).expect("encode");
+    store
+        .append(vec![enrolled("c2", "s7", 3).encode().expect("encode")])
+        .await
+        .expect("c2");
+    store
+        .append_if(decision.clone(), model.condition.clone())
+        .await
+        .expect("an append outside the boundary does not conflict");
+    let again = store.append_if(decision, model.condition).await;
+    assert!(again.expect_err("stale").is_conflict());
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct InvoiceCreated {
+    #[crablet(tag)]
+    invoice_number: u64,
+}
+
+/// The next invoice number: only the newest invoice matters, read backwards with limit 1.
+async fn next_invoice_number(store: &dyn EventStore) -> Result<(), Error> {
+    let newest = store
+        .project(StateProjector::<Option<InvoiceCreated>>::last_typed(
+            Query::of::<InvoiceCreated>(),
+        ))
+        .await?;
+    assert!(
+        newest.events_read <= 1,
+        "a newest-only projector reads one event"
+    );
+    let next = newest.states.map_or(1, |last| last.invoice_number + 1);
+    let invoice = InvoiceCreated {
+        invoice_number: next,
+    };
+    store
+        .append_if(vec![invoice.encode()?], newest.condition)
+        .await
+        .map(|_| ())
+}
+
+async fn newest_only_decisions_stay_consistent_under_concurrency(store: Arc<dyn EventStore>) {
+    const WRITERS: usize = 8;
+    const ROUNDS: usize = 5;
+    for _ in 0..ROUNDS {
+        let barrier = Arc::new(Barrier::new(WRITERS));
+        let mut tasks = Vec::new();
+        for _ in 0..WRITERS {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                next_invoice_number(store.as_ref()).await
+            }));
+        }
+        let mut won = 0;
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(()) => won += 1,
+                Err(err) => assert!(err.is_conflict(), "{err}"),
+            }
+        }
+        assert!(won >= 1, "some writer of every round wins");
+    }
+    let invoices = store
+        .query_typed::<InvoiceCreated>(&Query::of::<InvoiceCreated>(), ReadOptions::default())
+        .await
+        .expect("invoices");
+    let numbers: Vec<u64> = invoices.iter().map(|i| i.event.invoice_number).collect();
+    let expected: Vec<u64> = (1..=numbers.len() as u64).collect();
+    assert_eq!(numbers, expected, "invoice numbers are gapless and unique");
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("course {0} is full")]
+struct CourseFull(String);
+
+async fn given_when_then_on_commands(store: Arc<dyn EventStore>) {
+    let subscribe = handler_fn(|command: &Command<(String, String)>, reader| {
+        Box::pin(async move {
+            let (course, student) = &command.payload;
+            let model = reader.project(subscription(course, student)).await?;
+            let capacity = model.states.course.map_or(0, |c| c.capacity);
+            if model.states.enrolled >= u64::from(capacity) {
+                return Err(reject(CourseFull(course.clone())));
+            }
+            let event = enrolled(course, student, 3);
+            Ok::<_, HandlerError<CourseFull>>(
+                Decision::append_typed(&[event])?.guarded_by(model.condition),
+            )
+        })
+    });
+    let command = |course: &str, student: &str| {
+        Command::new("Subscribe", (course.to_string(), student.to_string()))
+    };
+    let history = [defined("c1", 1)];
+    Scenario::on(store.clone())
+        .given_typed(&history)
+        .await
+        .when_command(command("c1", "s1"), &subscribe)
+        .await
+        .then_typed(&[enrolled("c1", "s1", 3)])
+        .await;
+    let err = Scenario::on(store.clone())
+        .given_typed(&[defined("c2", 1), enrolled("c2", "s1", 3)])
+        .await
+        .when_command(command("c2", "s2"), &subscribe)
+        .await
+        .then_error("course c2 is full")
+        .await;
+    assert!(matches!(err, CommandError::Rejected(CourseFull(_))));
+}
+
+on_both_backends!(
+    round_trip_is_exact,
+    old_events_are_upcast_on_every_read_path,
+    bad_events_fail_with_a_typed_error_naming_them,
+    named_decision_model_folds_in_one_read,
+    newest_only_decisions_stay_consistent_under_concurrency,
+    given_when_then_on_commands,
+);
