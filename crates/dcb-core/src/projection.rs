@@ -187,6 +187,10 @@ where
 /// projectors of one kind, or a `BTreeMap` keyed by id for projectors built at run time.
 ///
 /// Each event of the combined read is routed only to the projectors whose query it matches.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a projector",
+    note = "a decision model's fields are projectors: a `StateProjector`, a tuple, `Vec` or `BTreeMap` of them, or another decision model"
+)]
 pub trait Projectors: Send + Sync {
     /// The states the fold produces, with the same shape as the projectors.
     type States: Send + 'static;

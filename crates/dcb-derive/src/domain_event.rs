@@ -394,7 +394,9 @@ fn expand_enum(
                 let encode = encode_shape(shape, krate);
                 let decode = decode_shape(shape, quote!(Self::#ident), krate);
                 event_types.push(quote!(types.push(#event_type);));
-                read_types.push(quote!(::std::vec![::std::string::String::from(#event_type)]));
+                read_types.push(quote!(
+                    ::std::vec![::std::string::String::from(#event_type)]
+                ));
                 event_type_arms.push(quote!(Self::#ident { .. } => #event_type,));
                 version_arms.push(quote!(Self::#ident { .. } => #version,));
                 encode_arms.push(quote!(Self::#ident #binding => #encode,));

@@ -1,0 +1,6 @@
+#[derive(crablet::DomainEvent)]
+struct Wrapped<T> {
+    value: T,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[derive(crablet::DecisionModel)]
+struct Model {
+    count: u64,
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[derive(crablet::DomainEvent)]
+struct Deposited(u64);
+
+fn main() {}
