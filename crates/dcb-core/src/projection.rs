@@ -60,7 +60,7 @@ impl<S: fmt::Debug> fmt::Debug for StateProjector<S> {
 impl<S: Clone + Send + Sync + 'static> StateProjector<S> {
     /// A projector with an infallible transition.
     pub fn new(
-        query: Query,
+        query: impl Into<Query>,
         initial: S,
         transition: impl Fn(&mut S, &Event) + Send + Sync + 'static,
     ) -> Self {
@@ -73,12 +73,12 @@ impl<S: Clone + Send + Sync + 'static> StateProjector<S> {
     /// A projector whose transition can fail (for instance while deserializing a payload); a
     /// failure aborts the projection with that error.
     pub fn try_new(
-        query: Query,
+        query: impl Into<Query>,
         initial: S,
         transition: impl Fn(&mut S, &Event) -> Result<(), Error> + Send + Sync + 'static,
     ) -> Self {
         Self {
-            query,
+            query: query.into(),
             initial,
             transition: Arc::new(transition),
             newest_only: false,
@@ -101,7 +101,7 @@ impl<S: Clone + Send + Sync + 'static> StateProjector<S> {
         initial: S,
         transition: impl Fn(&mut S, &E) + Send + Sync + 'static,
     ) -> Self {
-        Self::try_new(query.into(), initial, move |state, event| {
+        Self::try_new(query, initial, move |state, event| {
             transition(state, &E::decode(event)?);
             Ok(())
         })
@@ -113,7 +113,7 @@ impl<S: Clone + Send + Sync + 'static> StateProjector<S> {
         initial: S,
         transition: impl Fn(&mut S, &E) -> Result<(), Error> + Send + Sync + 'static,
     ) -> Self {
-        Self::try_new(query.into(), initial, move |state, event| {
+        Self::try_new(query, initial, move |state, event| {
             transition(state, &E::decode(event)?)
         })
     }
@@ -134,14 +134,14 @@ impl<S: Clone + Send + Sync + 'static> StateProjector<S> {
 
 impl StateProjector<u64> {
     /// Counts the matching events (go-crablet's `ProjectCounter`).
-    pub fn counter(query: Query) -> Self {
+    pub fn counter(query: impl Into<Query>) -> Self {
         Self::new(query, 0, |count, _| *count += 1)
     }
 }
 
 impl StateProjector<bool> {
     /// Whether any matching event exists (go-crablet's `ProjectBoolean`).
-    pub fn exists(query: Query) -> Self {
+    pub fn exists(query: impl Into<Query>) -> Self {
         Self::new(query, false, |seen, _| *seen = true)
     }
 }
@@ -150,7 +150,7 @@ impl StateProjector<Option<Event>> {
     /// The last matching event, if any (go-crablet's `ProjectState` with a "keep last" fold).
     /// Projected alone it reads only that event, backwards with a limit of 1
     /// ([`newest_only`](StateProjector::newest_only)).
-    pub fn last(query: Query) -> Self {
+    pub fn last(query: impl Into<Query>) -> Self {
         Self::new(query, None, |last, event| *last = Some(event.clone())).newest_only()
     }
 }
@@ -160,7 +160,7 @@ impl<E: DomainEvent + Clone> StateProjector<Option<E>> {
     /// reads only that event, backwards with a limit of 1, and its condition fails exactly when
     /// a newer matching event is appended: the shape of "the next invoice number".
     pub fn last_typed(query: impl Into<Query>) -> Self {
-        Self::try_new(query.into(), None, |last, event| {
+        Self::try_new(query, None, |last, event| {
             *last = Some(E::decode(event)?);
             Ok(())
         })
@@ -174,7 +174,7 @@ where
 {
     /// The payload of the last matching event, deserialized into `T`. Projected alone it reads
     /// only that event ([`newest_only`](StateProjector::newest_only)).
-    pub fn last_data(query: Query) -> Self {
+    pub fn last_data(query: impl Into<Query>) -> Self {
         Self::try_new(query, None, |last, event| {
             *last = Some(event.data_as()?);
             Ok(())
