@@ -157,6 +157,27 @@ async fn round_trip_is_exact(store: Arc<dyn EventStore>) {
         .expect("typed query");
     assert_eq!(only.len(), 1);
     assert_eq!(only[0].event.credits, 5);
+    // Some variants of an enum, by the kinds its derive generates.
+    let renamed_or_enrolled =
+        QueryItem::of_kinds([CourseEventKind::CourseRenamed, CourseEventKind::Enrolled])
+            .tag("course_id", "c1");
+    assert_eq!(
+        renamed_or_enrolled.types,
+        ["CourseRenamed", "StudentEnrolled", "StudentSubscribed"]
+    );
+    let selected = store
+        .query_typed::<CourseEvent>(&Query::from(renamed_or_enrolled), ReadOptions::default())
+        .await
+        .expect("query by kinds");
+    let kinds: Vec<CourseEventKind> = selected.iter().map(|t| t.event.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            CourseEventKind::Enrolled,
+            CourseEventKind::CourseRenamed,
+            CourseEventKind::CourseRenamed
+        ]
+    );
     assert_eq!(
         CourseEvent::read_types(),
         [

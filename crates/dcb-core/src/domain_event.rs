@@ -151,6 +151,15 @@ pub fn stored_version(metadata: Option<&Value>) -> Result<u32, DecodeErrorKind> 
     }
 }
 
+/// The kind of a variant of an enum of typed events: `#[derive(DomainEvent)]` on an enum
+/// generates its kind enum (`{Enum}Kind`, one unit variant per variant, or
+/// `#[crablet(kind = Name)]`), for queries that select some of the variants
+/// ([`QueryItem::of_kinds`](crate::QueryItem::of_kinds)).
+pub trait EventKind: Copy {
+    /// The event type names of this kind, old names included.
+    fn read_types(self) -> Vec<String>;
+}
+
 /// One typed event type or a tuple of them: the types a typed query selects
 /// ([`QueryItem::of`](crate::QueryItem::of)).
 pub trait EventTypes {

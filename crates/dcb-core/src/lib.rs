@@ -55,7 +55,7 @@ pub use condition::AppendCondition;
 pub use cursor::Cursor;
 pub use decode_error::{DecodeError, DecodeErrorKind};
 pub use domain_event::{
-    encode_all, stored_version, DomainEvent, EventTypes, EventView, SCHEMA_VERSION_KEY,
+    encode_all, stored_version, DomainEvent, EventKind, EventTypes, EventView, SCHEMA_VERSION_KEY,
 };
 pub use error::{ConflictInfo, Error, Result, ValidationError, ValidationKind};
 pub use event::{Event, NewEvent, NewEventBuilder};

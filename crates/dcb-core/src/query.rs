@@ -39,6 +39,23 @@ impl QueryItem {
         Self::new().types(T::read_types())
     }
 
+    /// An item selecting some variants of an enum of typed events, by the kinds its derive
+    /// generates ([`EventKind`](crate::EventKind)).
+    ///
+    /// ```ignore
+    /// let item = QueryItem::of_kinds([CourseEventKind::Defined, CourseEventKind::CapacityChanged])
+    ///     .tag("course_id", "c1");
+    /// ```
+    pub fn of_kinds<K: crate::EventKind>(kinds: impl IntoIterator<Item = K>) -> Self {
+        let mut types: Vec<String> = Vec::new();
+        for name in kinds.into_iter().flat_map(K::read_types) {
+            if !types.contains(&name) {
+                types.push(name);
+            }
+        }
+        Self::new().types(types)
+    }
+
     /// Adds accepted event types.
     pub fn types<I, S>(mut self, types: I) -> Self
     where

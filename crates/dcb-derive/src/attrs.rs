@@ -9,6 +9,8 @@ pub struct EventAttrs {
     pub version: Option<LitInt>,
     pub upcasters: Option<Path>,
     pub krate: Option<Path>,
+    /// The name of an enum's generated kind enum.
+    pub kind: Option<syn::Ident>,
 }
 
 /// Attributes of a field of a typed event.
@@ -73,10 +75,13 @@ pub fn event_attrs(attrs: &[Attribute], place: EventAttrPlace) -> Result<EventAt
             } else if meta.path.is_ident("crate") {
                 allowed(place != EventAttrPlace::Variant, "crate")?;
                 parsed.krate = Some(meta.value()?.parse()?);
+            } else if meta.path.is_ident("kind") {
+                allowed(place == EventAttrPlace::Enum, "kind")?;
+                parsed.kind = Some(meta.value()?.parse()?);
             } else {
                 return Err(meta.error(
                     "unknown crablet attribute; expected `event_type = \"...\"`, `version = N`, \
-                     `upcasters = path` or `crate = path`",
+                     `upcasters = path`, `kind = Name` (enums) or `crate = path`",
                 ));
             }
             Ok(())

@@ -107,12 +107,13 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
                     "an enum of typed events needs at least one variant",
                 ));
             }
-            Ok(expand_enum(
-                name,
-                &variants,
-                attrs.upcasters.as_ref(),
-                &krate,
-            ))
+            let kind = attrs
+                .kind
+                .clone()
+                .unwrap_or_else(|| quote::format_ident!("{}Kind", name));
+            let mut expanded = expand_enum(name, &variants, attrs.upcasters.as_ref(), &krate);
+            expanded.extend(expand_kind(name, &kind, &input.vis, &variants, &krate));
+            Ok(expanded)
         }
         Data::Union(_) => Err(Error::new(
             name.span(),
@@ -463,6 +464,75 @@ fn expand_enum(
                 let view = <Self as #trait_>::upcasters().apply(view)?;
                 #(#decode_branches)*
                 ::std::result::Result::Err(#support::unknown_type(<Self as #trait_>::event_types()))
+            }
+        }
+    }
+}
+
+/// The kind enum of an enum of typed events: one unit variant per variant, for typed queries
+/// of some of them (`QueryItem::of_kinds`).
+fn expand_kind(
+    name: &Ident,
+    kind: &Ident,
+    vis: &syn::Visibility,
+    variants: &[Variant],
+    krate: &TokenStream,
+) -> TokenStream {
+    let trait_ = quote!(#krate::DomainEvent);
+    let mut idents = Vec::new();
+    let mut types_arms = Vec::new();
+    let mut kind_arms = Vec::new();
+    for variant in variants {
+        match variant {
+            Variant::Inline(ident, shape) => {
+                let event_type = &shape.event_type;
+                types_arms.push(quote!(
+                    Self::#ident => ::std::vec![::std::string::String::from(#event_type)],
+                ));
+                kind_arms.push(quote!(#name::#ident { .. } => #kind::#ident,));
+                idents.push(ident);
+            }
+            Variant::Delegate(ident, inner) => {
+                types_arms.push(quote!(Self::#ident => <#inner as #trait_>::read_types(),));
+                kind_arms.push(quote!(#name::#ident(..) => #kind::#ident,));
+                idents.push(ident);
+            }
+        }
+    }
+    let doc = format!(
+        "The kinds of [`{name}`] events, one per variant: `QueryItem::of_kinds([{kind}::..])` \
+         selects some of them by their event types."
+    );
+    let kind_doc = format!("The kind of this event, a [`{kind}`].");
+    quote! {
+        #[doc = #doc]
+        #[derive(::std::fmt::Debug, ::std::clone::Clone, ::std::marker::Copy, ::std::cmp::PartialEq, ::std::cmp::Eq, ::std::hash::Hash)]
+        #vis enum #kind {
+            #(
+                #[allow(missing_docs)]
+                #idents,
+            )*
+        }
+
+        impl #krate::EventKind for #kind {
+            fn read_types(self) -> ::std::vec::Vec<::std::string::String> {
+                let types = match self {
+                    #(#types_arms)*
+                };
+                #krate::derive_support::read_types(
+                    ::std::vec![types],
+                    <#name as #trait_>::upcasters(),
+                )
+            }
+        }
+
+        impl #name {
+            #[doc = #kind_doc]
+            #[allow(dead_code)]
+            pub fn kind(&self) -> #kind {
+                match self {
+                    #(#kind_arms)*
+                }
             }
         }
     }

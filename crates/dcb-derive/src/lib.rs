@@ -38,7 +38,10 @@ use syn::{parse_macro_input, DeriveInput};
 /// - **Wrapping**: an enum variant `Name(Inner)` wraps a struct that derives `DomainEvent`
 ///   itself, so event structs can be shared by several enums.
 ///
-/// A struct also gets the constant `EVENT_TYPE`.
+/// A struct also gets the constant `EVENT_TYPE`. An enum also gets a kind enum
+/// (`{Enum}Kind`, or `#[crablet(kind = Name)]`): one unit variant per variant, and
+/// `event.kind()`, so `QueryItem::of_kinds([CourseEventKind::Enrolled])` selects some variants
+/// without spelling their event types.
 ///
 /// ```
 /// use crablet::memory::InMemoryEventStore;
