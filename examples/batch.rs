@@ -10,8 +10,10 @@
 //! - Batches racing with overlapping users: a batch gets in only if none of its users did
 //!   before, so no user is ever created twice.
 //!
-//! At the end all users and orders are read back and checked; the example exits non-zero if a
-//! duplicate or an order of an unknown user made it into the log.
+//! The events are typed: `User` and `Order` derive `DomainEvent` under the event types
+//! `UserCreated` and `OrderCreated` (`#[crablet(event_type = "..")]`), their ids as tags. At
+//! the end all users and orders are read back with `query_typed` and checked; the example exits
+//! non-zero if a duplicate or an order of an unknown user made it into the log.
 //!
 //! ```text
 //! cargo run --example batch
@@ -21,29 +23,40 @@ mod common;
 
 use common::{check, check_none, AnyError};
 use crablet::{
-    AppendCommand, AppendCondition, Cursor, EventReaderExt, EventStore, NewEvent, Query, QueryItem,
-    ReadOptions, StateProjector,
+    encode_all, AppendCommand, AppendCondition, Cursor, DomainEvent, EventReaderExt, EventStore,
+    Query, QueryItem, ReadOptions, StateProjector,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-const USER_CREATED: &str = "UserCreated";
-const ORDER_CREATED: &str = "OrderCreated";
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A user, and the event that creates it.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[crablet(event_type = "UserCreated")]
 struct User {
+    #[crablet(tag)]
     user_id: String,
     email: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An order of a user, and the event that creates it. Tagged with both ids: an order is found
+/// by its own id and by its user's.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[crablet(event_type = "OrderCreated")]
 struct Order {
+    #[crablet(tag)]
     order_id: String,
+    #[crablet(tag)]
     user_id: String,
     amount_cents: u64,
+}
+
+/// Every event of the example, as it is read back.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum Created {
+    User(User),
+    Order(Order),
 }
 
 fn user(n: usize) -> User {
@@ -62,15 +75,11 @@ fn order(n: usize, user: usize) -> Order {
 }
 
 fn user_item(user_id: &str) -> QueryItem {
-    QueryItem::new()
-        .types([USER_CREATED])
-        .tag("user_id", user_id)
+    QueryItem::of::<User>().tag("user_id", user_id)
 }
 
 fn order_item(order_id: &str) -> QueryItem {
-    QueryItem::new()
-        .types([ORDER_CREATED])
-        .tag("order_id", order_id)
+    QueryItem::of::<Order>().tag("order_id", order_id)
 }
 
 /// Why a batch was not written.
@@ -115,10 +124,7 @@ async fn create_users(
     let commands = users
         .iter()
         .map(|u| {
-            let event = NewEvent::builder(USER_CREATED)
-                .tag("user_id", &u.user_id)
-                .data(u)
-                .build()?;
+            let event = u.encode()?;
             let fresh = AppendCondition::new(Query::from(user_item(&u.user_id)));
             Ok(AppendCommand::new(vec![event]).only_if(fresh))
         })
@@ -173,16 +179,7 @@ async fn create_orders(
     if existing.values().any(|exists| *exists) {
         return Ok(Err(Refused::AlreadyExists));
     }
-    let events = orders
-        .iter()
-        .map(|o| {
-            NewEvent::builder(ORDER_CREATED)
-                .tag("order_id", &o.order_id)
-                .tag("user_id", &o.user_id)
-                .data(o)
-                .build()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let events = encode_all(orders)?;
     match store.append_if(events, decision.condition).await {
         Ok(cursor) => Ok(Ok(cursor)),
         Err(err) if err.is_conflict() => Ok(Err(Refused::AlreadyExists)),
@@ -323,27 +320,25 @@ async fn run() -> Result<(), AnyError> {
     // Read everything back.
     println!("reading the log back:");
     let events = store
-        .query(
-            &Query::types([USER_CREATED, ORDER_CREATED]),
-            ReadOptions::default(),
-        )
+        .query_typed::<Created>(&Query::of::<Created>(), ReadOptions::default())
         .await?;
     let mut users = BTreeSet::new();
     let mut orders = BTreeSet::new();
     let mut problems = Vec::new();
-    for event in &events {
-        if event.event_type == USER_CREATED {
-            let user: User = event.data_as()?;
-            if !users.insert(user.user_id.clone()) {
-                problems.push(format!("user {} created twice", user.user_id));
+    for logged in &events {
+        match &logged.event {
+            Created::User(user) => {
+                if !users.insert(user.user_id.clone()) {
+                    problems.push(format!("user {} created twice", user.user_id));
+                }
             }
-        } else {
-            let order: Order = event.data_as()?;
-            if !users.contains(&order.user_id) {
-                problems.push(format!("order {} of unknown user", order.order_id));
-            }
-            if !orders.insert(order.order_id.clone()) {
-                problems.push(format!("order {} created twice", order.order_id));
+            Created::Order(order) => {
+                if !users.contains(&order.user_id) {
+                    problems.push(format!("order {} of unknown user", order.order_id));
+                }
+                if !orders.insert(order.order_id.clone()) {
+                    problems.push(format!("order {} created twice", order.order_id));
+                }
             }
         }
     }

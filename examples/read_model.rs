@@ -1,10 +1,15 @@
 //! A read model of account balances, built from transfer events and kept up to date live.
 //!
+//! The events are one typed enum (`#[derive(DomainEvent)]` with inline variants, the accounts as
+//! tags); both read models decode what they receive into it.
+//!
 //! - With `DATABASE_URL` set: a PostgreSQL table `balances` maintained by a durable
-//!   [`EventHandler`]: each batch of events updates the table in the same transaction as the
-//!   handler's checkpoint, so every event counts exactly once, even across crashes. After each
-//!   write, `wait_until_processed` lets the writer read its own write from the table.
-//! - Without it: the in-memory store, with a read model fed by a subscription.
+//!   [`EventHandler`]: each batch of events (decoded with `decode_all`) updates the table in the
+//!   same transaction as the handler's checkpoint, so every event counts exactly once, even
+//!   across crashes. After each write, `wait_until_processed` lets the writer read its own write
+//!   from the table.
+//! - Without it: the in-memory store, with a read model fed by a subscription (decoded with
+//!   `decode_stream`).
 //!
 //! The first line printed names the backend. The example exits non-zero if the read model does
 //! not match the balances computed directly from the appended events.
@@ -19,7 +24,10 @@ use crablet::postgres::tokio_postgres;
 use crablet::postgres::{
     EventHandler, HandlerError, HandlerOptions, PostgresEventStore, StoreConfig,
 };
-use crablet::{Cursor, Event, EventStore, NewEvent, Query, SubscribeExt};
+use crablet::{
+    decode_all, decode_stream, encode_all, Cursor, DomainEvent, Event, EventStore, Query,
+    SubscribeExt,
+};
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -34,38 +42,55 @@ const TRANSFERS: usize = 120;
 type Balances = BTreeMap<String, i64>;
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The events of the example: accounts opened, then money moved between them.
-fn opened(account: &str) -> NewEvent {
-    NewEvent::builder("AccountOpened")
-        .tag("account", account)
-        .data(&serde_json::json!({ "account": account, "balance": OPENING_BALANCE }))
-        .build()
-        .expect("valid event")
+/// The events of the example: accounts opened, then money moved between them. Each variant is
+/// one event type (its name); the tag fields select an account's events.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum AccountEvent {
+    AccountOpened {
+        #[crablet(tag)]
+        account: String,
+        balance: i64,
+    },
+    MoneyTransferred {
+        #[crablet(tag)]
+        from: String,
+        #[crablet(tag)]
+        to: String,
+        amount: i64,
+    },
 }
 
-fn transferred(from: &str, to: &str, amount: i64) -> NewEvent {
-    NewEvent::builder("MoneyTransferred")
-        .tag("from", from)
-        .tag("to", to)
-        .data(&serde_json::json!({ "from": from, "to": to, "amount": amount }))
-        .build()
-        .expect("valid event")
+/// An event no read model cares about; appended last, to wait for the handler to get past it.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct AuditTick;
+
+fn opened(account: &str) -> AccountEvent {
+    AccountEvent::AccountOpened {
+        account: account.into(),
+        balance: OPENING_BALANCE,
+    }
 }
 
+fn transferred(from: &str, to: &str, amount: i64) -> AccountEvent {
+    AccountEvent::MoneyTransferred {
+        from: from.into(),
+        to: to.into(),
+        amount,
+    }
+}
+
+/// The events the read models follow: every event type of [`AccountEvent`].
 fn query() -> Query {
-    Query::types(["AccountOpened", "MoneyTransferred"])
+    Query::of::<AccountEvent>()
 }
 
 /// How one event changes the balances: `(account, delta)` pairs.
-fn deltas(event: &Event) -> Vec<(String, i64)> {
-    let text = |key: &str| event.data[key].as_str().unwrap_or_default().to_string();
-    match event.event_type.as_str() {
-        "AccountOpened" => vec![(text("account"), event.data["balance"].as_i64().unwrap_or(0))],
-        "MoneyTransferred" => {
-            let amount = event.data["amount"].as_i64().unwrap_or(0);
-            vec![(text("from"), -amount), (text("to"), amount)]
+fn deltas(event: &AccountEvent) -> Vec<(String, i64)> {
+    match event {
+        AccountEvent::AccountOpened { account, balance } => vec![(account.clone(), *balance)],
+        AccountEvent::MoneyTransferred { from, to, amount } => {
+            vec![(from.clone(), -amount), (to.clone(), *amount)]
         }
-        _ => vec![],
     }
 }
 
@@ -163,8 +188,8 @@ impl EventHandler for BalancesHandler {
                 t = self.table
             ))
             .await?;
-        for event in events {
-            for (account, delta) in deltas(event) {
+        for event in decode_all::<AccountEvent>(events)? {
+            for (account, delta) in deltas(&event) {
                 tx.execute(&upsert, &[&account, &delta]).await?;
             }
         }
@@ -197,11 +222,11 @@ async fn on_postgres(url: &str) -> Result<ExitCode, AnyError> {
         .await?;
 
     let outcome = async {
-        store.append(ACCOUNTS.iter().map(|a| opened(a)).collect()).await?;
+        store.append(encode_all(&ACCOUNTS.map(opened))?).await?;
         let work = workload();
         let (before, after) = work.split_at(work.len() / 2);
         for (from, to, amount) in before {
-            store.append(vec![transferred(from, to, *amount)]).await?;
+            store.append(vec![transferred(from, to, *amount).encode()?]).await?;
         }
         println!("{} events appended before the handler started", before.len() + 1);
 
@@ -211,7 +236,7 @@ async fn on_postgres(url: &str) -> Result<ExitCode, AnyError> {
         )?;
         // Write, then read the own write from the read model.
         for (i, (from, to, amount)) in after.iter().enumerate() {
-            let cursor = store.append(vec![transferred(from, to, *amount)]).await?;
+            let cursor = store.append(vec![transferred(from, to, *amount).encode()?]).await?;
             if i % 20 == 0 {
                 store.wait_until_processed("balances", cursor, Duration::from_secs(10)).await?;
                 let balance: i64 = admin
@@ -221,7 +246,7 @@ async fn on_postgres(url: &str) -> Result<ExitCode, AnyError> {
                 println!("after transfer {cursor}: {from} has {balance} (read your own write)");
             }
         }
-        let last = store.append(vec![NewEvent::builder("AuditTick").build()?]).await?;
+        let last = store.append(vec![AuditTick.encode()?]).await?;
         store.wait_until_processed("balances", last, Duration::from_secs(10)).await?;
         let status = running.status();
         println!(
@@ -258,18 +283,18 @@ impl MemoryReadModel {
     fn start(store: &InMemoryEventStore) -> Self {
         let balances = Arc::new(Mutex::new(Balances::new()));
         let (tx, position) = watch::channel(None);
-        let mut events = store.subscribe(&query(), None);
+        let mut events = decode_stream::<AccountEvent>(store.subscribe(&query(), None));
         let model = Arc::clone(&balances);
         let task = tokio::spawn(async move {
             while let Some(item) = events.next().await {
                 match item {
-                    Ok(event) => {
+                    Ok(logged) => {
                         if let Ok(mut balances) = model.lock() {
-                            for (account, delta) in deltas(&event) {
+                            for (account, delta) in deltas(&logged.event) {
                                 *balances.entry(account).or_default() += delta;
                             }
                         }
-                        tx.send_replace(Some(event.cursor));
+                        tx.send_replace(Some(logged.cursor));
                     }
                     Err(err) => eprintln!("subscription error (retrying): {err}"),
                 }
@@ -301,13 +326,13 @@ impl MemoryReadModel {
 
 async fn on_memory() -> Result<ExitCode, AnyError> {
     let store = InMemoryEventStore::new();
-    store
-        .append(ACCOUNTS.iter().map(|a| opened(a)).collect())
-        .await?;
+    store.append(encode_all(&ACCOUNTS.map(opened))?).await?;
     let work = workload();
     let (before, after) = work.split_at(work.len() / 2);
     for (from, to, amount) in before {
-        store.append(vec![transferred(from, to, *amount)]).await?;
+        store
+            .append(vec![transferred(from, to, *amount).encode()?])
+            .await?;
     }
     println!(
         "{} events appended before the read model started",
@@ -316,7 +341,9 @@ async fn on_memory() -> Result<ExitCode, AnyError> {
     let mut model = MemoryReadModel::start(&store);
     let mut last = None;
     for (i, (from, to, amount)) in after.iter().enumerate() {
-        let cursor = store.append(vec![transferred(from, to, *amount)]).await?;
+        let cursor = store
+            .append(vec![transferred(from, to, *amount).encode()?])
+            .await?;
         last = Some(cursor);
         if i % 20 == 0 {
             model

@@ -3,10 +3,15 @@
 //! The example generates a shop's log (`--events N`, default 100 000: product views and
 //! purchases), appended in batches of 1000, then reads it back twice without ever holding it
 //! in memory:
-//! - `query_stream` hands out the purchases one by one (on PostgreSQL: fetched through a
-//!   server-side portal, `stream_buffer` rows per round trip) and the example sums them up;
-//! - `project_stream` folds several projectors over one stream, reporting progress as it goes,
-//!   and ends with the same `Projection` (states + append condition) as `project`.
+//! - `query_stream_typed` hands out the purchases one by one, decoded into their typed event
+//!   (on PostgreSQL: fetched through a server-side portal, `stream_buffer` rows per round trip)
+//!   and the example sums them up;
+//! - `project_stream` folds several projectors (counters and a typed projector) over one
+//!   stream, reporting progress as it goes, and ends with the same `Projection` (states +
+//!   append condition) as `project`.
+//!
+//! The events are typed (`#[derive(DomainEvent)]` structs, the product and customer ids as
+//! tags, wrapped by one enum for the generator).
 //!
 //! Both results are checked against the totals computed while generating; the example exits
 //! non-zero if they differ. At the end it prints the process's peak resident memory (Linux).
@@ -20,15 +25,12 @@ mod common;
 use clap::Parser;
 use common::{check, AnyError};
 use crablet::{
-    EventReaderExt, NewEvent, ProjectionStep, Query, QueryItem, ReadOptions, StateProjector,
+    DomainEvent, EventReaderExt, ProjectionStep, Query, QueryItem, ReadOptions, StateProjector,
 };
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const VIEWED: &str = "ProductViewed";
-const PURCHASED: &str = "ProductPurchased";
 const PRODUCTS: u64 = 500;
 const BATCH: u64 = 1000;
 const LOADERS: u64 = 4;
@@ -41,11 +43,29 @@ struct Args {
     events: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Purchase {
+/// A customer looked at a product's page.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct ProductViewed {
+    #[crablet(tag)]
     product_id: String,
+    ms_on_page: u64,
+}
+
+/// A customer bought a product.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct ProductPurchased {
+    #[crablet(tag)]
+    product_id: String,
+    #[crablet(tag)]
     customer_id: String,
     amount_cents: u64,
+}
+
+/// Every event of the shop.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum ShopEvent {
+    Viewed(ProductViewed),
+    Purchased(ProductPurchased),
 }
 
 /// The product of event `n` of the generated log.
@@ -59,25 +79,18 @@ fn purchase_amount(n: u64) -> Option<u64> {
 }
 
 /// Event `n` of the generated log: a purchase or a product view.
-fn generated(n: u64) -> Result<NewEvent, crablet::Error> {
+fn generated(n: u64) -> ShopEvent {
     let product_id = product(n);
     match purchase_amount(n) {
-        Some(amount_cents) => {
-            let customer_id = format!("c{}", n % 1000);
-            NewEvent::builder(PURCHASED)
-                .tag("product_id", &product_id)
-                .tag("customer_id", &customer_id)
-                .data(&Purchase {
-                    product_id: product_id.clone(),
-                    customer_id,
-                    amount_cents,
-                })
-                .build()
-        }
-        None => NewEvent::builder(VIEWED)
-            .tag("product_id", &product_id)
-            .data(&serde_json::json!({ "product_id": product_id, "ms_on_page": n % 60_000 }))
-            .build(),
+        Some(amount_cents) => ShopEvent::Purchased(ProductPurchased {
+            product_id,
+            customer_id: format!("c{}", n % 1000),
+            amount_cents,
+        }),
+        None => ShopEvent::Viewed(ProductViewed {
+            product_id,
+            ms_on_page: n % 60_000,
+        }),
     }
 }
 
@@ -108,7 +121,7 @@ async fn run(args: Args) -> Result<(), AnyError> {
             tokio::spawn(async move {
                 for batch in (loader..batches).step_by(LOADERS as usize) {
                     let events = (batch * BATCH..((batch + 1) * BATCH).min(total))
-                        .map(generated)
+                        .map(|n| generated(n).encode())
                         .collect::<Result<Vec<_>, _>>()?;
                     store.append(events).await?;
                 }
@@ -139,13 +152,16 @@ async fn run(args: Args) -> Result<(), AnyError> {
     // 2. query_stream: the purchases, one at a time.
     println!("query_stream over the purchases:");
     let began = Instant::now();
-    let mut stream = store.query_stream(&Query::types([PURCHASED]), ReadOptions::default());
+    let mut stream = store.query_stream_typed::<ProductPurchased>(
+        &Query::of::<ProductPurchased>(),
+        ReadOptions::default(),
+    );
     let (mut streamed, mut streamed_revenue) = (0_u64, 0_u64);
     let mut last_cursor = None;
     while let Some(event) = stream.next().await {
         let event = event?;
         streamed += 1;
-        streamed_revenue += event.data_as::<Purchase>()?.amount_cents;
+        streamed_revenue += event.event.amount_cents;
         if last_cursor.is_some_and(|last| last >= event.cursor) {
             return Err(format!("events out of cursor order at {}", event.cursor).into());
         }
@@ -171,15 +187,12 @@ async fn run(args: Args) -> Result<(), AnyError> {
     // 3. project_stream: three projectors over the whole log, with progress.
     println!("project_stream over the whole log (views, purchases, revenue of p042):");
     let began = Instant::now();
-    let p042 = QueryItem::new()
-        .types([PURCHASED])
-        .tag("product_id", "p042");
+    let p042 = QueryItem::of::<ProductPurchased>().tag("product_id", "p042");
     let projectors = (
-        StateProjector::counter(Query::types([VIEWED])),
-        StateProjector::counter(Query::types([PURCHASED])),
-        StateProjector::try_new(Query::from(p042), 0_u64, |sum, event| {
-            *sum += event.data_as::<Purchase>()?.amount_cents;
-            Ok(())
+        StateProjector::counter(Query::of::<ProductViewed>()),
+        StateProjector::counter(Query::of::<ProductPurchased>()),
+        StateProjector::typed(p042, 0_u64, |sum, purchase: &ProductPurchased| {
+            *sum += purchase.amount_cents
         }),
     );
     let mut steps = store.project_stream(projectors, progress_every);

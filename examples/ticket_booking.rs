@@ -7,6 +7,9 @@
 //! `seats / tickets` bookings succeed (fewer if there are fewer customers), the others are told
 //! the concert is sold out, and no seat is ever sold twice.
 //!
+//! The events are typed (`#[derive(DomainEvent)]`, the concert and customer ids as tags): the
+//! projectors get them decoded, and the bookings are read back with `query_typed`.
+//!
 //! This example uses the store directly (`project` + `append_if` + a retry loop), which is what
 //! the command executor does for you in the `transfer` and `enrollment` examples.
 //!
@@ -19,17 +22,14 @@ mod common;
 use clap::Parser;
 use common::{check, AnyError};
 use crablet::{
-    EventReaderExt, EventStore, NewEvent, Query, QueryItem, ReadOptions, StateProjector,
+    DomainEvent, EventReaderExt, EventStore, Query, QueryItem, ReadOptions, StateProjector,
 };
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const CONCERT_SCHEDULED: &str = "ConcertScheduled";
-const TICKETS_BOOKED: &str = "TicketsBooked";
 const CONCERT: &str = "concert-2025-rust-philharmonic";
 
 /// Book concert tickets concurrently and check that no seat is oversold.
@@ -46,33 +46,31 @@ struct Args {
     tickets: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A concert was scheduled with its number of seats.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
 struct ConcertScheduled {
+    #[crablet(tag)]
     concert_id: String,
     seats: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A customer booked tickets for a concert. Tagged with both ids: the bookings of a concert and
+/// the booking of one customer are selected by tag.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
 struct TicketsBooked {
+    #[crablet(tag)]
     concert_id: String,
+    #[crablet(tag)]
     customer_id: String,
     tickets: u32,
 }
 
 fn concert_scheduled(concert: &str) -> Query {
-    Query::from(
-        QueryItem::new()
-            .types([CONCERT_SCHEDULED])
-            .tag("concert_id", concert),
-    )
+    Query::from(QueryItem::of::<ConcertScheduled>().tag("concert_id", concert))
 }
 
 fn bookings(concert: &str) -> Query {
-    Query::from(
-        QueryItem::new()
-            .types([TICKETS_BOOKED])
-            .tag("concert_id", concert),
-    )
+    Query::from(QueryItem::of::<TicketsBooked>().tag("concert_id", concert))
 }
 
 /// How a customer's booking ended.
@@ -94,14 +92,12 @@ async fn book(
         attempts += 1;
         let decision = store
             .project((
-                StateProjector::<Option<ConcertScheduled>>::last_data(concert_scheduled(CONCERT)),
-                StateProjector::try_new(bookings(CONCERT), 0_u32, |sold, event| {
-                    *sold += event.data_as::<TicketsBooked>()?.tickets;
-                    Ok(())
+                StateProjector::<Option<ConcertScheduled>>::last_typed(concert_scheduled(CONCERT)),
+                StateProjector::typed(bookings(CONCERT), 0_u32, |sold, booking: &TicketsBooked| {
+                    *sold += booking.tickets
                 }),
                 StateProjector::exists(Query::from(
-                    QueryItem::new()
-                        .types([TICKETS_BOOKED])
+                    QueryItem::of::<TicketsBooked>()
                         .tag("concert_id", CONCERT)
                         .tag("customer_id", customer),
                 )),
@@ -115,15 +111,12 @@ async fn book(
         if sold + tickets > seats {
             return Ok(Booking::SoldOut { attempts });
         }
-        let event = NewEvent::builder(TICKETS_BOOKED)
-            .tag("concert_id", CONCERT)
-            .tag("customer_id", customer)
-            .data(&TicketsBooked {
-                concert_id: CONCERT.into(),
-                customer_id: customer.into(),
-                tickets,
-            })
-            .build()?;
+        let event = TicketsBooked {
+            concert_id: CONCERT.into(),
+            customer_id: customer.into(),
+            tickets,
+        }
+        .encode()?;
         // A real service might now wait on I/O (a payment check, say); yielding here lets the
         // racing customers interleave between their read and their append, also in memory.
         tokio::task::yield_now().await;
@@ -148,15 +141,11 @@ async fn run(args: Args) -> Result<(), AnyError> {
         seats,
         tickets,
     } = args;
-    store
-        .append(vec![NewEvent::builder(CONCERT_SCHEDULED)
-            .tag("concert_id", CONCERT)
-            .data(&ConcertScheduled {
-                concert_id: CONCERT.into(),
-                seats,
-            })
-            .build()?])
-        .await?;
+    let scheduled = ConcertScheduled {
+        concert_id: CONCERT.into(),
+        seats,
+    };
+    store.append(vec![scheduled.encode()?]).await?;
     let expected = (seats / tickets).min(users);
     println!(
         "{users} customers each try to book {tickets} of {seats} seats at once; {expected} bookings can succeed"
@@ -206,14 +195,13 @@ async fn run(args: Args) -> Result<(), AnyError> {
 
     // Read the bookings back.
     let log = store
-        .query(&bookings(CONCERT), ReadOptions::default())
+        .query_typed::<TicketsBooked>(&bookings(CONCERT), ReadOptions::default())
         .await?;
     let mut customers = BTreeSet::new();
     let mut sold = 0;
-    for event in &log {
-        let booking: TicketsBooked = event.data_as()?;
-        sold += booking.tickets;
-        customers.insert(booking.customer_id);
+    for booked in &log {
+        sold += booked.event.tickets;
+        customers.insert(booked.event.customer_id.as_str());
     }
     println!(
         "  the log holds {} bookings for {sold} of {seats} seats",
