@@ -1,5 +1,6 @@
 use crate::{Command, CommandError, CommandHandler, HandlerError, RetryPolicy};
 use async_trait::async_trait;
+use dcb_core::store_metrics;
 use dcb_core::{
     validate_command, CommandFilter, CommandRecord, CommandSession, CommitOutcome, Cursor, Error,
     Event, EventReader, EventStore, EventStream, NewCommand, ProjectionPermit, Query, ReadOptions,
@@ -162,6 +163,8 @@ impl CommandExecutor {
             attempts = field::Empty,
             outcome = field::Empty,
         );
+        let started = std::time::Instant::now();
+        let command_type = command.command_type.clone();
         async {
             let result = self.run(&command, handler).await;
             let span = tracing::Span::current();
@@ -191,6 +194,18 @@ impl CommandExecutor {
                     tracing::debug!(error = %err, "command failed");
                 }
             }
+            let outcome = match &result {
+                Ok(outcome) if outcome.replayed => "replayed",
+                Ok(_) => "committed",
+                Err(CommandError::Rejected(_)) => "rejected",
+                Err(CommandError::Conflict { .. }) => "conflict",
+                Err(CommandError::Validation(_)) => "invalid",
+                Err(_) => "store_error",
+            };
+            metrics::counter!(store_metrics::COMMANDS, "command_type" => command_type.clone(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!(store_metrics::COMMAND_DURATION, "command_type" => command_type, "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
             result
         }
         .instrument(span)
@@ -263,6 +278,8 @@ impl CommandExecutor {
                     }
                     // Give the connection back before waiting.
                     drop(session);
+                    metrics::counter!(store_metrics::COMMAND_RETRIES, "command_type" => command.command_type.clone())
+                        .increment(1);
                     let wait = self.retry.jittered_backoff(attempt);
                     tracing::debug!(attempt, ?wait, %conflict, "append condition failed; retrying");
                     tokio::time::sleep(wait).await;

@@ -41,6 +41,7 @@ mod query;
 mod reader;
 pub mod runner;
 mod store;
+pub mod store_metrics;
 mod subscribe;
 mod tag;
 mod tag_value;
@@ -66,6 +67,7 @@ pub use projection::{fold, Projection, ProjectionStep, Projectors, StateProjecto
 pub use query::{Query, QueryItem};
 pub use reader::{validate_read_options, Direction, EventReader, EventReaderExt, ReadOptions};
 pub use store::{CommandSession, EventStore};
+pub use store_metrics::describe_metrics;
 pub use subscribe::{is_fatal_for_subscription, subscribe, SubscribeExt, SubscribeOptions};
 pub use tag::Tag;
 pub use tag_value::TagValue;

@@ -28,6 +28,7 @@ pub use handlers::{
 };
 
 use async_trait::async_trait;
+use dcb_core::store_metrics::{counted_stream, record_append, record_query};
 use dcb_core::{
     conflict_within_batch, matches, validate_batch, validate_condition, validate_events,
     validate_query, AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommandSession,
@@ -35,10 +36,13 @@ use dcb_core::{
     EventStream, Limits, NewCommand, NewEvent, Query, ReadOptions,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// How many events a stream copies out per lock acquisition.
 const STREAM_CHUNK: usize = 256;
+
+/// The `backend` label of this store's metrics.
+const BACKEND: &str = "memory";
 
 #[derive(Default)]
 struct Log {
@@ -210,12 +214,26 @@ fn select(log: &Log, query: &Query, options: &ReadOptions, max: usize) -> Vec<Ev
 #[async_trait]
 impl EventReader for InMemoryEventStore {
     async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
-        validate_query(query)?;
-        dcb_core::validate_read_options(&options)?;
-        Ok(select(&self.lock(), query, &options, usize::MAX))
+        let started = Instant::now();
+        let result = validate_query(query)
+            .and_then(|()| dcb_core::validate_read_options(&options))
+            .map(|()| select(&self.lock(), query, &options, usize::MAX));
+        record_query(BACKEND, started, &result);
+        result
     }
 
     fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
+        counted_stream(BACKEND, self.walk(query, options))
+    }
+
+    fn change_feed(&self) -> Option<dcb_core::ChangeFeed> {
+        Some(self.changes.feed())
+    }
+}
+
+impl InMemoryEventStore {
+    /// The events matching `query`, read in chunks so other tasks run between them.
+    fn walk(&self, query: &Query, options: ReadOptions) -> EventStream {
         if let Err(err) =
             validate_query(query).and_then(|()| dcb_core::validate_read_options(&options))
         {
@@ -268,10 +286,6 @@ impl EventReader for InMemoryEventStore {
             }
         }))
     }
-
-    fn change_feed(&self) -> Option<dcb_core::ChangeFeed> {
-        Some(self.changes.feed())
-    }
 }
 
 /// Lets other tasks run between chunks of a long stream.
@@ -289,24 +303,9 @@ async fn tokio_yield() {
     .await
 }
 
-#[async_trait]
-impl EventStore for InMemoryEventStore {
-    #[tracing::instrument(name = "memory.append", skip_all, fields(events = events.len()))]
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Cursor, Error> {
-        self.append_checked(events, None)
-    }
-
-    #[tracing::instrument(name = "memory.append_if", skip_all, fields(events = events.len()))]
-    async fn append_if(
-        &self,
-        events: Vec<NewEvent>,
-        condition: AppendCondition,
-    ) -> Result<Cursor, Error> {
-        self.append_checked(events, Some(&condition))
-    }
-
-    #[tracing::instrument(name = "memory.append_batch", skip_all, fields(commands = commands.len()))]
-    async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
+impl InMemoryEventStore {
+    /// A multi-command append: every command's condition, then all events, under one lock.
+    fn append_commands(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
         if let Err(err) = validate_batch(&commands, &self.limits) {
             dcb_core::discard_commands(commands);
             return Err(err);
@@ -339,6 +338,38 @@ impl EventStore for InMemoryEventStore {
         drop(log);
         self.changes.notify();
         Ok(cursors)
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    #[tracing::instrument(name = "memory.append", skip_all, fields(events = events.len()))]
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Cursor, Error> {
+        let (started, count) = (Instant::now(), events.len());
+        let result = self.append_checked(events, None);
+        record_append(BACKEND, "append", count, started, &result);
+        result
+    }
+
+    #[tracing::instrument(name = "memory.append_if", skip_all, fields(events = events.len()))]
+    async fn append_if(
+        &self,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<Cursor, Error> {
+        let (started, count) = (Instant::now(), events.len());
+        let result = self.append_checked(events, Some(&condition));
+        record_append(BACKEND, "append_if", count, started, &result);
+        result
+    }
+
+    #[tracing::instrument(name = "memory.append_batch", skip_all, fields(commands = commands.len()))]
+    async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
+        let started = Instant::now();
+        let count = commands.iter().map(|c| c.events.len()).sum();
+        let result = self.append_commands(commands);
+        record_append(BACKEND, "append_batch", count, started, &result);
+        result
     }
 
     async fn command_session(&self) -> Result<Box<dyn CommandSession>, Error> {

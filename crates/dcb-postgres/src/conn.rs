@@ -46,6 +46,14 @@ impl Conn {
             outcome_unknown: false,
             source: Some(Box::new(e)),
         })?;
+        let status = pool.status();
+        let pool_gauge = |state: &'static str, value: usize| {
+            metrics::gauge!(dcb_core::store_metrics::POOL_CONNECTIONS, "state" => state)
+                .set(value as f64);
+        };
+        pool_gauge("in_use", status.size.saturating_sub(status.available));
+        pool_gauge("idle", status.available);
+        pool_gauge("max", status.max_size);
         Ok(Self {
             object: Some(object),
             state: AtomicU8::new(CLEAN),

@@ -6,7 +6,11 @@
 use crate::conn::Conn;
 use crate::session::PgCommandSession;
 use crate::store::PostgresEventStore;
+use std::time::Instant;
+
+const BACKEND: &str = "postgres";
 use async_trait::async_trait;
+use dcb_core::store_metrics::{counted_stream, record_append, record_query};
 use dcb_core::{
     validate_query, AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommandSession,
     Cursor, Error, Event, EventReader, EventStore, EventStream, NewEvent, ProjectionPermit, Query,
@@ -17,14 +21,23 @@ use dcb_core::{
 impl EventReader for PostgresEventStore {
     #[tracing::instrument(name = "pg.query", skip_all, fields(items = query.items.len()))]
     async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
-        validate_query(query)?;
-        dcb_core::validate_read_options(&options)?;
-        let conn = Conn::get(&self.inner.pool, "query").await?;
-        self.read_on(&conn, query, options).await
+        let started = Instant::now();
+        let result = async {
+            validate_query(query)?;
+            dcb_core::validate_read_options(&options)?;
+            let conn = Conn::get(&self.inner.pool, "query").await?;
+            self.read_on(&conn, query, options).await
+        }
+        .await;
+        record_query(BACKEND, started, &result);
+        result
     }
 
     fn query_stream(&self, query: &Query, options: ReadOptions) -> EventStream {
-        crate::stream::query_stream(self.clone(), query.clone(), options)
+        counted_stream(
+            BACKEND,
+            crate::stream::query_stream(self.clone(), query.clone(), options),
+        )
     }
 
     fn projection_permit(&self) -> Result<ProjectionPermit, Error> {
@@ -50,7 +63,10 @@ impl EventReader for PostgresEventStore {
 impl EventStore for PostgresEventStore {
     #[tracing::instrument(name = "pg.append", skip_all, fields(events = events.len()))]
     async fn append(&self, events: Vec<NewEvent>) -> Result<Cursor, Error> {
-        self.append_checked(events, None).await
+        let (started, count) = (Instant::now(), events.len());
+        let result = self.append_checked(events, None).await;
+        record_append(BACKEND, "append", count, started, &result);
+        result
     }
 
     #[tracing::instrument(name = "pg.append_if", skip_all, fields(events = events.len()))]
@@ -59,12 +75,19 @@ impl EventStore for PostgresEventStore {
         events: Vec<NewEvent>,
         condition: AppendCondition,
     ) -> Result<Cursor, Error> {
-        self.append_checked(events, Some(&condition)).await
+        let (started, count) = (Instant::now(), events.len());
+        let result = self.append_checked(events, Some(&condition)).await;
+        record_append(BACKEND, "append_if", count, started, &result);
+        result
     }
 
     #[tracing::instrument(name = "pg.append_batch", skip_all, fields(commands = commands.len()))]
     async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
-        self.append_commands(commands).await
+        let started = Instant::now();
+        let count = commands.iter().map(|c| c.events.len()).sum();
+        let result = self.append_commands(commands).await;
+        record_append(BACKEND, "append_batch", count, started, &result);
+        result
     }
 
     async fn command_session(&self) -> Result<Box<dyn CommandSession>, Error> {

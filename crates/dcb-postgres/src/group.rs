@@ -153,6 +153,8 @@ impl PostgresEventStore {
                 .into_iter()
                 .map(|p| (p.reply, (p.events, p.condition)))
                 .unzip();
+            metrics::histogram!(dcb_core::store_metrics::GROUP_COMMIT_CALLS)
+                .record(calls.len() as f64);
             let results = self.commit_group(calls).await;
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);

@@ -15,6 +15,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::lag::{lag_from, lag_params, HandlerLag};
+use dcb_core::store_metrics;
+
+/// How often a handler that is behind measures its lag for the metrics.
+const LAG_MEASURE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// What an [`EventHandler`] returns when it fails: any error, for instance a
 /// `tokio_postgres::Error` from its own statements (`?` converts it).
 pub type HandlerError = dcb_core::runner::HandlerError;
@@ -766,6 +772,7 @@ struct Statements {
     parked_failed: String,
     drop_parked: String,
     select_event: String,
+    lag: String,
 }
 
 impl Statements {
@@ -779,6 +786,7 @@ impl Statements {
         let columns = Self::PARKED_COLUMNS;
         let this_parked = "handler_name = $1 AND transaction_id = $2 AND position = $3";
         Self {
+            lag: crate::lag::lag_sql(schema),
             ensure_row: format!(
                 "INSERT INTO {table} (handler_name) VALUES ($1) ON CONFLICT (handler_name) DO NOTHING"
             ),
@@ -983,6 +991,7 @@ impl Runner {
         let mut next = Next::Read;
         let mut tracker = self.options.tracker();
         let mut read_failures = 0u32;
+        let mut lag_measured: Option<Instant> = None;
         let mut last_idle_advance: Option<Instant> = None;
         loop {
             if self.stop_requested() {
@@ -1068,6 +1077,8 @@ impl Runner {
                     tracker.committed(target);
                     checkpoint = Some(target);
                     let n = events.len() as u64;
+                    self.record_progress(conn, n, full, target, &mut lag_measured)
+                        .await;
                     self.status.send_modify(|s| {
                         s.checkpoint = checkpoint;
                         s.processed += n;
@@ -1084,6 +1095,8 @@ impl Runner {
                     };
                 }
                 Err(Failure::Handler(message)) => {
+                    metrics::counter!(store_metrics::HANDLER_ERRORS, "handler" => self.name.clone())
+                        .increment(1);
                     let decision = tracker.failed(&events);
                     let attempts = decision.attempts();
                     let failing_at = events.first().map(|e| e.cursor);
@@ -1155,6 +1168,45 @@ impl Runner {
                 Err(Failure::Lost(reason)) => return LeadEnd::Lost(reason),
             }
         }
+    }
+
+    /// Records a committed batch of `processed` events in the metrics. A batch that was not
+    /// full leaves the handler caught up (lag 0); after a full one the lag is measured, at most
+    /// every [`LAG_MEASURE_INTERVAL`], since counting costs as much as the lag is long.
+    async fn record_progress(
+        &self,
+        conn: &mut ClientWrapper,
+        processed: u64,
+        full: bool,
+        checkpoint: Cursor,
+        measured: &mut Option<Instant>,
+    ) {
+        let handler = self.name.clone();
+        metrics::counter!(store_metrics::HANDLER_EVENTS, "handler" => handler.clone())
+            .increment(processed);
+        let lag = if !full {
+            HandlerLag::default()
+        } else {
+            if measured.is_some_and(|at| at.elapsed() < LAG_MEASURE_INTERVAL) {
+                return;
+            }
+            *measured = Some(Instant::now());
+            let (xid, position) = lag_params(Some(checkpoint));
+            let row = match conn.prepare_cached(&self.sql.lag).await {
+                Ok(stmt) => conn.query_one(&stmt, &[&xid, &position]).await,
+                Err(err) => Err(err),
+            };
+            match row.and_then(|row| lag_from(&row)) {
+                Ok(lag) => lag,
+                Err(err) => {
+                    tracing::debug!(error = %err, "measuring the handler's lag failed");
+                    return;
+                }
+            }
+        };
+        metrics::gauge!(store_metrics::HANDLER_LAG_EVENTS, "handler" => handler.clone())
+            .set(lag.events as f64);
+        metrics::gauge!(store_metrics::HANDLER_LAG_SECONDS, "handler" => handler).set(lag.seconds);
     }
 
     /// One batch: lock and verify the checkpoint row, run the handler, advance the checkpoint,

@@ -49,6 +49,7 @@ mod group_queue;
 mod handlers;
 mod json;
 mod keys;
+mod lag;
 mod migrate;
 mod notify;
 #[cfg(test)]

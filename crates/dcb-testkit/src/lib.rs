@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 pub mod conformance;
 pub mod pg;
+pub mod prometheus;
 pub mod scenario;
 
 /// Creates stores for the conformance suite.
