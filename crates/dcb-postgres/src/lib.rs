@@ -47,6 +47,7 @@ mod event_store;
 mod group;
 mod group_queue;
 mod handlers;
+mod health;
 mod json;
 mod keys;
 mod lag;
@@ -66,6 +67,8 @@ pub use deadpool_postgres::Pool;
 pub use handlers::{
     EventHandler, HandlerError, HandlerOptions, HandlerRecord, HandlerStatus, RunningHandler,
 };
+pub use health::{HandlerHealth, Health};
+pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
 pub use store::PostgresEventStore;
 /// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.
