@@ -35,6 +35,9 @@ pub struct Backend {
     pub store: Arc<dyn EventStore>,
     /// True on PostgreSQL, false in memory.
     pub on_postgres: bool,
+    /// The same store as a `PostgresEventStore`, on PostgreSQL: for what only it has (durable
+    /// handlers, health).
+    pub postgres: Option<PostgresEventStore>,
 }
 
 /// Opens the example's store and prints which one as the first line of output:
@@ -55,8 +58,9 @@ pub async fn open_with(example: &str, config: StoreConfig) -> Result<Backend, An
             let store =
                 PostgresEventStore::connect(&url, config.schema(schema).auto_migrate(true)).await?;
             Ok(Backend {
-                store: Arc::new(store),
+                store: Arc::new(store.clone()),
                 on_postgres: true,
+                postgres: Some(store),
             })
         }
         _ => {
@@ -64,6 +68,7 @@ pub async fn open_with(example: &str, config: StoreConfig) -> Result<Backend, An
             Ok(Backend {
                 store: Arc::new(InMemoryEventStore::new()),
                 on_postgres: false,
+                postgres: None,
             })
         }
     }

@@ -27,7 +27,10 @@ impl PgCommandSession {
 #[async_trait]
 impl EventReader for PgCommandSession {
     async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
-        self.store.read_on(&self.conn, query, options).await
+        let started = std::time::Instant::now();
+        let result = self.store.read_on(&self.conn, query, options).await;
+        dcb_core::store_metrics::record_query("postgres", started, &result);
+        result
     }
 
     /// Reads through the session's own connection; the events are buffered (a command's
