@@ -40,7 +40,9 @@ async fn a_fresh_store_is_healthy() {
 async fn a_failing_handler_is_reported_stuck_past_the_threshold() {
     let ts = test_store(StoreConfig::default()).await;
     let ping = || NewEvent::builder("Ping").build().expect("event");
-    ts.append(vec![ping(), ping(), ping()]).await.expect("append");
+    ts.append(vec![ping(), ping(), ping()])
+        .await
+        .expect("append");
     let running = ts
         .run_handler(
             AlwaysFails,
@@ -51,7 +53,10 @@ async fn a_failing_handler_is_reported_stuck_past_the_threshold() {
         .expect("run");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while running.status().attempts == 0 {
-        assert!(std::time::Instant::now() < deadline, "the handler never failed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handler never failed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -76,7 +81,11 @@ async fn a_failing_handler_is_reported_stuck_past_the_threshold() {
 
     running.stop().await;
     let stopped = ts.health(Duration::ZERO).await;
-    assert!(stopped.problems[0].contains("no instance runs it"), "{:?}", stopped.problems);
+    assert!(
+        stopped.problems[0].contains("no instance runs it"),
+        "{:?}",
+        stopped.problems
+    );
 }
 
 #[tokio::test]

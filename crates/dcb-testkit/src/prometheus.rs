@@ -45,9 +45,11 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if series_name != name {
             continue;
         }
-        let wanted = labels
-            .iter()
-            .all(|(k, v)| series_labels.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+        let wanted = labels.iter().all(|(k, v)| {
+            series_labels
+                .split(',')
+                .any(|l| l == format!("{k}=\"{v}\""))
+        });
         if let (true, Ok(value)) = (wanted, value.parse::<f64>()) {
             found = Some(found.unwrap_or(0.0) + value);
         }
