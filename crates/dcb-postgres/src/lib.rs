@@ -39,6 +39,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod admin;
 mod append;
 mod batch;
 mod config;
@@ -61,6 +62,7 @@ mod store;
 mod stream;
 mod xid8;
 
+pub use admin::{AdminError, HandlerOverview, IndexSize, StoreStats, TableSize};
 pub use config::{IsolationLevel, StoreConfig};
 pub use dcb_core::runner::{FailurePolicy, ParkedError, ParkedEvent};
 pub use deadpool_postgres::Pool;

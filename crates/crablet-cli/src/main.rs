@@ -1,0 +1,289 @@
+//! `crablet`: the operator command line of the crablet event store on PostgreSQL.
+//!
+//! Run `crablet --help` (or `cargo run -p crablet-cli -- --help`) for the commands. Every
+//! failure is one line on stderr, `error: ...`, and a non-zero exit code: 2 for bad usage
+//! (an unknown option, a malformed cursor or tag), 1 for everything else (an unreachable
+//! database, a missing schema, a corrupt import line, ...).
+mod args;
+mod commands;
+mod connect;
+mod error;
+mod format;
+
+use args::{parse_cursor, FilterArgs};
+use clap::{error::ErrorKind, Parser, Subcommand, ValueEnum};
+use connect::Target;
+use dcb_core::Cursor;
+use dcb_postgres::StoreConfig;
+use error::CliError;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 success; 1 failure (unreachable database, missing schema, corrupt import line, \
+unknown handler, ...); 2 bad usage (unknown option, malformed cursor or tag). Every failure is \
+one line on stderr: `error: ...`.
+
+Cursors are written TRANSACTION_ID/POSITION, exactly as crablet prints them (e.g. 7421/15).";
+
+/// The crablet event store's operator command line: migrations, status, reading, export and
+/// import, and durable handlers.
+#[derive(Debug, Parser)]
+#[command(name = "crablet", version, after_help = AFTER_HELP, propagate_version = true)]
+struct Cli {
+    /// PostgreSQL connection URL, e.g. postgres://user@host:5432/db.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        display_order = 900
+    )]
+    database_url: Option<String>,
+    /// The PostgreSQL schema holding the store's tables.
+    #[arg(long, global = true, default_value_t = StoreConfig::default().schema, display_order = 901)]
+    schema: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates or upgrades the store's schema, then prints its version. Idempotent, and safe
+    /// to run from several processes at once.
+    Migrate,
+    /// Schema version, event count, head cursor, table and index sizes, and every durable
+    /// handler with its checkpoint, lag, lease, failures and parked events.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reads events: by type (--type, OR-ed) and tag (--tag, AND-ed), after or before a cursor,
+    /// forwards or backwards; --follow keeps printing new events until Ctrl-C.
+    Events(EventsArgs),
+    /// Writes events as JSON lines, one per event: {"type", "tags", "data", "metadata",
+    /// "occurred_at", "cursor"}. Tags are "key:value" strings (split at the first ':'; keys never
+    /// contain ':'); occurred_at is RFC 3339 in UTC with microseconds; cursor is
+    /// TRANSACTION_ID/POSITION.
+    Export(ExportArgs),
+    /// Appends the events of an export file, in batches, each batch atomically and at most
+    /// once (an interrupted import can be rerun). The original occurred_at is NOT kept.
+    #[command(long_about = IMPORT_HELP)]
+    Import(ImportArgs),
+    /// Durable handlers: list them, move a checkpoint, see and drop parked events.
+    #[command(subcommand)]
+    Handlers(HandlersCommand),
+}
+
+const IMPORT_HELP: &str = "\
+Appends the events of an export file (JSON lines, see `crablet export --help`), in batches, each \
+batch in one transaction.
+
+Each batch runs as a command with an idempotency id made of the file's SHA-256 and the line \
+number of the batch's first event; the command record commits together with the events. An \
+interrupted import rerun with the SAME file skips the batches already imported and appends the \
+rest, without duplicates (also with another --batch-size). An edited file has another hash: \
+rerunning it imports everything again.
+
+Every line of a batch is checked before the batch is appended: the import stops at the first bad \
+line, names its line number, and writes nothing from that line's batch (the batches before it \
+stay imported). Blank lines are skipped.
+
+The events get new cursors and a new occurred_at (the time of the import): the store's append \
+path always stamps the time itself, so the original occurred_at cannot be kept (the field is \
+read and ignored, and there is no option to keep it). The same holds for cursor.
+
+Batches with more than about 24 distinct tags take the store's escalation lock for their \
+transaction, which briefly holds up concurrent reads and conditional appends: prefer smaller \
+batches on a busy store.";
+
+#[derive(Debug, clap::Args)]
+struct EventsArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// At most this many events (with --follow: stop after this many).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Newest first.
+    #[arg(long, conflicts_with = "follow")]
+    backwards: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// After the stored events, keep printing new ones as they are appended, until Ctrl-C.
+    #[arg(long, conflicts_with = "before")]
+    follow: bool,
+    /// Do not truncate long tags and JSON to fit the terminal (table format).
+    #[arg(long)]
+    no_truncate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// A table fitted to the terminal's width (long JSON truncated with '…').
+    Table,
+    /// One JSON object per line, as `crablet export` writes them.
+    Jsonl,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// At most this many events.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Write to FILE (replaced if it exists) instead of standard output.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// The file to import (JSON lines, as `crablet export` writes them).
+    file: PathBuf,
+    /// Events per batch (per transaction and per idempotent command).
+    #[arg(long, value_name = "N", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch_size: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum HandlersCommand {
+    /// Every durable handler: checkpoint, lag, lease, failures and parked events.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Moves a handler's checkpoint: it processes every matching event after the new
+    /// checkpoint again (or skips ahead to it). Without --to: back to the beginning. Parked
+    /// events after the new checkpoint are dropped (the handler meets them again). The
+    /// handler's read model is not cleared: that is the application's to do.
+    Reset {
+        /// The handler's name.
+        name: String,
+        /// The new checkpoint (TRANSACTION_ID/POSITION); omitted: before the first event.
+        #[arg(long, value_name = "CURSOR", value_parser = parse_cursor)]
+        to: Option<Cursor>,
+        /// Also set the checkpoint of a handler that never ran (it then starts after it).
+        #[arg(long)]
+        create: bool,
+    },
+    /// The events a handler parked (FailurePolicy::Park), oldest first.
+    Parked {
+        /// The handler's name.
+        name: String,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes one parked event of a handler without processing it.
+    DropParked {
+        /// The handler's name.
+        name: String,
+        /// The parked event's cursor.
+        #[arg(value_parser = parse_cursor)]
+        cursor: Cursor,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: could not start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", err.one_line());
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// Help and version go to stdout as clap writes them; a malformed value gets the first line of
+/// clap's message only (one line naming the problem); other usage errors keep clap's usage hint.
+fn usage_error(err: clap::Error) -> ExitCode {
+    match err.kind() {
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or("error: invalid value");
+            eprintln!("{first}");
+            ExitCode::from(2)
+        }
+        _ => {
+            let code = err.exit_code();
+            let _ = err.print();
+            ExitCode::from(u8::try_from(code).unwrap_or(2))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let target = Target {
+        url: cli.database_url,
+        schema: cli.schema,
+    };
+    match cli.command {
+        Command::Migrate => commands::migrate::run(&target).await,
+        Command::Status { json } => commands::status::run(&target, json).await,
+        Command::Events(args) => {
+            commands::events::run(
+                &target,
+                commands::events::EventsOptions {
+                    filter: args.filter,
+                    limit: args.limit,
+                    backwards: args.backwards,
+                    jsonl: args.format == Format::Jsonl,
+                    follow: args.follow,
+                    truncate: !args.no_truncate,
+                },
+            )
+            .await
+        }
+        Command::Export(args) => {
+            commands::events::export(&target, &args.filter, args.limit, args.output.as_deref())
+                .await
+        }
+        Command::Import(args) => {
+            let batch_size = usize::try_from(args.batch_size).unwrap_or(500);
+            commands::import::run(&target, &args.file, batch_size).await
+        }
+        Command::Handlers(command) => match command {
+            HandlersCommand::List { json } => commands::handlers::list(&target, json).await,
+            HandlersCommand::Reset { name, to, create } => {
+                commands::handlers::reset(&target, &name, to, create).await
+            }
+            HandlersCommand::Parked { name, json } => {
+                commands::handlers::parked(&target, &name, json).await
+            }
+            HandlersCommand::DropParked { name, cursor } => {
+                commands::handlers::drop_parked(&target, &name, cursor).await
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
