@@ -55,8 +55,8 @@ pub fn event_line(event: &Event) -> Result<String, serde_json::Error> {
     })
 }
 
-/// A line of an import file. `occurred_at` and `cursor` are accepted (export writes them) and
-/// ignored: the store assigns both anew.
+/// A line of an import file. `cursor` is accepted (export writes it) and ignored: the store
+/// assigns it anew; `occurred_at` is kept when asked, else ignored too.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LineIn {
@@ -67,14 +67,15 @@ struct LineIn {
     data: Value,
     #[serde(default)]
     metadata: Option<Value>,
-    #[serde(default, rename = "occurred_at")]
-    _occurred_at: Option<String>,
+    #[serde(default)]
+    occurred_at: Option<String>,
     #[serde(default, rename = "cursor")]
     _cursor: Option<String>,
 }
 
-/// Parses one line of an import file into the event to append; the error says what is wrong.
-pub fn parse_event_line(line: &str) -> Result<NewEvent, String> {
+/// Parses one line of an import file into the event to append, with its recorded
+/// `occurred_at` when `keep_occurred_at`; the error says what is wrong.
+pub fn parse_event_line(line: &str, keep_occurred_at: bool) -> Result<NewEvent, String> {
     let parsed: LineIn = serde_json::from_str(line).map_err(|err| {
         let text = err.to_string();
         let suffix = format!(" at line {} column {}", err.line(), err.column());
@@ -96,11 +97,23 @@ pub fn parse_event_line(line: &str) -> Result<NewEvent, String> {
             }
         }
     }
+    let occurred_at = if keep_occurred_at {
+        let text = parsed
+            .occurred_at
+            .as_deref()
+            .ok_or("no \"occurred_at\" to keep (--keep-occurred-at needs one on every line)")?;
+        let at = chrono::DateTime::parse_from_rfc3339(text)
+            .map_err(|err| format!("\"occurred_at\" {text:?} is not an RFC 3339 time ({err})"))?;
+        Some(SystemTime::from(at.with_timezone(&chrono::Utc)))
+    } else {
+        None
+    };
     Ok(NewEvent {
         event_type: parsed.event_type,
         tags,
         data: parsed.data,
         metadata: parsed.metadata,
+        occurred_at,
     })
 }
 
@@ -296,7 +309,10 @@ mod tests {
             ),
             "{line}"
         );
-        let parsed = parse_event_line(&line).expect("parse");
+        let parsed = parse_event_line(&line, false).expect("parse");
+        assert_eq!(parsed.occurred_at, None);
+        let kept = parse_event_line(&line, true).expect("parse");
+        assert_eq!(Some(event().occurred_at), kept.occurred_at);
         assert_eq!(parsed.event_type, "CourseDefined");
         assert_eq!(parsed.tags, event().tags);
         assert_eq!(parsed.data, event().data);
@@ -305,13 +321,14 @@ mod tests {
 
     #[test]
     fn bad_lines_say_what_is_wrong() {
-        let err = parse_event_line("{\"type\":\"A\"").expect_err("truncated");
+        let err = parse_event_line("{\"type\":\"A\"", false).expect_err("truncated");
         assert!(err.starts_with("invalid JSON"), "{err}");
-        let err = parse_event_line("{\"type\":\"A\"}").expect_err("no data");
+        let err = parse_event_line("{\"type\":\"A\"}", false).expect_err("no data");
         assert!(err.contains("missing field `data`"), "{err}");
-        let err = parse_event_line("{\"type\":\"A\",\"data\":1,\"x\":2}").expect_err("unknown");
+        let err =
+            parse_event_line("{\"type\":\"A\",\"data\":1,\"x\":2}", false).expect_err("unknown");
         assert!(err.contains("unknown field `x`"), "{err}");
-        let err = parse_event_line("{\"type\":\"A\",\"data\":1,\"tags\":[\"novalue\"]}")
+        let err = parse_event_line("{\"type\":\"A\",\"data\":1,\"tags\":[\"novalue\"]}", false)
             .expect_err("tag");
         assert!(err.contains("tags[0]"), "{err}");
     }

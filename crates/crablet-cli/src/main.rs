@@ -18,6 +18,7 @@ use dcb_postgres::StoreConfig;
 use error::CliError;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success; 1 failure (unreachable database, missing schema, corrupt import line, \
@@ -90,9 +91,9 @@ Every line of a batch is checked before the batch is appended: the import stops 
 line, names its line number, and writes nothing from that line's batch (the batches before it \
 stay imported). Blank lines are skipped.
 
-The events get new cursors and a new occurred_at (the time of the import): the store's append \
-path always stamps the time itself, so the original occurred_at cannot be kept (the field is \
-read and ignored, and there is no option to keep it). The same holds for cursor.
+The events get new cursors. They get the time of the import as occurred_at, unless \
+--keep-occurred-at: then every line must carry an RFC 3339 occurred_at (as export writes it), \
+recorded as given (for moving a log out of another store).
 
 Batches with more than about 24 distinct tags take the store's escalation lock for their \
 transaction, which briefly holds up concurrent reads and conditional appends: prefer smaller \
@@ -147,6 +148,9 @@ struct ImportArgs {
     #[arg(long, value_name = "N", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch_size: u64,
+    /// Record each line's occurred_at instead of the time of the import.
+    #[arg(long)]
+    keep_occurred_at: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +182,27 @@ enum HandlersCommand {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Asks the running instance of a handler to process one of its parked events again
+    /// (after the fix is deployed): it does so between two batches, within its poll interval,
+    /// and the event's row goes away on success. Waits for the outcome unless --no-wait.
+    Replay {
+        /// The handler's name.
+        name: String,
+        /// The parked event's cursor.
+        #[arg(value_parser = parse_cursor)]
+        cursor: Cursor,
+        /// Return once the replay is requested, without waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 30,
+            conflicts_with = "no_wait"
+        )]
+        timeout: u64,
     },
     /// Deletes one parked event of a handler without processing it.
     DropParked {
@@ -260,7 +285,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Import(args) => {
             let batch_size = usize::try_from(args.batch_size).unwrap_or(500);
-            commands::import::run(&target, &args.file, batch_size).await
+            commands::import::run(&target, &args.file, batch_size, args.keep_occurred_at).await
         }
         Command::Handlers(command) => match command {
             HandlersCommand::List { json } => commands::handlers::list(&target, json).await,
@@ -269,6 +294,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             HandlersCommand::Parked { name, json } => {
                 commands::handlers::parked(&target, &name, json).await
+            }
+            HandlersCommand::Replay {
+                name,
+                cursor,
+                no_wait,
+                timeout,
+            } => {
+                let wait = (!no_wait).then(|| Duration::from_secs(timeout));
+                commands::handlers::replay(&target, &name, cursor, wait).await
             }
             HandlersCommand::DropParked { name, cursor } => {
                 commands::handlers::drop_parked(&target, &name, cursor).await

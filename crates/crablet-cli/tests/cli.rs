@@ -1,106 +1,18 @@
 //! End-to-end tests of the `crablet` binary against PostgreSQL, each in its own schema.
+mod support;
+
 use async_trait::async_trait;
-use dcb_core::{Cursor, Event, EventStore, NewEvent, Query};
-use dcb_postgres::{
-    tokio_postgres, EventHandler, FailurePolicy, HandlerError, HandlerOptions, PostgresEventStore,
-    StoreConfig,
-};
+use dcb_core::{Cursor, Event, EventStore, Query};
+use dcb_postgres::{tokio_postgres, EventHandler, FailurePolicy, HandlerError, HandlerOptions};
 use dcb_testkit::pg::TestSchema;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-
-const CRABLET: &str = env!("CARGO_BIN_EXE_crablet");
-
-/// What a run of the binary printed.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(self) -> Self {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "crablet failed:\nstdout: {}\nstderr: {}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// Asserts a failure with `code` and exactly one `error: ` line on stderr containing
-    /// every one of `needles`.
-    fn fails(self, code: i32, needles: &[&str]) -> Self {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit code; stdout: {} stderr: {}",
-            self.stdout,
-            self.stderr
-        );
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "one line on stderr: {:?}", self.stderr);
-        assert!(lines[0].starts_with("error: "), "{:?}", lines[0]);
-        for needle in needles {
-            assert!(
-                lines[0].contains(needle),
-                "{needle:?} not in {:?}",
-                lines[0]
-            );
-        }
-        self
-    }
-}
-
-fn output(out: Output) -> Run {
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn command(schema: &TestSchema, args: &[&str]) -> Command {
-    let mut command = Command::new(CRABLET);
-    command
-        .env("DATABASE_URL", &schema.url)
-        .env_remove("COLUMNS")
-        .arg("--schema")
-        .arg(&schema.schema)
-        .args(args)
-        .stdin(Stdio::null());
-    command
-}
-
-fn crablet(schema: &TestSchema, args: &[&str]) -> Run {
-    output(command(schema, args).output().expect("run crablet"))
-}
-
-async fn store_on(schema: &TestSchema) -> PostgresEventStore {
-    PostgresEventStore::connect(
-        &schema.url,
-        StoreConfig::default()
-            .schema(schema.schema.clone())
-            .auto_migrate(true)
-            .pool_size(4),
-    )
-    .await
-    .expect("store")
-}
-
-fn event(event_type: &str, tags: &[(&str, &str)], data: Value) -> NewEvent {
-    NewEvent::builder(event_type)
-        .tags(tags.iter().map(|(k, v)| dcb_core::Tag::new(*k, *v)))
-        .data(&data)
-        .build()
-        .expect("event")
-}
+use support::{command, crablet, crablet_async, event, output, store_on, CRABLET};
 
 fn temp_file(schema: &TestSchema, name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", schema.schema))
@@ -174,6 +86,152 @@ impl EventHandler for PoisonSensitive {
         }
         Ok(())
     }
+}
+
+/// Fails on `Poison` until cured; records what it digested in its own table, in the batch's
+/// transaction.
+struct Curable {
+    cured: Arc<AtomicBool>,
+    table: String,
+}
+
+#[async_trait]
+impl EventHandler for Curable {
+    fn name(&self) -> &str {
+        "curable"
+    }
+
+    fn query(&self) -> Query {
+        Query::types(["Poison"])
+    }
+
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), HandlerError> {
+        if !self.cured.load(Ordering::SeqCst) {
+            return Err("cannot digest poison yet".into());
+        }
+        for event in events {
+            tx.execute(
+                &format!("INSERT INTO {} (cursor) VALUES ($1)", self.table),
+                &[&event.cursor.to_string()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_asks_the_running_handler_and_reports_the_outcome() {
+    let schema = TestSchema::new().await;
+    let store = store_on(&schema).await;
+    let table = format!("\"{}\".digested", schema.schema);
+    schema
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute(&format!("CREATE TABLE {table} (cursor text PRIMARY KEY)"))
+        .await
+        .expect("table");
+    let poison = store
+        .append(vec![event("Poison", &[("account", "a1")], json!({}))])
+        .await
+        .expect("append");
+    let cured = Arc::new(AtomicBool::new(false));
+    let options = HandlerOptions::default()
+        .poll_interval(Duration::from_millis(50))
+        .retry_initial(Duration::from_millis(5))
+        .retry_max(Duration::from_millis(20))
+        .failure_policy(FailurePolicy::Park { max_attempts: 1 });
+    let handler = || Curable {
+        cured: Arc::clone(&cured),
+        table: table.clone(),
+    };
+    let running = store.run_handler(handler(), options).expect("run");
+    store
+        .wait_until_processed("curable", poison, Duration::from_secs(20))
+        .await
+        .expect("parked");
+    let p = poison.to_string();
+
+    // Still broken: the running instance retries it, fails, and the command says so.
+    crablet_async(
+        &schema,
+        &["handlers", "replay", "curable", &p, "--timeout", "20"],
+    )
+    .await
+    .fails(
+        1,
+        &[
+            "failed again (attempt 2)",
+            "cannot digest poison yet",
+            "stays parked",
+        ],
+    );
+    let parked = store.parked_events("curable").await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].attempts, 2);
+    assert_eq!(
+        parked[0].replay_requested_at, None,
+        "an attempt clears the request"
+    );
+
+    // Nobody runs the handler: the request waits for the next instance.
+    running.stop().await;
+    let requested = crablet_async(&schema, &["handlers", "replay", "curable", &p])
+        .await
+        .ok()
+        .stdout;
+    assert!(
+        requested.contains("no instance of it is running"),
+        "{requested}"
+    );
+    let listed: Value = serde_json::from_str(
+        &crablet_async(&schema, &["handlers", "parked", "curable", "--json"])
+            .await
+            .ok()
+            .stdout,
+    )
+    .expect("json");
+    assert!(listed[0]["replay_requested_at"].is_string(), "{listed}");
+
+    // Fixed and restarted: it replays the requested event on its own, once.
+    cured.store(true, Ordering::SeqCst);
+    let running = store.run_handler(handler(), options).expect("run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store
+        .parked_events("curable")
+        .await
+        .expect("parked")
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the requested replay did not happen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let digested = schema
+        .connect()
+        .await
+        .expect("connect")
+        .query(&format!("SELECT cursor FROM {table}"), &[])
+        .await
+        .expect("rows");
+    let digested: Vec<String> = digested.iter().map(|r| r.get(0)).collect();
+    assert_eq!(digested, std::slice::from_ref(&p));
+
+    // Nothing parked there any more.
+    crablet_async(&schema, &["handlers", "replay", "curable", &p])
+        .await
+        .fails(1, &["no parked event at", &p]);
+    crablet_async(&schema, &["handlers", "replay", "ghost", &p])
+        .await
+        .fails(1, &["no handler named \"ghost\""]);
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,6 +656,41 @@ async fn export_import_export_round_trip() {
     assert_ne!(a, b, "cursors and times are new");
     // Export to stdout is the same as to a file.
     assert_eq!(crablet(&target, &["export"]).ok().stdout, b);
+
+    // Keeping the recorded times: only the cursors differ, in batches and alone.
+    for batch_size in ["3", "1"] {
+        let kept = TestSchema::new().await;
+        crablet(&kept, &["migrate"]).ok();
+        let path = first.to_str().expect("path");
+        let args = [
+            "import",
+            path,
+            "--keep-occurred-at",
+            "--batch-size",
+            batch_size,
+        ];
+        crablet(&kept, &args).ok();
+        let third = crablet(&kept, &["export"]).ok().stdout;
+        let without_cursor = |line: &str| {
+            let mut value: Value = serde_json::from_str(line).expect("line");
+            value.as_object_mut().expect("object").remove("cursor");
+            value
+        };
+        assert_eq!(
+            a.lines().map(without_cursor).collect::<Vec<_>>(),
+            third.lines().map(without_cursor).collect::<Vec<_>>(),
+            "batch size {batch_size}"
+        );
+    }
+    // A line without a time to keep is refused, nothing of its batch written.
+    let bare = temp_file(&source, "bare.jsonl");
+    std::fs::write(&bare, "{\"type\":\"A\",\"data\":{}}\n").expect("write");
+    crablet(
+        &target,
+        &["import", bare.to_str().expect("path"), "--keep-occurred-at"],
+    )
+    .fails(1, &["line 1", "no \"occurred_at\" to keep"]);
+    let _ = std::fs::remove_file(bare);
     let _ = std::fs::remove_file(first);
     let _ = std::fs::remove_file(second);
 }
@@ -802,8 +895,7 @@ async fn bad_input_gets_one_line_and_an_exit_code() {
     // A file that is not there.
     crablet(&schema, &["import", "/nonexistent/file.jsonl"])
         .fails(1, &["opening /nonexistent/file.jsonl"]);
-    // Help documents the import's limits.
+    // Help documents how times are kept.
     let help = crablet(&schema, &["import", "--help"]).ok().stdout;
-    assert!(help.contains("occurred_at cannot be kept"), "{help}");
-    assert!(!help.contains("--keep"), "{help}");
+    assert!(help.contains("--keep-occurred-at"), "{help}");
 }

@@ -30,6 +30,12 @@ pub struct NewEvent {
     pub data: Value,
     /// Optional JSON metadata (correlation id, user, ...).
     pub metadata: Option<Value>,
+    /// The time to record as the event's `occurred_at`, for imports that keep the times of
+    /// another log (`crablet import --keep-occurred-at`). `None`, the normal case: the store's
+    /// clock when the append's transaction started. A kept time is taken as given, so
+    /// `occurred_at` then no longer grows with the cursor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<SystemTime>,
 }
 
 impl NewEvent {
@@ -40,6 +46,7 @@ impl NewEvent {
             tags,
             data,
             metadata: None,
+            occurred_at: None,
         }
     }
 
@@ -88,6 +95,13 @@ impl NewEventBuilder {
             Ok(value) => self.event.metadata = Some(value),
             Err(err) => self.keep_error("metadata", err),
         }
+        self
+    }
+
+    /// Records `at` as the event's `occurred_at` instead of the store's clock: for imports
+    /// ([`NewEvent::occurred_at`]).
+    pub fn occurred_at(mut self, at: SystemTime) -> Self {
+        self.event.occurred_at = Some(at);
         self
     }
 

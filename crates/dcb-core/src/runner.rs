@@ -389,6 +389,10 @@ pub struct ParkedEvent {
     pub parked_at: SystemTime,
     /// When it last failed (when parked, or the last failed replay).
     pub last_attempt_at: SystemTime,
+    /// When an operator asked the running handler to replay it (PostgreSQL's
+    /// `request_replay`, `crablet handlers replay`), until the replay is attempted; always
+    /// `None` in memory, where replays are direct calls.
+    pub replay_requested_at: Option<SystemTime>,
 }
 
 /// Why an operation on a parked event failed.

@@ -401,6 +401,7 @@ impl Handlers {
                 attempts,
                 parked_at: now,
                 last_attempt_at: now,
+                replay_requested_at: None,
             });
     }
 }

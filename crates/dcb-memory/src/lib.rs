@@ -87,7 +87,7 @@ impl Log {
                 tags: event.tags,
                 data: event.data,
                 metadata: event.metadata,
-                occurred_at: now,
+                occurred_at: event.occurred_at.unwrap_or(now),
             });
         }
         (transaction_id, self.events.last().map(|e| e.cursor))

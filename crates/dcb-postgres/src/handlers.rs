@@ -21,6 +21,9 @@ use dcb_core::store_metrics;
 /// How often a handler that is behind measures its lag for the metrics.
 const LAG_MEASURE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Requested replays a runner performs in one turn between batches (the rest wait a turn).
+const REPLAYS_PER_TURN: usize = 16;
+
 /// What an [`EventHandler`] returns when it fails: any error, for instance a
 /// `tokio_postgres::Error` from its own statements (`?` converts it).
 pub type HandlerError = dcb_core::runner::HandlerError;
@@ -710,6 +713,45 @@ impl PostgresEventStore {
     }
 }
 
+impl PostgresEventStore {
+    /// Asks the running instance of `handler` to replay its parked event at `cursor`, for
+    /// operators, whose tools do not have the handler's code (`crablet handlers replay`).
+    ///
+    /// Marks the parked row and returns it. The instance holding the handler's lease looks for
+    /// marked rows between batches, once per `poll_interval`, and replays each with
+    /// [`replay_parked`](Self::replay_parked): a success deletes the row, a failure records the
+    /// error and one more attempt and clears the mark. Poll
+    /// [`parked_events`](Self::parked_events) for the outcome. If no instance runs, the mark
+    /// waits for the next one; asking again before the attempt changes nothing.
+    #[tracing::instrument(name = "pg.request_replay", skip(self))]
+    pub async fn request_replay(
+        &self,
+        handler: &str,
+        cursor: Cursor,
+    ) -> Result<ParkedEvent, ParkedError> {
+        let operation = "request_replay";
+        let conn = Conn::get(&self.inner.pool, operation).await?;
+        conn.begin_exchange(operation)?;
+        let row = conn
+            .object()
+            .query_opt(
+                &Statements::new(&self.inner.schema).request_replay,
+                &[&handler, &Xid8(cursor.transaction_id), &cursor.position],
+            )
+            .await
+            // An autocommit update: a cancel or a lost session may come after its commit.
+            .map_err(|e| db_error(operation, e, true))?;
+        conn.end_exchange();
+        match row {
+            Some(row) => Ok(parked_from(&row).map_err(|e| db_error(operation, e, false))?),
+            None => Err(ParkedError::NotFound {
+                handler: handler.to_string(),
+                cursor,
+            }),
+        }
+    }
+}
+
 fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.contains('\0') {
         return Err(Error::Config {
@@ -751,6 +793,7 @@ fn parked_from(row: &tokio_postgres::Row) -> Result<ParkedEvent, tokio_postgres:
         attempts: u32::try_from(attempts).unwrap_or(0),
         parked_at: row.try_get(6)?,
         last_attempt_at: row.try_get(7)?,
+        replay_requested_at: row.try_get(8)?,
     })
 }
 
@@ -771,6 +814,8 @@ struct Statements {
     take_parked: String,
     parked_failed: String,
     drop_parked: String,
+    request_replay: String,
+    requested_replays: String,
     select_event: String,
     lag: String,
 }
@@ -778,7 +823,7 @@ struct Statements {
 impl Statements {
     /// The columns [`parked_from`] reads.
     const PARKED_COLUMNS: &'static str = "handler_name, transaction_id, position, event_type, \
-         error, attempts, parked_at, last_attempt_at";
+         error, attempts, parked_at, last_attempt_at, replay_requested_at";
 
     fn new(schema: &str) -> Self {
         let table = format!("{schema}.handler_checkpoints");
@@ -834,10 +879,19 @@ impl Statements {
             ),
             take_parked: format!("DELETE FROM {parked} WHERE {this_parked} RETURNING attempts"),
             parked_failed: format!(
-                "UPDATE {parked} SET attempts = attempts + 1, error = $4, last_attempt_at = now() \
-                 WHERE {this_parked} RETURNING attempts"
+                "UPDATE {parked} SET attempts = attempts + 1, error = $4, last_attempt_at = now(), \
+                 replay_requested_at = NULL WHERE {this_parked} RETURNING attempts"
             ),
             drop_parked: format!("DELETE FROM {parked} WHERE {this_parked} RETURNING {columns}"),
+            request_replay: format!(
+                "UPDATE {parked} SET replay_requested_at = now() WHERE {this_parked} \
+                 RETURNING {columns}"
+            ),
+            requested_replays: format!(
+                "SELECT transaction_id, position FROM {parked} \
+                 WHERE handler_name = $1 AND replay_requested_at IS NOT NULL \
+                 ORDER BY transaction_id, position LIMIT {REPLAYS_PER_TURN}"
+            ),
             select_event: format!(
                 "SELECT transaction_id, position, type, tags, data, metadata, occurred_at \
                  FROM {schema}.events WHERE transaction_id = $1 AND position = $2"
@@ -993,9 +1047,16 @@ impl Runner {
         let mut read_failures = 0u32;
         let mut lag_measured: Option<Instant> = None;
         let mut last_idle_advance: Option<Instant> = None;
+        let mut replays_checked: Option<Instant> = None;
         loop {
             if self.stop_requested() {
                 return LeadEnd::Stopped;
+            }
+            if replays_checked.is_none_or(|at| at.elapsed() >= self.options.poll_interval) {
+                replays_checked = Some(Instant::now());
+                if let Err(reason) = self.replay_requested(conn).await {
+                    return LeadEnd::Lost(reason);
+                }
             }
             match next {
                 Next::Read => {}
@@ -1168,6 +1229,37 @@ impl Runner {
                 Err(Failure::Lost(reason)) => return LeadEnd::Lost(reason),
             }
         }
+    }
+
+    /// Replays the parked events an operator asked for ([`PostgresEventStore::request_replay`]),
+    /// between two batches. A failed replay is the handler's failure, not the lease's: it is
+    /// recorded on the parked row and logged, and the runner carries on.
+    async fn replay_requested(&self, conn: &mut ClientWrapper) -> Result<(), String> {
+        let rows = conn
+            .query(&self.sql.requested_replays, &[&self.name])
+            .await
+            .map_err(|e| format!("could not look for requested replays: {e}"))?;
+        for row in rows {
+            let tx: Xid8 = row.try_get(0).map_err(|e| e.to_string())?;
+            let position: i64 = row.try_get(1).map_err(|e| e.to_string())?;
+            let cursor = Cursor::new(tx.0, position);
+            match self.store.replay_parked(&*self.handler, cursor).await {
+                Ok(()) => tracing::info!(%cursor, "replayed a parked event on request"),
+                Err(ParkedError::HandlerFailed {
+                    message, attempts, ..
+                }) => {
+                    metrics::counter!(store_metrics::HANDLER_ERRORS, "handler" => self.name.clone())
+                        .increment(1);
+                    tracing::warn!(%cursor, attempts, %message, "a requested replay of a parked event failed; it stays parked");
+                }
+                // Dropped or replayed meanwhile.
+                Err(ParkedError::NotFound { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(%cursor, %err, "a requested replay of a parked event could not run")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Records a committed batch of `processed` events in the metrics. A batch that was not

@@ -7,6 +7,7 @@ use crate::json::Jsonb;
 use crate::xid8::Xid8;
 use dcb_core::{Cursor, Direction, NewEvent, Query, ReadOptions, Tag};
 use postgres_types::ToSql;
+use std::time::SystemTime;
 
 /// A boxed statement parameter that can move into a spawned task.
 pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
@@ -139,6 +140,7 @@ struct Columns {
     tags: Vec<String>,
     data: Vec<Jsonb>,
     metadata: Vec<Option<Jsonb>>,
+    occurred_at: Vec<Option<SystemTime>>,
 }
 
 /// `tags` as a PostgreSQL array literal of `key:value` strings, every element double-quoted with
@@ -180,12 +182,14 @@ fn columns(events: Vec<NewEvent>) -> Columns {
         tags: Vec::with_capacity(events.len()),
         data: Vec::with_capacity(events.len()),
         metadata: Vec::with_capacity(events.len()),
+        occurred_at: Vec::with_capacity(events.len()),
     };
     for event in events {
         c.tags.push(tags_literal(&event.tags));
         c.types.push(event.event_type);
         c.data.push(Jsonb(event.data));
         c.metadata.push(event.metadata.map(Jsonb));
+        c.occurred_at.push(event.occurred_at);
     }
     c
 }
@@ -361,21 +365,35 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
             let g = stmt.bind(literal);
             let d = stmt.bind(Jsonb(event.data));
             let m = stmt.bind(event.metadata.map(Jsonb));
-            format!(
-                "INSERT INTO {schema}.events (type, tags, data, metadata) \
-                 SELECT {t}::text, {g}::text::text[], {d}::jsonb, {m}::jsonb{guard}"
-            )
+            // A kept time (imports) only when given: the common statement stays as it was.
+            match event.occurred_at {
+                None => format!(
+                    "INSERT INTO {schema}.events (type, tags, data, metadata) \
+                     SELECT {t}::text, {g}::text::text[], {d}::jsonb, {m}::jsonb{guard}"
+                ),
+                Some(at) => {
+                    let o = stmt.bind(at);
+                    format!(
+                        "INSERT INTO {schema}.events (type, tags, data, metadata, occurred_at) \
+                         SELECT {t}::text, {g}::text::text[], {d}::jsonb, {m}::jsonb, \
+                                {o}::timestamptz{guard}"
+                    )
+                }
+            }
         } else {
             let c = columns(events);
             let types = stmt.bind(c.types);
             let tags = stmt.bind(c.tags);
             let data = stmt.bind(c.data);
             let metadata = stmt.bind(c.metadata);
+            let occurred_at = stmt.bind(c.occurred_at);
             format!(
-                "INSERT INTO {schema}.events (type, tags, data, metadata) \
-                 SELECT u.type, u.tags::text[], u.data, u.metadata \
-                 FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[]) \
-                 WITH ORDINALITY AS u(type, tags, data, metadata, ord){guard} ORDER BY u.ord"
+                "INSERT INTO {schema}.events (type, tags, data, metadata, occurred_at) \
+                 SELECT u.type, u.tags::text[], u.data, u.metadata, coalesce(u.occurred_at, now()) \
+                 FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[], \
+                             {occurred_at}::timestamptz[]) \
+                 WITH ORDINALITY AS u(type, tags, data, metadata, occurred_at, ord){guard} \
+                 ORDER BY u.ord"
             )
         };
         if outputs.is_empty() && parts.command.is_none() {
@@ -468,12 +486,14 @@ pub(crate) fn append_group(
     }
     let (mut types, mut tags, mut data, mut metadata, mut part_of) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut occurred_at = Vec::new();
     for (r, part) in parts.iter().enumerate() {
         for event in part.events {
             types.push(event.event_type.clone());
             tags.push(tags_literal(&event.tags));
             data.push(event.data.clone());
             metadata.push(event.metadata.clone());
+            occurred_at.push(event.occurred_at);
             part_of.push(i32::try_from(r).unwrap_or(i32::MAX));
         }
     }
@@ -491,14 +511,20 @@ pub(crate) fn append_group(
         stmt.bind(metadata),
         stmt.bind(part_of),
     );
+    let occurred_at = stmt.bind(occurred_at);
     ctes.push(format!(
-        "inserted AS (INSERT INTO {schema}.events (type, tags, data, metadata) \
-         SELECT u.type, u.tags::text[], u.data, u.metadata \
+        "inserted AS (INSERT INTO {schema}.events (type, tags, data, metadata, occurred_at) \
+         SELECT u.type, u.tags::text[], u.data, u.metadata, coalesce(u.occurred_at, now()) \
          FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[], \
-                     {part_of}::int4[]) WITH ORDINALITY AS u(type, tags, data, metadata, part, ord) \
+                     {part_of}::int4[], {occurred_at}::timestamptz[]) \
+              WITH ORDINALITY AS u(type, tags, data, metadata, part, occurred_at, ord) \
          WHERE NOT EXISTS (SELECT 1 FROM conflict c WHERE {which}) ORDER BY u.ord \
          RETURNING transaction_id, position)",
-        which = if all_or_nothing { "TRUE" } else { "c.part = u.part" },
+        which = if all_or_nothing {
+            "TRUE"
+        } else {
+            "c.part = u.part"
+        },
     ));
     stmt.sql = format!(
         "WITH {} SELECT 'conflict'::text, part, transaction_id, position FROM conflict \

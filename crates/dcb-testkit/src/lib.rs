@@ -134,6 +134,7 @@ macro_rules! conformance_tests {
             roundtrip_tag_encoding_is_unambiguous,
             roundtrip_data_json,
             roundtrip_metadata,
+            roundtrip_kept_occurred_at,
             roundtrip_numbers,
             roundtrip_large_payloads,
             // projections

@@ -185,6 +185,7 @@ impl<T: fmt::Debug, E: fmt::Display + fmt::Debug> Then<T, E> {
                 tags: e.tags,
                 data: e.data,
                 metadata: e.metadata,
+                occurred_at: None,
             })
             .collect();
         let value = match self.result {

@@ -1,4 +1,4 @@
-//! `crablet handlers list | reset | parked | drop-parked`.
+//! `crablet handlers list | reset | parked | replay | drop-parked`.
 use crate::connect::Target;
 use crate::error::{CliError, CliResult};
 use crate::format::{fit, output_width, rfc3339, table, Align};
@@ -6,6 +6,7 @@ use dcb_core::Cursor;
 use dcb_postgres::{HandlerOverview, ParkedError, PostgresEventStore};
 use serde_json::{json, Value};
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 /// A handler as JSON (for `status --json` and `handlers list --json`).
 pub fn handler_json(handler: &HandlerOverview) -> Value {
@@ -183,6 +184,7 @@ pub async fn parked(target: &Target, name: &str, as_json: bool) -> CliResult {
                     "attempts": p.attempts,
                     "parked_at": rfc3339(p.parked_at),
                     "last_attempt_at": rfc3339(p.last_attempt_at),
+                    "replay_requested_at": p.replay_requested_at.map(rfc3339),
                 })
             })
             .collect();
@@ -201,6 +203,12 @@ pub async fn parked(target: &Target, name: &str, as_json: bool) -> CliResult {
                     p.attempts.to_string(),
                     rfc3339(p.parked_at),
                     rfc3339(p.last_attempt_at),
+                    if p.replay_requested_at.is_some() {
+                        "requested"
+                    } else {
+                        "-"
+                    }
+                    .to_string(),
                     fit(&p.error, Some(error_width)),
                 ]
             })
@@ -213,6 +221,7 @@ pub async fn parked(target: &Target, name: &str, as_json: bool) -> CliResult {
                 ("ATTEMPTS", Align::Right),
                 ("PARKED_AT", Align::Left),
                 ("LAST_ATTEMPT_AT", Align::Left),
+                ("REPLAY", Align::Left),
                 ("ERROR", Align::Left),
             ],
             &rows,
@@ -221,6 +230,72 @@ pub async fn parked(target: &Target, name: &str, as_json: bool) -> CliResult {
     }
     out.flush()?;
     Ok(())
+}
+
+/// `handlers replay NAME CURSOR [--no-wait | --timeout SECONDS]`: marks the parked event for the
+/// running instance (which has the handler's code) and, when `wait` is given, polls the row until
+/// it is gone (replayed) or its attempt count moved (failed again).
+pub async fn replay(
+    target: &Target,
+    name: &str,
+    cursor: Cursor,
+    wait: Option<Duration>,
+) -> CliResult {
+    let store = target.connect().await?;
+    let handler = existing(&store, target, name).await?;
+    let requested = match store.request_replay(name, cursor).await {
+        Ok(parked) => parked,
+        Err(ParkedError::NotFound { .. }) => {
+            return Err(CliError::Other(format!(
+                "handler {name:?} has no parked event at {cursor} (see `crablet handlers parked {name}`)"
+            )))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let mut out = std::io::stdout().lock();
+    let Some(wait) = wait.filter(|_| handler.lease_held) else {
+        let when = if handler.lease_held {
+            "the running instance will retry it within its poll interval"
+        } else {
+            "no instance of it is running: the first one to start will retry it"
+        };
+        writeln!(
+            out,
+            "replay of parked event {cursor} (type {}) of handler {name:?} requested; {when}",
+            requested.event_type
+        )?;
+        out.flush()?;
+        return Ok(());
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = store.parked_events(name).await?;
+        match now.iter().find(|p| p.cursor == cursor) {
+            None => {
+                writeln!(
+                    out,
+                    "replayed parked event {cursor} (type {}) of handler {name:?}: processed, no longer parked",
+                    requested.event_type
+                )?;
+                out.flush()?;
+                return Ok(());
+            }
+            Some(p) if p.attempts > requested.attempts => {
+                return Err(CliError::Other(format!(
+                    "replaying parked event {cursor} of handler {name:?} failed again (attempt {}): {}; it stays parked",
+                    p.attempts, p.error
+                )))
+            }
+            Some(_) if Instant::now() >= deadline => {
+                return Err(CliError::Other(format!(
+                    "parked event {cursor} of handler {name:?} was not replayed within {}s; the request stands (is the handler's instance stuck on a batch? see `crablet handlers list`)",
+                    wait.as_secs()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// `handlers drop-parked NAME CURSOR`.

@@ -168,8 +168,14 @@ impl Summary {
     }
 }
 
-/// Imports `path` in batches of `batch_size` events.
-pub async fn run(target: &Target, path: &Path, batch_size: usize) -> CliResult {
+/// Imports `path` in batches of `batch_size` events, with their recorded `occurred_at` when
+/// `keep_occurred_at`.
+pub async fn run(
+    target: &Target,
+    path: &Path,
+    batch_size: usize,
+    keep_occurred_at: bool,
+) -> CliResult {
     let shown = path.display().to_string();
     let (sha256, total_lines) = digest(path, &shown)?;
     let store = target
@@ -218,7 +224,7 @@ pub async fn run(target: &Target, path: &Path, batch_size: usize) -> CliResult {
             if text.trim().is_empty() {
                 continue;
             }
-            let event = parse_event_line(&text).map_err(&bad)?;
+            let event = parse_event_line(&text, keep_occurred_at).map_err(&bad)?;
             check_event(&event).map_err(&bad)?;
             batch.push((number, event));
         }

@@ -516,3 +516,59 @@ pub async fn roundtrip_large_payloads(factory: Factory<'_>) {
     assert_eq!(streamed.len(), 1, "query_stream returns the large event");
     assert!(streamed[0] == all[0], "query_stream returns it whole");
 }
+
+/// A kept `occurred_at` (imports) is stored as given on every append path, beside events that
+/// take the store's clock, and reads return it.
+pub async fn roundtrip_kept_occurred_at(factory: Factory<'_>) {
+    use dcb_core::{AppendCommand, AppendCondition};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let store = factory.new_store().await;
+    // Microseconds: the precision PostgreSQL keeps.
+    let kept = |n: u64| UNIX_EPOCH + Duration::from_micros(1_500_000_000_000_000 + n * 1_000_001);
+    let at = |n: i64, when: Option<SystemTime>| {
+        let mut event = evn(n, "Kept", &[("k", "v")]);
+        event.occurred_at = when;
+        event
+    };
+    let started = SystemTime::now() - Duration::from_secs(5);
+    append(&*store, vec![at(0, Some(kept(0)))], "one kept").await;
+    append(
+        &*store,
+        vec![at(1, Some(kept(1))), at(2, None), at(3, Some(kept(3)))],
+        "kept and clocked together",
+    )
+    .await;
+    store
+        .append_if(
+            vec![at(4, Some(kept(4)))],
+            AppendCondition::new(q(&["Other"], &[])),
+        )
+        .await
+        .expect("a conditional append keeps the time too");
+    store
+        .append_batch(vec![
+            AppendCommand::new(vec![at(5, Some(kept(5)))]),
+            AppendCommand::new(vec![at(6, None), at(7, Some(kept(7)))])
+                .only_if(AppendCondition::new(q(&["Other"], &[]))),
+        ])
+        .await
+        .expect("a multi-command append keeps the time too");
+    let finished = SystemTime::now() + Duration::from_secs(5);
+    let all = all_events(&*store).await;
+    assert_eq!(ns(&all), (0..8).collect::<Vec<_>>());
+    for (n, event) in all.iter().enumerate() {
+        if n == 2 || n == 6 {
+            assert!(
+                (started..finished).contains(&event.occurred_at),
+                "event {n} takes the store's clock: {:?}",
+                event.occurred_at
+            );
+        } else {
+            assert_eq!(
+                event.occurred_at,
+                kept(n as u64),
+                "event {n} keeps its time"
+            );
+        }
+    }
+}
