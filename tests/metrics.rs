@@ -203,6 +203,11 @@ async fn metrics_move_on_both_backends() {
         Some(0.0)
     );
     assert!(
+        sample(&text, "crablet_handler_checkpoint_transaction_id", &handler)
+            .is_some_and(|xid| xid >= head.transaction_id as f64),
+        "{text}"
+    );
+    assert!(
         text.contains("# HELP crablet_append_duration_seconds"),
         "described"
     );

@@ -92,6 +92,10 @@ async fn status_and_metrics_agree_on_handler_lag() {
         .clone();
     assert_eq!(handler["checkpoint"], cursors[1].to_string());
     assert_eq!(metric_events, 3.0);
+    assert_eq!(
+        gauge("crablet_handler_checkpoint_transaction_id"),
+        Some(cursors[1].transaction_id as f64)
+    );
     assert_eq!(handler["lag_events"], 3);
     // The same oldest unprocessed event, aged a little more by the time status ran.
     let status_seconds = handler["lag_seconds"].as_f64().expect("seconds");

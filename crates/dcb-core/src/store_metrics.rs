@@ -28,8 +28,13 @@ pub const HANDLER_EVENTS: &str = "crablet_handler_events_total";
 pub const HANDLER_ERRORS: &str = "crablet_handler_errors_total";
 /// Events after a durable handler's checkpoint, by handler, as of its last batch.
 pub const HANDLER_LAG_EVENTS: &str = "crablet_handler_lag_events";
-/// Seconds between the newest event and a durable handler's checkpoint, by handler.
+/// Age in seconds of the oldest event after a durable handler's checkpoint (0 when caught up),
+/// by handler: the definition `crablet status` and `health()` use too.
 pub const HANDLER_LAG_SECONDS: &str = "crablet_handler_lag_seconds";
+/// The transaction id (the first part of the cursor) of a durable handler's checkpoint, by
+/// handler, set at every committed batch. It keeps growing while the handler keeps up, also
+/// over events it does not select: a flat line while events arrive means a stalled handler.
+pub const HANDLER_POSITION: &str = "crablet_handler_checkpoint_transaction_id";
 /// Commands executed, by command type and outcome (`committed`, `replayed`, `rejected`,
 /// `conflict`, `invalid`, `store_error`).
 pub const COMMANDS: &str = "crablet_commands_total";
@@ -75,7 +80,12 @@ pub fn describe_metrics() {
     describe_gauge!(
         HANDLER_LAG_SECONDS,
         Unit::Seconds,
-        "Age of a handler's checkpoint behind the newest event"
+        "Age of the oldest event after a handler's checkpoint"
+    );
+    describe_gauge!(
+        HANDLER_POSITION,
+        Unit::Count,
+        "Transaction id of a handler's checkpoint cursor"
     );
     describe_counter!(COMMANDS, Unit::Count, "Commands executed by outcome");
     describe_histogram!(

@@ -1276,6 +1276,8 @@ impl Runner {
         let handler = self.name.clone();
         metrics::counter!(store_metrics::HANDLER_EVENTS, "handler" => handler.clone())
             .increment(processed);
+        metrics::gauge!(store_metrics::HANDLER_POSITION, "handler" => handler.clone())
+            .set(checkpoint.transaction_id as f64);
         let lag = if !full {
             HandlerLag::default()
         } else {
