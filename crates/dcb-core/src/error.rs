@@ -83,6 +83,17 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A call inside a store session (PostgreSQL's `StoreSession`) that would break a
+    /// guarantee, refused before anything was written by it; the session stays usable, and
+    /// what it wrote before stays pending. The reason says what to do instead.
+    #[error("{operation} refused in this session: {reason}")]
+    Session {
+        /// The session operation.
+        operation: &'static str,
+        /// Why, and how to order the session's work instead.
+        reason: String,
+    },
+
     /// A configuration value is invalid.
     #[error("invalid configuration: {field}: {reason}")]
     Config {

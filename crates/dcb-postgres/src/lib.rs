@@ -59,6 +59,7 @@ mod plan_tests;
 mod session;
 mod sql;
 mod store;
+mod store_session;
 mod stream;
 mod xid8;
 
@@ -73,5 +74,6 @@ pub use health::{HandlerHealth, Health};
 pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
 pub use store::PostgresEventStore;
+pub use store_session::StoreSession;
 /// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.
 pub use tokio_postgres;

@@ -98,12 +98,27 @@ const FENCE_SNAPSHOT: &str = "(SELECT current_setting('crablet.fence')::pg_snaps
 /// The fenced read: events matching `query` within `options`, visible in the fence snapshot
 /// recorded earlier in the same transaction, in cursor order.
 pub(crate) fn read(schema: &str, query: &Query, options: &ReadOptions) -> Statement {
+    read_visible(schema, query, options, false)
+}
+
+/// [`read`], also returning the events the current transaction wrote when `own_writes` (reads
+/// inside a [`StoreSession`](crate::StoreSession)): a snapshot does not count its own
+/// transaction as visible.
+pub(crate) fn read_visible(
+    schema: &str,
+    query: &Query,
+    options: &ReadOptions,
+    own_writes: bool,
+) -> Statement {
     let mut stmt = Statement::default();
     // Deliberately not an index condition: a bound on transaction_id tempts the planner into
     // ANDing a range scan of the whole primary key into every read.
-    let mut conditions = vec![format!(
-        "pg_visible_in_snapshot(transaction_id, {FENCE_SNAPSHOT})"
-    )];
+    let visible = format!("pg_visible_in_snapshot(transaction_id, {FENCE_SNAPSHOT})");
+    let mut conditions = vec![if own_writes {
+        format!("({visible} OR transaction_id = (SELECT pg_current_xact_id_if_assigned()))")
+    } else {
+        visible
+    }];
     if !query.is_match_all() {
         conditions.push(items_predicate(
             &mut stmt,
