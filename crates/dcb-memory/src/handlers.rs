@@ -9,7 +9,10 @@ use dcb_core::runner::{
     guard_batch, validate_backoff, FailureDecision, FailurePolicy, FailureTracker, ParkedError,
     ParkedEvent, RunningTask,
 };
-use dcb_core::{validate_query, Cursor, Error, Event, EventReader, Query, ReadOptions};
+use dcb_core::{
+    validate_query, AppendCommand, Cursor, Error, Event, EventReader, EventStore, Query,
+    ReadOptions,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -67,6 +70,16 @@ pub trait MemoryEventHandler: Send + Sync + 'static {
 
     /// Processes `events` (non-empty, in cursor order).
     async fn handle(&self, events: &[Event]) -> Result<(), MemoryHandlerError>;
+
+    /// For automations: the commands to append for `events`, as the PostgreSQL handler's
+    /// `decide`. Here they are appended with one `append_batch` (all or nothing, exact
+    /// conditions) after [`handle`](Self::handle) succeeded and before the checkpoint moves,
+    /// with no await in between; a conflict or an invalid command fails the batch, which is
+    /// delivered again (`handle` included) and decided again. The default appends nothing.
+    async fn decide(&self, events: &[Event]) -> Result<Vec<AppendCommand>, MemoryHandlerError> {
+        let _ = events;
+        Ok(Vec::new())
+    }
 }
 
 /// Settings of an in-memory handler runner.
@@ -453,9 +466,15 @@ async fn run(
             continue;
         }
         let turn = gate.lock().await;
-        let failure = guard_batch(handler.handle(&events), options.batch_timeout)
-            .await
-            .err();
+        let work = async {
+            let commands = handler.decide(&events).await?;
+            handler.handle(&events).await?;
+            if !commands.is_empty() {
+                store.append_batch(commands).await?;
+            }
+            Ok(())
+        };
+        let failure = guard_batch(work, options.batch_timeout).await.err();
         let Some(message) = failure else {
             drop(turn);
             let last = events.last().map(|e| e.cursor);

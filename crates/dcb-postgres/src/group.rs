@@ -232,6 +232,30 @@ impl PostgresEventStore {
         group: &[Call],
         all_or_nothing: bool,
     ) -> Result<Vec<Result<Cursor, Error>>, Error> {
+        let (lock, stmt) = self.group_statement(group, all_or_nothing);
+        let any_condition = group.iter().any(|p| p.1.is_some());
+        // A group's locks are always taken in their own statement (never the one-statement
+        // path), with or without conditions.
+        let protocol = match self.protocol(any_condition) {
+            Protocol::OneStatement => Protocol::Transaction,
+            other => other,
+        };
+        let begin = self.begin_append_for(group.iter().filter_map(|p| p.1.as_ref()));
+        let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
+        let results = self.group_results(&rows, group, all_or_nothing)?;
+        if results.iter().any(Result::is_ok) {
+            self.inner.changes.committed();
+        }
+        Ok(results)
+    }
+
+    /// The lock parameters (taken first, in a statement of their own) and the checking insert
+    /// of `group`: the keys of every call, merged and sorted (escalated past the group limit).
+    pub(crate) fn group_statement(
+        &self,
+        group: &[Call],
+        all_or_nothing: bool,
+    ) -> ((Vec<i64>, Vec<bool>), sql::Statement) {
         let inner = &self.inner;
         let mut locks = LockSet::default();
         for pending in group {
@@ -246,7 +270,6 @@ impl PostgresEventStore {
         if locks.len() > inner.keys.max_group_keys() {
             locks = inner.keys.escalated();
         }
-        let lock = locks.into_params();
         let parts: Vec<GroupPart<'_>> = group
             .iter()
             .map(|p| GroupPart {
@@ -254,16 +277,19 @@ impl PostgresEventStore {
                 condition: p.1.as_ref(),
             })
             .collect();
-        let stmt = sql::append_group(&inner.schema, &parts, all_or_nothing);
-        let any_condition = group.iter().any(|p| p.1.is_some());
-        // A group's locks are always taken in their own statement (never the one-statement
-        // path), with or without conditions.
-        let protocol = match self.protocol(any_condition) {
-            Protocol::OneStatement => Protocol::Transaction,
-            other => other,
-        };
-        let begin = self.begin_append_for(group.iter().filter_map(|p| p.1.as_ref()));
-        let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
+        (
+            locks.into_params(),
+            sql::append_group(&inner.schema, &parts, all_or_nothing),
+        )
+    }
+
+    /// Each call's result from the rows of [`group_statement`](Self::group_statement)'s insert.
+    pub(crate) fn group_results(
+        &self,
+        rows: &[tokio_postgres::Row],
+        group: &[Call],
+        all_or_nothing: bool,
+    ) -> Result<Vec<Result<Cursor, Error>>, Error> {
         let unreadable = |e| {
             outcome_unknown(
                 "append",
@@ -273,7 +299,7 @@ impl PostgresEventStore {
         };
         let mut conflicts: Vec<Option<Cursor>> = vec![None; group.len()];
         let mut written: Vec<Cursor> = Vec::new();
-        for row in &rows {
+        for row in rows {
             let kind: &str = row.try_get(0).map_err(unreadable)?;
             let part: Option<i32> = row.try_get(1).map_err(unreadable)?;
             let tx: Xid8 = row.try_get(2).map_err(unreadable)?;
@@ -308,9 +334,6 @@ impl PostgresEventStore {
                 ),
                 None,
             ));
-        }
-        if !written.is_empty() {
-            inner.changes.committed();
         }
         let mut next = written.into_iter();
         Ok(group

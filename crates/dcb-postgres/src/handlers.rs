@@ -1,6 +1,7 @@
 //! Durable event handlers (see [`EventHandler`]): read models and reactions that process every
 //! event of a query exactly once, across crashes and across application instances.
 use crate::conn::{db_error, Conn};
+use crate::group_queue::Call;
 use crate::store::{event_from_row, prepare, PostgresEventStore};
 use crate::xid8::Xid8;
 use async_trait::async_trait;
@@ -8,7 +9,10 @@ use dcb_core::runner::{
     error_chain, guard_batch, FailureDecision, FailurePolicy, FailureTracker, ParkedError,
     ParkedEvent, RunningTask,
 };
-use dcb_core::{validate_query, ChangeFeed, Cursor, Error, Event, Query, ReadOptions};
+use dcb_core::{
+    conflict_within_batch, validate_batch, validate_query, AppendCommand, ChangeFeed, Cursor,
+    Error, Event, Query, ReadOptions,
+};
 use deadpool_postgres::{ClientWrapper, Object};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -123,6 +127,23 @@ pub trait EventHandler: Send + Sync + 'static {
         tx: &tokio_postgres::Transaction<'_>,
         events: &[Event],
     ) -> Result<(), HandlerError>;
+
+    /// For automations ("when X happened, do Y"): the commands to append for `events`, each
+    /// with its own events and optional condition, appended in the **same** transaction as the
+    /// batch's checkpoint (and before [`handle`](Self::handle) runs in it). So Y's events exist
+    /// if and only if the checkpoint moved past X: a crash or a failure anywhere replays the
+    /// batch without duplicates. The default appends nothing.
+    ///
+    /// The commands are appended as one [`append_batch`](dcb_core::EventStore::append_batch),
+    /// all or nothing, with the store's exact conditions; their keys are taken first in the
+    /// transaction, before anything is written (docs/design.md). A conflict (the decision was
+    /// stale) or an invalid command fails the batch, which is retried under the handler's
+    /// failure policy and decided again. Read what a decision needs through the store (a
+    /// `PostgresEventStore` the handler keeps), not through `tx`, which does not exist yet.
+    async fn decide(&self, events: &[Event]) -> Result<Vec<AppendCommand>, HandlerError> {
+        let _ = events;
+        Ok(Vec::new())
+    }
 }
 
 /// Settings of a handler runner.
@@ -1313,6 +1334,11 @@ impl Runner {
         to: Cursor,
     ) -> Result<(), Failure> {
         let lost = |e: tokio_postgres::Error| Failure::Lost(error_chain(&e));
+        let commands = if events.is_empty() {
+            Vec::new()
+        } else {
+            self.decided(events).await?
+        };
         // Prepared once per connection, so a batch costs no extra parse round trips.
         let lock_checkpoint = conn
             .prepare_cached(&self.sql.lock_checkpoint)
@@ -1320,7 +1346,21 @@ impl Runner {
             .map_err(lost)?;
         let advance = conn.prepare_cached(&self.sql.advance).await.map_err(lost)?;
         let client: &mut tokio_postgres::Client = conn;
-        let tx = client.transaction().await.map_err(lost)?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(lost)?;
+        // The automation's events first: their keys before anything gives the transaction an
+        // id (the checkpoint row's lock below would).
+        let appended = !commands.is_empty();
+        if appended {
+            if let Err(failure) = self.append_decided(&tx, &commands).await {
+                tx.rollback().await.map_err(lost)?;
+                return Err(failure);
+            }
+        }
         let row = tx
             .query_opt(&lock_checkpoint, &[&self.name])
             .await
@@ -1375,7 +1415,79 @@ impl Runner {
         .await
         .map_err(lost)?;
         // A failed commit has an unknown outcome: give up the lease and reload the checkpoint.
-        tx.commit().await.map_err(lost)
+        tx.commit().await.map_err(lost)?;
+        if appended {
+            self.store.inner.changes.committed();
+        }
+        Ok(())
+    }
+
+    /// The handler's [`decide`](EventHandler::decide) for `events`, checked like an
+    /// `append_batch` (invalid input or an in-batch conflict fails the batch).
+    async fn decided(&self, events: &[Event]) -> Result<Vec<Call>, Failure> {
+        let mut decided = Vec::new();
+        guard_batch(
+            async {
+                let commands = self.handler.decide(events).await?;
+                if commands.is_empty() {
+                    return Ok(());
+                }
+                validate_batch(&commands, &self.store.limits())?;
+                if let Some(info) = conflict_within_batch(&commands) {
+                    return Err(Error::Conflict(info).into());
+                }
+                decided = commands;
+                Ok(())
+            },
+            self.options.batch_timeout,
+        )
+        .await
+        .map_err(|message| Failure::Handler(format!("deciding the automation: {message}")))?;
+        Ok(decided
+            .into_iter()
+            .map(|c| (c.events, c.condition.map(|c| c.simplified())))
+            .collect())
+    }
+
+    /// Appends the decided commands in `tx`, all or nothing: the keys in their own statement
+    /// (bounded by the store's `append_timeout`), then the checking insert. A conflict fails
+    /// the batch (decided again on retry).
+    async fn append_decided(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        calls: &[Call],
+    ) -> Result<(), Failure> {
+        let store = &self.store;
+        let (lock, stmt) = store.group_statement(calls, true);
+        let (keys, exclusive) = &lock;
+        let timeout = store.inner.config.append_timeout.as_millis().max(1);
+        let failed = |what: &str, e: tokio_postgres::Error| {
+            Failure::Handler(format!("{what}: {}", error_chain(&e)))
+        };
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = {timeout}"))
+            .await
+            .map_err(|e| failed("the automation's lock timeout", e))?;
+        tx.execute(&store.inner.lock_sql, &[keys, exclusive])
+            .await
+            .map_err(|e| failed("taking the automation's lock keys", e))?;
+        tx.batch_execute("SET LOCAL lock_timeout = 0")
+            .await
+            .map_err(|e| failed("the automation's lock timeout", e))?;
+        let rows = tx
+            .query(&stmt.sql, &stmt.param_refs())
+            .await
+            .map_err(|e| failed("appending the automation's events", e))?;
+        let results = store
+            .group_results(&rows, calls, true)
+            .map_err(|e| Failure::Handler(e.to_string()))?;
+        for (index, result) in results.into_iter().enumerate() {
+            if let Err(err) = result {
+                return Err(Failure::Handler(format!(
+                    "the automation's command {index} was not appended ({err}); the batch will be decided again"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Parks `event` under the failure policy: in one transaction, lock and verify the
