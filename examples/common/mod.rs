@@ -38,6 +38,8 @@ pub struct Backend {
     /// The same store as a `PostgresEventStore`, on PostgreSQL: for what only it has (durable
     /// handlers, health).
     pub postgres: Option<PostgresEventStore>,
+    /// The same store as an `InMemoryEventStore`, in memory: for its handlers.
+    pub memory: Option<InMemoryEventStore>,
 }
 
 /// Opens the example's store and prints which one as the first line of output:
@@ -61,14 +63,17 @@ pub async fn open_with(example: &str, config: StoreConfig) -> Result<Backend, An
                 store: Arc::new(store.clone()),
                 on_postgres: true,
                 postgres: Some(store),
+                memory: None,
             })
         }
         _ => {
             println!("backend: in-memory (set DATABASE_URL to run on PostgreSQL)");
+            let store = InMemoryEventStore::new();
             Ok(Backend {
-                store: Arc::new(InMemoryEventStore::new()),
+                store: Arc::new(store.clone()),
                 on_postgres: false,
                 postgres: None,
+                memory: Some(store),
             })
         }
     }
