@@ -124,3 +124,102 @@ impl dcb_testkit::StoreFactory for PgFactory {
         Arc::new(store)
     }
 }
+
+/// A store whose every append, conditional append and read runs in a store session of its own
+/// (begin, the call, commit; rolled back on a conflict): the conformance suite through
+/// sessions.
+pub struct SessionStore(pub PostgresEventStore);
+
+#[async_trait]
+impl dcb_core::EventReader for SessionStore {
+    async fn query(
+        &self,
+        query: &dcb_core::Query,
+        options: dcb_core::ReadOptions,
+    ) -> Result<Vec<dcb_core::Event>, dcb_core::Error> {
+        let mut session = self.0.begin_session().await?;
+        let events = session.query(query, options).await?;
+        session.rollback().await?;
+        Ok(events)
+    }
+
+    fn query_stream(
+        &self,
+        query: &dcb_core::Query,
+        options: dcb_core::ReadOptions,
+    ) -> dcb_core::EventStream {
+        self.0.query_stream(query, options)
+    }
+
+    fn projection_permit(&self) -> Result<dcb_core::ProjectionPermit, dcb_core::Error> {
+        self.0.projection_permit()
+    }
+
+    fn change_feed(&self) -> Option<dcb_core::ChangeFeed> {
+        self.0.change_feed()
+    }
+}
+
+#[async_trait]
+impl dcb_core::EventStore for SessionStore {
+    async fn append(
+        &self,
+        events: Vec<dcb_core::NewEvent>,
+    ) -> Result<dcb_core::Cursor, dcb_core::Error> {
+        let mut session = self.0.begin_session().await?;
+        let cursor = session.append(events).await?;
+        session.commit().await?;
+        Ok(cursor)
+    }
+
+    async fn append_if(
+        &self,
+        events: Vec<dcb_core::NewEvent>,
+        condition: dcb_core::AppendCondition,
+    ) -> Result<dcb_core::Cursor, dcb_core::Error> {
+        let mut session = self.0.begin_session().await?;
+        match session.append_if(events, condition).await {
+            Ok(cursor) => {
+                session.commit().await?;
+                Ok(cursor)
+            }
+            Err(err) => {
+                session.rollback().await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn append_batch(
+        &self,
+        commands: Vec<dcb_core::AppendCommand>,
+    ) -> Result<Vec<dcb_core::Cursor>, dcb_core::Error> {
+        self.0.append_batch(commands).await
+    }
+
+    async fn command_session(&self) -> Result<Box<dyn dcb_core::CommandSession>, dcb_core::Error> {
+        self.0.command_session().await
+    }
+
+    async fn commands(
+        &self,
+        filter: &dcb_core::CommandFilter,
+    ) -> Result<Vec<dcb_core::CommandRecord>, dcb_core::Error> {
+        self.0.commands(filter).await
+    }
+}
+
+/// Stores whose appends and reads run through [`SessionStore`].
+#[derive(Default)]
+pub struct SessionFactory {
+    schemas: Mutex<Vec<TestSchema>>,
+}
+
+#[async_trait]
+impl dcb_testkit::StoreFactory for SessionFactory {
+    async fn new_store(&self) -> Arc<dyn dcb_core::EventStore> {
+        let TestStore { store, schema } = test_store(StoreConfig::default()).await;
+        self.schemas.lock().expect("schemas").push(schema);
+        Arc::new(SessionStore(store))
+    }
+}
