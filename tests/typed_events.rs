@@ -160,6 +160,7 @@ async fn round_trip_is_exact(store: Arc<dyn EventStore>) {
     // Some variants of an enum, by the kinds its derive generates.
     let renamed_or_enrolled =
         QueryItem::of_kinds([CourseEventKind::CourseRenamed, CourseEventKind::Enrolled])
+            .expect("two kinds")
             .tag("course_id", "c1");
     assert_eq!(
         renamed_or_enrolled.types,

@@ -31,7 +31,7 @@ pub const HANDLER_LAG_EVENTS: &str = "crablet_handler_lag_events";
 /// Seconds between the newest event and a durable handler's checkpoint, by handler.
 pub const HANDLER_LAG_SECONDS: &str = "crablet_handler_lag_seconds";
 /// Commands executed, by command type and outcome (`committed`, `replayed`, `rejected`,
-/// `conflict`, `invalid`, `store_error`).
+/// `conflict`, `invalid`, `decode_error`, `store_error`).
 pub const COMMANDS: &str = "crablet_commands_total";
 /// Seconds per command execution, including retries, by command type and outcome.
 pub const COMMAND_DURATION: &str = "crablet_command_duration_seconds";

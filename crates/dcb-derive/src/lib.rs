@@ -15,6 +15,7 @@ mod attrs;
 mod decision_model;
 mod domain_event;
 mod krate;
+mod serde_attrs;
 
 use proc_macro::TokenStream;
 use syn::{parse_macro_input, DeriveInput};
