@@ -739,7 +739,9 @@ async fn vec_tag_values_must_be_distinct_and_non_empty(store: Arc<dyn EventStore
         (&["sql", "sql"][..], crablet::ValidationKind::DuplicateTag),
         (&["sql", ""][..], crablet::ValidationKind::EmptyTagValue),
     ] {
-        let event = renamed(keywords).encode().expect("encoding does not check tags");
+        let event = renamed(keywords)
+            .encode()
+            .expect("encoding does not check tags");
         let err = store.append(vec![event]).await.expect_err("invalid tags");
         let validation = err.as_validation().unwrap_or_else(|| panic!("{err:?}"));
         assert_eq!(validation.kind, kind, "{keywords:?}: {err}");
@@ -779,14 +781,20 @@ async fn unit_events_read_back_exactly_the_empty_object(store: Arc<dyn EventStor
         .await
         .expect_err("a null payload is not a Heartbeat's");
     assert!(
-        err.to_string()
-            .contains("Heartbeat has no payload fields, so its payload is the empty object {}, not null"),
+        err.to_string().contains(
+            "Heartbeat has no payload fields, so its payload is the empty object {}, not null"
+        ),
         "{err}"
     );
 }
 
 async fn scenario_checks_only_what_when_appended(store: Arc<dyn EventStore>) {
-    let noise = || NewEvent::builder("Noise").tag("source", "elsewhere").build().expect("noise");
+    let noise = || {
+        NewEvent::builder("Noise")
+            .tag("source", "elsewhere")
+            .build()
+            .expect("noise")
+    };
     // Another writer appends while the when step runs, before and after its own append.
     let other = store.clone();
     Scenario::on(store.clone())

@@ -136,7 +136,11 @@ pub fn unit_payload(view: &EventView<'_>, rust_name: &str) -> Result<(), DecodeE
         Value::Object(fields) if fields.is_empty() => return Ok(()),
         Value::Object(fields) => format!(
             "an object with the field(s) {}",
-            fields.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            fields
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Value::Null => "null".to_string(),
         Value::Bool(_) => "a boolean".to_string(),

@@ -323,14 +323,25 @@ mod tests {
             to_json(&reading).unwrap(),
             serde_json::to_value(&reading).unwrap()
         );
-        assert_eq!(to_json(&json!({"a": [1, "x", null]})).unwrap(), json!({"a": [1, "x", null]}));
+        assert_eq!(
+            to_json(&json!({"a": [1, "x", null]})).unwrap(),
+            json!({"a": [1, "x", null]})
+        );
     }
 
     #[test]
     fn non_finite_floats_anywhere_are_refused() {
         for reading in [
-            Reading { value: f64::NAN, history: vec![], extra: None },
-            Reading { value: 0.0, history: vec![1.0, f32::INFINITY], extra: None },
+            Reading {
+                value: f64::NAN,
+                history: vec![],
+                extra: None,
+            },
+            Reading {
+                value: 0.0,
+                history: vec![1.0, f32::INFINITY],
+                extra: None,
+            },
             Reading {
                 value: 0.0,
                 history: vec![],

@@ -168,7 +168,11 @@ impl Upcasters {
                 view.version += 1;
                 continue;
             }
-            match self.renames.iter().find(|(old, _, _)| *old == view.event_type) {
+            match self
+                .renames
+                .iter()
+                .find(|(old, _, _)| *old == view.event_type)
+            {
                 Some((old, current, reshape)) => {
                     if let Some(reshape) = reshape {
                         let data = view.data.into_owned();

@@ -109,8 +109,7 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
                             &enum_serde,
                             serde_attrs::container(&variant.attrs, SerdePlace::Variant)?,
                         );
-                        let rust_name =
-                            format!("{}::{}", name.unraw(), variant.ident.unraw());
+                        let rust_name = format!("{}::{}", name.unraw(), variant.ident.unraw());
                         let shape = shape(
                             &variant.ident,
                             rust_name,

@@ -259,7 +259,8 @@ pub fn field(
     }
     if let Some(meta) = omitted {
         // serde fills a missing `Option` with `None`, unless a custom deserializer reads it.
-        if !has_default && !(is_option(ty) && !custom_de) {
+        let missing_is_none = is_option(ty) && !custom_de;
+        if !has_default && !missing_is_none {
             return Err(Error::new(
                 meta.span(),
                 "a payload field that serialization may leave out must decode when it is \

@@ -118,8 +118,11 @@ async fn a_public_models_states_are_public_and_a_private_one_works() {
         .append(vec![NewEvent::builder("Received").build().expect("event")])
         .await
         .expect("append");
-    let models::StockState { on_hand, reserved } =
-        store.project(models::stock()).await.expect("project").states;
+    let models::StockState { on_hand, reserved } = store
+        .project(models::stock())
+        .await
+        .expect("project")
+        .states;
     assert_eq!((on_hand, reserved), (1, 0));
     assert_eq!(models::audit_count(&store).await, 1);
 }

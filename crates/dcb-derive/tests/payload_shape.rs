@@ -52,7 +52,10 @@ fn container_rename_all_shapes_the_payload_as_serde_does() {
     // serde's camelCase, with the field's own rename winning.
     assert_eq!(encoded.data, json!({ "newPrice": 12, "was": 10 }));
     assert_eq!(encoded.tags, crablet::tags!["product_id" => "p1"]);
-    assert_eq!(PriceChanged::decode(&stored(encoded)).expect("decode"), event);
+    assert_eq!(
+        PriceChanged::decode(&stored(encoded)).expect("decode"),
+        event
+    );
 }
 
 #[test]
@@ -216,7 +219,10 @@ fn non_finite_floats_are_refused_naming_the_event_type() {
         history: vec![1.5],
     };
     let encoded = finite.encode().expect("finite floats encode");
-    assert_eq!(SensorEvent::decode(&stored(encoded)).expect("decode"), finite);
+    assert_eq!(
+        SensorEvent::decode(&stored(encoded)).expect("decode"),
+        finite
+    );
 }
 
 #[test]
@@ -248,15 +254,24 @@ enum Light {
 fn unit_events_are_the_empty_object_and_nothing_else() {
     let encoded = Heartbeat.encode().expect("encode");
     assert_eq!(encoded.data, json!({}));
-    assert_eq!(Heartbeat::decode(&stored(encoded)).expect("decode"), Heartbeat);
+    assert_eq!(
+        Heartbeat::decode(&stored(encoded)).expect("decode"),
+        Heartbeat
+    );
     let off = Light::SwitchedOff.encode().expect("encode");
     assert_eq!(off.data, json!({}));
-    assert_eq!(Light::decode(&stored(off)).expect("decode"), Light::SwitchedOff);
+    assert_eq!(
+        Light::decode(&stored(off)).expect("decode"),
+        Light::SwitchedOff
+    );
 
     for data in [json!(null), json!({ "a": 1 }), json!(5), json!([])] {
         let (kind, message) = decode_kind::<Heartbeat>(&with_data("Heartbeat", data.clone()));
         assert!(matches!(kind, DecodeErrorKind::Payload { .. }), "{kind:?}");
-        assert!(message.contains("Heartbeat has no payload fields"), "{message}");
+        assert!(
+            message.contains("Heartbeat has no payload fields"),
+            "{message}"
+        );
         let (_, message) = decode_kind::<Light>(&with_data("SwitchedOff", data));
         assert!(message.contains("Light::SwitchedOff"), "{message}");
     }

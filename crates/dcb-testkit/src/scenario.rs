@@ -45,8 +45,8 @@
 mod recording;
 
 use dcb_command::{Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome};
-use recording::{Log, Recording};
 use dcb_core::{Cursor, DomainEvent, Event, EventStore, NewEvent, Query, ReadOptions};
+use recording::{Log, Recording};
 use serde::Serialize;
 use std::fmt;
 use std::future::Future;
@@ -147,11 +147,9 @@ impl Scenario {
         T: Serialize + Send + Sync,
         H: CommandHandler<T> + ?Sized,
     {
-        self.when(|store| async move {
-            CommandExecutor::new(store)
-                .execute(command, handler)
-                .await
-        })
+        self.when(
+            |store| async move { CommandExecutor::new(store).execute(command, handler).await },
+        )
         .await
     }
 }

@@ -1047,20 +1047,21 @@ impl dcb_core::DomainEvent for Capacity {
         ))
     }
 
-    fn decode_view(
-        view: dcb_core::EventView<'_>,
-    ) -> Result<Self, dcb_core::DecodeErrorKind> {
-        view.data["capacity"]
-            .as_u64()
-            .map(Capacity)
-            .ok_or_else(|| dcb_core::DecodeErrorKind::Payload {
+    fn decode_view(view: dcb_core::EventView<'_>) -> Result<Self, dcb_core::DecodeErrorKind> {
+        view.data["capacity"].as_u64().map(Capacity).ok_or_else(|| {
+            dcb_core::DecodeErrorKind::Payload {
                 reason: "no capacity".into(),
-            })
+            }
+        })
     }
 }
 
 pub async fn undecodable_event_is_a_decode_error(store: Store) {
-    let bad = NewEvent::new("CourseDefined", vec![Tag::new("course_id", "c1")], json!({}));
+    let bad = NewEvent::new(
+        "CourseDefined",
+        vec![Tag::new("course_id", "c1")],
+        json!({}),
+    );
     let cursor = store.append(vec![bad]).await.expect("append");
     let read_capacity = handler_fn(|_: &Command<()>, reader| {
         Box::pin(async move {
