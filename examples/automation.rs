@@ -25,7 +25,8 @@ use common::{check, exit_code, AnyError};
 use crablet::memory::{MemoryEventHandler, MemoryHandlerError, MemoryHandlerOptions};
 use crablet::postgres::{tokio_postgres, EventHandler, HandlerError, HandlerOptions};
 use crablet::{
-    AppendCommand, AppendCondition, DomainEvent, Event, EventStore, Query, QueryItem, ReadOptions,
+    AppendCommand, AppendCondition, DomainEvent, Event, EventKind, EventStore, Query, QueryItem,
+    ReadOptions,
 };
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -48,8 +49,10 @@ enum OrderEvent {
     },
 }
 
-fn shipments_of(order: &str) -> Query {
-    Query::from(QueryItem::of_kinds([OrderEventKind::ShipmentRequested]).tag("order", order))
+fn shipments_of(order: &str) -> Result<Query, crablet::Error> {
+    Ok(Query::from(
+        QueryItem::of_kinds([OrderEventKind::ShipmentRequested])?.tag("order", order),
+    ))
 }
 
 /// The decision, shared by both backends' handlers.
@@ -64,7 +67,7 @@ impl Shipping {
             let OrderEvent::OrderPaid { order, .. } = OrderEvent::decode(event)? else {
                 continue;
             };
-            let requested = shipments_of(&order);
+            let requested = shipments_of(&order)?;
             if self
                 .store
                 .query(&requested, ReadOptions::default())
@@ -86,7 +89,7 @@ impl Shipping {
 }
 
 fn paid() -> Query {
-    Query::from(QueryItem::of_kinds([OrderEventKind::OrderPaid]))
+    Query::types(OrderEventKind::OrderPaid.read_types())
 }
 
 #[async_trait]
@@ -169,7 +172,7 @@ async fn run() -> Result<(), AnyError> {
                     amount: 20 + attempt as u32,
                 };
                 let once = AppendCondition::new(Query::from(
-                    QueryItem::of_kinds([OrderEventKind::OrderPaid]).tag("order", &order),
+                    QueryItem::of_kinds([OrderEventKind::OrderPaid])?.tag("order", &order),
                 ));
                 let paid = match store.append_if(vec![pay.encode()?], once).await {
                     Ok(cursor) => Some(cursor),
@@ -184,7 +187,7 @@ async fn run() -> Result<(), AnyError> {
                     match store
                         .append_if(
                             vec![by_hand.encode()?],
-                            AppendCondition::new(shipments_of(&order)),
+                            AppendCondition::new(shipments_of(&order)?),
                         )
                         .await
                     {

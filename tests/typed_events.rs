@@ -160,6 +160,7 @@ async fn round_trip_is_exact(store: Arc<dyn EventStore>) {
     // Some variants of an enum, by the kinds its derive generates.
     let renamed_or_enrolled =
         QueryItem::of_kinds([CourseEventKind::CourseRenamed, CourseEventKind::Enrolled])
+            .expect("two kinds")
             .tag("course_id", "c1");
     assert_eq!(
         renamed_or_enrolled.types,
@@ -586,6 +587,259 @@ async fn given_when_then_on_commands(store: Arc<dyn EventStore>) {
     assert!(matches!(err, CommandError::Rejected(CourseFull(_))));
 }
 
+/// Rooms were once reserved with `places`; they are booked with `seats` now, still at
+/// version 1: a rename that reshapes without a new version.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[crablet(upcasters = booked_upcasters)]
+struct RoomBooked {
+    #[crablet(tag)]
+    room: String,
+    seats: u32,
+}
+
+fn booked_upcasters() -> Upcasters {
+    Upcasters::new().rename_with("RoomReserved", "RoomBooked", |mut data| {
+        let places = data["places"].take();
+        Ok(json!({ "seats": places }))
+    })
+}
+
+/// The same change written as a step on the old name: the step yields version 2.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[crablet(event_type = "RoomBooked", upcasters = stepped_upcasters)]
+struct RoomBookedByStep {
+    #[crablet(tag)]
+    room: String,
+    seats: u32,
+}
+
+fn stepped_upcasters() -> Upcasters {
+    Upcasters::new()
+        .step("RoomReserved", 1, |mut data| {
+            let places = data["places"].take();
+            Ok(json!({ "seats": places }))
+        })
+        .rename("RoomReserved", "RoomBooked")
+}
+
+async fn a_rename_can_reshape_without_a_new_version(store: Arc<dyn EventStore>) {
+    let old = NewEvent::builder("RoomReserved")
+        .tag("room", "r1")
+        .data(&json!({ "places": 12 }))
+        .build()
+        .expect("event");
+    let new = RoomBooked {
+        room: "r2".into(),
+        seats: 4,
+    };
+    store
+        .append(vec![old, new.encode().expect("encode")])
+        .await
+        .expect("append");
+    let booked = store
+        .query_typed::<RoomBooked>(&Query::of::<RoomBooked>(), ReadOptions::default())
+        .await
+        .expect("both decode");
+    let booked: Vec<RoomBooked> = booked.into_iter().map(|e| e.event).collect();
+    assert_eq!(
+        booked,
+        [
+            RoomBooked {
+                room: "r1".into(),
+                seats: 12
+            },
+            new
+        ]
+    );
+    // The step on the old name overshoots, and the error says so rather than asking for newer
+    // code.
+    let err = store
+        .query_typed::<RoomBookedByStep>(&Query::types(["RoomReserved"]), ReadOptions::default())
+        .await
+        .expect_err("the step yields version 2");
+    let Error::Decode(err) = err else {
+        panic!("expected a decode error, got {err:?}")
+    };
+    assert_eq!(
+        err.kind,
+        crablet::DecodeErrorKind::UpcastPastCurrent {
+            stored: 1,
+            reached: 2,
+            current: 1
+        }
+    );
+    assert!(err.to_string().contains("rename_with"), "{err}");
+    assert!(!err.to_string().contains("deploy"), "{err}");
+}
+
+async fn no_kinds_is_refused_and_one_kind_selects_it(store: Arc<dyn EventStore>) {
+    store
+        .append(crablet::encode_all(&[defined("c1", 3), enrolled("c1", "s1", 3)]).expect("encode"))
+        .await
+        .expect("append");
+    let err = QueryItem::of_kinds(Vec::<CourseEventKind>::new()).expect_err("no kinds");
+    assert_eq!(
+        err.as_validation().expect("validation").kind,
+        crablet::ValidationKind::EmptyQuery
+    );
+    let item = QueryItem::of_kinds([CourseEventKind::Defined]).expect("one kind");
+    let events = store
+        .query_typed::<CourseEvent>(&Query::from(item), ReadOptions::default())
+        .await
+        .expect("query");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event, defined("c1", 3));
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct TemperatureRecorded {
+    #[crablet(tag)]
+    sensor: String,
+    celsius: f64,
+}
+
+async fn non_finite_floats_write_nothing(store: Arc<dyn EventStore>) {
+    let record = handler_fn(|command: &Command<f64>, _reader| {
+        Box::pin(async move {
+            let event = TemperatureRecorded {
+                sensor: "t1".into(),
+                celsius: command.payload,
+            };
+            Ok::<_, HandlerError>(Decision::append_typed(&[event])?)
+        })
+    });
+    let executor = crablet::command::CommandExecutor::new(store.clone());
+    executor
+        .execute(Command::new("Record", 21.5), &record)
+        .await
+        .expect("a finite temperature is recorded");
+    let err = executor
+        .execute(Command::new("Record", f64::NAN), &record)
+        .await
+        .expect_err("NaN has no JSON");
+    let validation = err.as_validation().unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(validation.kind, crablet::ValidationKind::NonFiniteFloat);
+    assert!(validation.message.contains("TemperatureRecorded"), "{err}");
+    let all = store
+        .query(&Query::all(), ReadOptions::default())
+        .await
+        .expect("read");
+    assert_eq!(all.len(), 1, "only the finite one: {all:?}");
+    assert_eq!(all[0].data, json!({ "celsius": 21.5 }));
+}
+
+async fn vec_tag_values_must_be_distinct_and_non_empty(store: Arc<dyn EventStore>) {
+    let renamed = |keywords: &[&str]| CourseEvent::CourseRenamed {
+        course_id: "c1".into(),
+        title: "Databases".into(),
+        keywords: keywords.iter().map(|k| k.to_string()).collect(),
+        term: None,
+    };
+    for (keywords, kind) in [
+        (&["sql", "sql"][..], crablet::ValidationKind::DuplicateTag),
+        (&["sql", ""][..], crablet::ValidationKind::EmptyTagValue),
+    ] {
+        let event = renamed(keywords)
+            .encode()
+            .expect("encoding does not check tags");
+        let err = store.append(vec![event]).await.expect_err("invalid tags");
+        let validation = err.as_validation().unwrap_or_else(|| panic!("{err:?}"));
+        assert_eq!(validation.kind, kind, "{keywords:?}: {err}");
+        assert!(validation.field.starts_with("events[0].tags[2]"), "{err}");
+    }
+    let all = store
+        .query(&Query::all(), ReadOptions::default())
+        .await
+        .expect("read");
+    assert!(all.is_empty(), "nothing was written: {all:?}");
+    // No values at all is fine: no tag of that key.
+    store
+        .append(vec![renamed(&[]).encode().expect("encode")])
+        .await
+        .expect("no keywords");
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+struct Heartbeat;
+
+async fn unit_events_read_back_exactly_the_empty_object(store: Arc<dyn EventStore>) {
+    store
+        .append(vec![
+            Heartbeat.encode().expect("encode"),
+            NewEvent::new("Heartbeat", vec![], json!(null)),
+        ])
+        .await
+        .expect("append");
+    let query = Query::of::<Heartbeat>();
+    let first = store
+        .query_typed::<Heartbeat>(&query, ReadOptions::default().limit(1))
+        .await
+        .expect("the encoded heartbeat decodes");
+    assert_eq!(first[0].event, Heartbeat);
+    let err = store
+        .query_typed::<Heartbeat>(&query, ReadOptions::default())
+        .await
+        .expect_err("a null payload is not a Heartbeat's");
+    assert!(
+        err.to_string().contains(
+            "Heartbeat has no payload fields, so its payload is the empty object {}, not null"
+        ),
+        "{err}"
+    );
+}
+
+async fn scenario_checks_only_what_when_appended(store: Arc<dyn EventStore>) {
+    let noise = || {
+        NewEvent::builder("Noise")
+            .tag("source", "elsewhere")
+            .build()
+            .expect("noise")
+    };
+    // Another writer appends while the when step runs, before and after its own append.
+    let other = store.clone();
+    Scenario::on(store.clone())
+        .given_typed(&[defined("c9", 1)])
+        .await
+        .when(|store| async move {
+            other.append(vec![noise()]).await?;
+            let cursor = store
+                .append(crablet::encode_all(&[enrolled("c9", "s1", 3)])?)
+                .await?;
+            other.append(vec![noise(), noise()]).await?;
+            Ok::<_, Error>(cursor)
+        })
+        .await
+        .then_typed(&[enrolled("c9", "s1", 3)])
+        .await;
+
+    // A command whose handler lets another writer append between its read and its commit.
+    let other = store.clone();
+    let noisy = handler_fn(move |command: &Command<String>, _reader| {
+        let other = other.clone();
+        Box::pin(async move {
+            other.append(vec![noise()]).await?;
+            Ok::<_, HandlerError>(Decision::append_typed(&[defined(&command.payload, 2)])?)
+        })
+    });
+    Scenario::on(store.clone())
+        .when_command(Command::new("Define", "c10".to_string()), &noisy)
+        .await
+        .then_typed(&[defined("c10", 2)])
+        .await;
+    let err = Scenario::on(store.clone())
+        .when(|_| async move {
+            store.append(vec![noise()]).await?;
+            Err::<(), _>(Error::Config {
+                field: "test",
+                reason: "the when step failed".into(),
+            })
+        })
+        .await
+        .then_error_where(|err| matches!(err, Error::Config { .. }), "a config error")
+        .await;
+    assert!(err.to_string().contains("the when step failed"));
+}
+
 on_both_backends!(
     round_trip_is_exact,
     old_events_are_upcast_on_every_read_path,
@@ -593,4 +847,10 @@ on_both_backends!(
     named_decision_model_folds_in_one_read,
     newest_only_decisions_stay_consistent_under_concurrency,
     given_when_then_on_commands,
+    a_rename_can_reshape_without_a_new_version,
+    no_kinds_is_refused_and_one_kind_selects_it,
+    non_finite_floats_write_nothing,
+    vec_tag_values_must_be_distinct_and_non_empty,
+    unit_events_read_back_exactly_the_empty_object,
+    scenario_checks_only_what_when_appended,
 );

@@ -1,4 +1,4 @@
-use dcb_core::{ConflictInfo, ValidationError};
+use dcb_core::{ConflictInfo, DecodeError, ValidationError};
 
 /// Why [`CommandExecutor::execute`](crate::CommandExecutor::execute) failed. Nothing was
 /// written, neither events nor the command record, unless the error is a
@@ -26,7 +26,8 @@ pub enum CommandError<E> {
     /// [`reject`](crate::reject). Displays as, and has the source of, the handler's error.
     ///
     /// Store errors raised inside the handler (`?` on a read) are never reported here: they
-    /// come back as [`Store`](Self::Store) or [`Validation`](Self::Validation).
+    /// come back as [`Store`](Self::Store), [`Validation`](Self::Validation),
+    /// [`Decode`](Self::Decode) or, after the retries, [`Conflict`](Self::Conflict).
     #[error(transparent)]
     Rejected(E),
 
@@ -45,6 +46,13 @@ pub enum CommandError<E> {
     /// character, a payload that does not serialize, a duplicate tag key, ...).
     #[error("invalid command: {0}")]
     Validation(ValidationError),
+
+    /// A stored event the handler read does not decode into the typed event it was read as
+    /// (its payload or a tag does not fit, no upcaster brings its version to the current
+    /// one): a data or schema problem, not a failure of the store, and retrying does not help.
+    /// Fix the type or register an upcaster ([`dcb_core::Upcasters`]).
+    #[error("the command's read found an event that does not decode: {0}")]
+    Decode(Box<DecodeError>),
 
     /// The store failed (connection lost, pool exhausted, timeout, SQL error, ...). See
     /// [`dcb_core::Error`]: `Storage { outcome_unknown: true, .. }` means the commit may have
@@ -96,11 +104,20 @@ impl<E> CommandError<E> {
         }
     }
 
+    /// The decoding failure, for [`CommandError::Decode`].
+    pub fn as_decode(&self) -> Option<&DecodeError> {
+        match self {
+            CommandError::Decode(err) => Some(err),
+            _ => None,
+        }
+    }
+
     /// Maps a store error raised after `attempts` handler runs onto the command error kinds.
     pub(crate) fn from_store(err: dcb_core::Error, attempts: u32) -> Self {
         match err {
             dcb_core::Error::Validation(v) => CommandError::Validation(v),
             dcb_core::Error::Conflict(conflict) => CommandError::Conflict { attempts, conflict },
+            dcb_core::Error::Decode(err) => CommandError::Decode(err),
             other => CommandError::Store(other),
         }
     }

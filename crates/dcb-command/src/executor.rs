@@ -47,7 +47,8 @@ impl CommandOutcome {
 /// 5. commits the decision's events, condition and the command record atomically: the command
 ///    row exists if and only if its events were written. A concurrent execution with the same
 ///    id that committed first turns this one into a replay;
-/// 6. on an append-condition conflict, retries from step 2 as the [`RetryPolicy`] allows.
+/// 6. on an append-condition conflict, retries from step 2 as the [`RetryPolicy`] allows;
+///    so does a conflict the handler returns itself (`?` on an `append_if` of its own).
 ///
 /// Every execution runs in a `command.execute` tracing span with the command type, id and
 /// number of attempts.
@@ -188,6 +189,7 @@ impl CommandExecutor {
                         CommandError::Rejected(_) => "rejected",
                         CommandError::Conflict { .. } => "conflict",
                         CommandError::Validation(_) => "invalid",
+                        CommandError::Decode(_) => "decode_error",
                         _ => "store_error",
                     };
                     span.record("outcome", kind);
@@ -200,6 +202,7 @@ impl CommandExecutor {
                 Err(CommandError::Rejected(_)) => "rejected",
                 Err(CommandError::Conflict { .. }) => "conflict",
                 Err(CommandError::Validation(_)) => "invalid",
+                Err(CommandError::Decode(_)) => "decode_error",
                 Err(_) => "store_error",
             };
             metrics::counter!(store_metrics::COMMANDS, "command_type" => command_type.clone(), "outcome" => outcome)
@@ -243,49 +246,62 @@ impl CommandExecutor {
 
             attempt += 1;
             tracing::Span::current().record("attempts", attempt);
-            let decision = handler
+            let conflict = match handler
                 .handle(command, &SessionReader(session.as_ref()))
                 .await
-                .map_err(|err| match err {
-                    HandlerError::Rejected(rejection) => CommandError::Rejected(rejection),
-                    HandlerError::Store(err) => CommandError::from_store(err, attempt),
-                })?;
-            let (events, condition) = decision.into_parts();
-            match session.commit(&record, events, condition).await {
-                Ok(CommitOutcome::Committed(committed)) => {
-                    return Ok(CommandOutcome {
-                        record: committed,
-                        replayed: false,
-                        attempts: attempt,
-                    })
-                }
-                Ok(CommitOutcome::Duplicate(original)) => return Ok(replay(original, attempt)),
-                Err(Error::Conflict(conflict)) => {
-                    // A same-id command that committed first may be what conflicts with us:
-                    // then this execution is a replay, not a failure.
-                    match find_original(session.as_ref(), &record).await {
-                        Ok(Some(original)) => return Ok(replay(original, attempt)),
-                        Ok(None) => {}
-                        Err(err) => {
-                            tracing::debug!(error = %err, "looking up the command id after a conflict failed");
+            {
+                Ok(decision) => {
+                    let (events, condition) = decision.into_parts();
+                    match session.commit(&record, events, condition).await {
+                        Ok(CommitOutcome::Committed(committed)) => {
+                            return Ok(CommandOutcome {
+                                record: committed,
+                                replayed: false,
+                                attempts: attempt,
+                            })
                         }
+                        Ok(CommitOutcome::Duplicate(original)) => {
+                            return Ok(replay(original, attempt))
+                        }
+                        Err(Error::Conflict(conflict)) => {
+                            // A same-id command that committed first may be what conflicts
+                            // with us: then this execution is a replay, not a failure.
+                            match find_original(session.as_ref(), &record).await {
+                                Ok(Some(original)) => return Ok(replay(original, attempt)),
+                                Ok(None) => {}
+                                Err(err) => {
+                                    tracing::debug!(error = %err, "looking up the command id after a conflict failed");
+                                }
+                            }
+                            conflict
+                        }
+                        Err(err) => return Err(CommandError::from_store(err, attempt)),
                     }
-                    if attempt >= max_attempts {
-                        return Err(CommandError::Conflict {
-                            attempts: attempt,
-                            conflict,
-                        });
-                    }
-                    // Give the connection back before waiting.
-                    drop(session);
-                    metrics::counter!(store_metrics::COMMAND_RETRIES, "command_type" => command.command_type.clone())
-                        .increment(1);
-                    let wait = self.retry.jittered_backoff(attempt);
-                    tracing::debug!(attempt, ?wait, %conflict, "append condition failed; retrying");
-                    tokio::time::sleep(wait).await;
                 }
-                Err(err) => return Err(CommandError::from_store(err, attempt)),
+                Err(HandlerError::Rejected(rejection)) => {
+                    return Err(CommandError::Rejected(rejection))
+                }
+                // A conflict of an append the handler made itself (`?` on its own
+                // `append_if`) means what the executor's own conflict means: the state it
+                // decided on changed. It is retried the same way.
+                Err(HandlerError::Store(Error::Conflict(conflict))) => conflict,
+                Err(HandlerError::Store(err)) => {
+                    return Err(CommandError::from_store(err, attempt))
+                }
+            };
+            if attempt >= max_attempts {
+                return Err(CommandError::Conflict {
+                    attempts: attempt,
+                    conflict,
+                });
             }
+            // Give the connection back before waiting.
+            drop(session);
+            metrics::counter!(store_metrics::COMMAND_RETRIES, "command_type" => command.command_type.clone())
+                .increment(1);
+            let wait = self.retry.jittered_backoff(attempt);
+            tracing::debug!(attempt, ?wait, %conflict, "append condition failed; retrying");
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -5,7 +5,9 @@ use std::convert::Infallible;
 ///
 /// The executor returns the first as [`CommandError::Rejected`](crate::CommandError::Rejected)
 /// and the second as the store error it is ([`CommandError::Store`](crate::CommandError::Store),
-/// or `Validation` for invalid input), so a lost connection is never mistaken for a refusal.
+/// `Validation` for invalid input, `Decode` for an event that does not decode), so a lost
+/// connection is never mistaken for a refusal. A conflict (`?` on an `append_if` the handler
+/// made itself) is retried like a conflict of the decision's own append.
 /// `?` on a store result converts by itself; a rejection is written [`reject(error)`](reject).
 ///
 /// ```

@@ -56,6 +56,27 @@ pub enum DecodeErrorKind {
         /// The newest version this build reads.
         current: u32,
     },
+    /// The upcasters brought a payload stored at an older or the current version past the
+    /// version the Rust type reads: a step (which always yields the next version) registered
+    /// where a version-keeping [`Upcasters::rename_with`](crate::Upcasters::rename_with) was
+    /// meant, or versions numbered anew after a rename.
+    UpcastPastCurrent {
+        /// The version the event was stored at.
+        stored: u32,
+        /// The version the upcasters brought it to.
+        reached: u32,
+        /// The version the Rust type reads.
+        current: u32,
+    },
+    /// The reshaping of a [`rename_with`](crate::Upcasters::rename_with) failed.
+    Reshape {
+        /// The old event type.
+        old: String,
+        /// The event type it is read as.
+        current: String,
+        /// What the reshaping reported.
+        reason: String,
+    },
     /// An upcaster failed.
     Upcast {
         /// The version the failed upcaster started from.
@@ -95,6 +116,25 @@ impl fmt::Display for DecodeErrorKind {
                 f,
                 "it is at schema version {found}, newer than version {current} this build reads: \
                  deploy the newer code"
+            ),
+            Self::UpcastPastCurrent {
+                stored,
+                reached,
+                current,
+            } => write!(
+                f,
+                "it was stored at schema version {stored}, and the upcasters bring it to \
+                 version {reached}, past version {current} this build reads: every step yields \
+                 the next version (reshape a renamed type's payload with Upcasters::rename_with, \
+                 which keeps the version)"
+            ),
+            Self::Reshape {
+                old,
+                current,
+                reason,
+            } => write!(
+                f,
+                "reshaping its payload from {old:?} to {current:?} failed: {reason}"
             ),
             Self::Upcast { from, reason } => {
                 write!(f, "the upcaster from version {from} failed: {reason}")

@@ -5,6 +5,7 @@ pub use serde;
 pub use serde_json;
 
 use crate::domain_event::{EventView, SCHEMA_VERSION_KEY};
+use crate::finite::ToJsonError;
 use crate::{DecodeErrorKind, Error, NewEvent, Tag, TagValue, ValidationError, ValidationKind};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -69,12 +70,24 @@ pub fn new_event<P: Serialize>(
     tags: Vec<Tag>,
     payload: &P,
 ) -> Result<NewEvent, Error> {
-    let data = serde_json::to_value(payload).map_err(|err| {
-        Error::Validation(ValidationError::new(
-            "data",
-            ValidationKind::NotSerializable,
-            format!("the payload of a {event_type} event could not be serialized to JSON: {err}"),
-        ))
+    let data = crate::finite::to_json(payload).map_err(|err| {
+        Error::Validation(match err {
+            ToJsonError::NonFinite => ValidationError::new(
+                "data",
+                ValidationKind::NonFiniteFloat,
+                format!(
+                    "the payload of a {event_type} event holds a NaN or infinite float, which \
+                     JSON cannot represent (serde_json would write null); nothing was written"
+                ),
+            ),
+            ToJsonError::Serde(err) => ValidationError::new(
+                "data",
+                ValidationKind::NotSerializable,
+                format!(
+                    "the payload of a {event_type} event could not be serialized to JSON: {err}"
+                ),
+            ),
+        })
     })?;
     let mut event = NewEvent::new(event_type, tags, data);
     if version > 1 {
@@ -89,7 +102,12 @@ pub fn payload<P: DeserializeOwned>(view: &EventView<'_>) -> Result<P, DecodeErr
     })
 }
 
-pub fn check_version(view: &EventView<'_>, current: u32) -> Result<(), DecodeErrorKind> {
+/// Checks that the upcast `view`, stored at version `stored`, is at version `current`.
+pub fn check_version(
+    view: &EventView<'_>,
+    stored: u32,
+    current: u32,
+) -> Result<(), DecodeErrorKind> {
     use std::cmp::Ordering;
     match view.version.cmp(&current) {
         Ordering::Equal => Ok(()),
@@ -97,11 +115,44 @@ pub fn check_version(view: &EventView<'_>, current: u32) -> Result<(), DecodeErr
             from: view.version,
             current,
         }),
+        // Not newer code's event: the upcasters overshot.
+        Ordering::Greater if stored <= current => Err(DecodeErrorKind::UpcastPastCurrent {
+            stored,
+            reached: view.version,
+            current,
+        }),
         Ordering::Greater => Err(DecodeErrorKind::NewerVersion {
             found: view.version,
             current,
         }),
     }
+}
+
+/// Checks the payload of a unit event (a unit struct or variant): the empty object its
+/// encoding writes, and nothing else.
+pub fn unit_payload(view: &EventView<'_>, rust_name: &str) -> Result<(), DecodeErrorKind> {
+    use serde_json::Value;
+    let found = match view.data.as_ref() {
+        Value::Object(fields) if fields.is_empty() => return Ok(()),
+        Value::Object(fields) => format!(
+            "an object with the field(s) {}",
+            fields
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Null => "null".to_string(),
+        Value::Bool(_) => "a boolean".to_string(),
+        Value::Number(_) => "a number".to_string(),
+        Value::String(_) => "a string".to_string(),
+        Value::Array(_) => "an array".to_string(),
+    };
+    Err(DecodeErrorKind::Payload {
+        reason: format!(
+            "{rust_name} has no payload fields, so its payload is the empty object {{}}, not {found}"
+        ),
+    })
 }
 
 pub fn unknown_type(expected: Vec<&str>) -> DecodeErrorKind {

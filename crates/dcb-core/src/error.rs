@@ -163,10 +163,14 @@ pub enum ValidationKind {
     EmptyAppend,
     /// An append with more events than the configured maximum batch size.
     BatchTooLarge,
-    /// A query without items where one is required.
+    /// A query without items where one is required, or
+    /// [`QueryItem::of_kinds`](crate::QueryItem::of_kinds) without kinds.
     EmptyQuery,
     /// A value could not be serialized to or deserialized from JSON.
     NotSerializable,
+    /// A float to serialize is NaN or infinite, which JSON cannot represent (serde_json
+    /// would write `null`, which does not read back as the float).
+    NonFiniteFloat,
     /// A read option is out of range.
     InvalidReadOption,
 }

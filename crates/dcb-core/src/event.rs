@@ -80,18 +80,21 @@ impl NewEventBuilder {
         self
     }
 
-    /// Sets the payload by serializing `data` to JSON.
+    /// Sets the payload by serializing `data` to JSON. A NaN or infinite float in it fails
+    /// [`build`](Self::build) with [`ValidationKind::NonFiniteFloat`] (JSON has no such
+    /// numbers).
     pub fn data<T: Serialize + ?Sized>(mut self, data: &T) -> Self {
-        match serde_json::to_value(data) {
+        match crate::finite::to_json(data) {
             Ok(value) => self.event.data = value,
             Err(err) => self.keep_error("data", err),
         }
         self
     }
 
-    /// Sets the metadata by serializing `metadata` to JSON.
+    /// Sets the metadata by serializing `metadata` to JSON, refusing non-finite floats as
+    /// [`data`](Self::data) does.
     pub fn metadata<T: Serialize + ?Sized>(mut self, metadata: &T) -> Self {
-        match serde_json::to_value(metadata) {
+        match crate::finite::to_json(metadata) {
             Ok(value) => self.event.metadata = Some(value),
             Err(err) => self.keep_error("metadata", err),
         }
@@ -105,13 +108,20 @@ impl NewEventBuilder {
         self
     }
 
-    fn keep_error(&mut self, field: &str, err: serde_json::Error) {
+    fn keep_error(&mut self, field: &str, err: crate::finite::ToJsonError) {
         if self.error.is_none() {
-            self.error = Some(ValidationError::new(
-                field,
-                ValidationKind::NotSerializable,
-                format!("could not serialize to JSON: {err}"),
-            ));
+            self.error = Some(match err {
+                crate::finite::ToJsonError::NonFinite => ValidationError::new(
+                    field,
+                    ValidationKind::NonFiniteFloat,
+                    "holds a NaN or infinite float, which JSON cannot represent",
+                ),
+                crate::finite::ToJsonError::Serde(err) => ValidationError::new(
+                    field,
+                    ValidationKind::NotSerializable,
+                    format!("could not serialize to JSON: {err}"),
+                ),
+            });
         }
     }
 

@@ -34,6 +34,7 @@ mod domain_event;
 mod error;
 mod event;
 mod event_stream;
+mod finite;
 mod matching;
 mod permit;
 mod projection;

@@ -42,18 +42,35 @@ impl QueryItem {
     /// An item selecting some variants of an enum of typed events, by the kinds its derive
     /// generates ([`EventKind`](crate::EventKind)).
     ///
+    /// No kinds is refused with [`ValidationKind::EmptyQuery`](crate::ValidationKind::EmptyQuery),
+    /// like a [`Query`] without items: an item without types would select every type, the
+    /// opposite of selecting none of the variants.
+    ///
     /// ```ignore
-    /// let item = QueryItem::of_kinds([CourseEventKind::Defined, CourseEventKind::CapacityChanged])
+    /// let item = QueryItem::of_kinds([CourseEventKind::Defined, CourseEventKind::CapacityChanged])?
     ///     .tag("course_id", "c1");
     /// ```
-    pub fn of_kinds<K: crate::EventKind>(kinds: impl IntoIterator<Item = K>) -> Self {
+    pub fn of_kinds<K: crate::EventKind>(
+        kinds: impl IntoIterator<Item = K>,
+    ) -> Result<Self, crate::Error> {
         let mut types: Vec<String> = Vec::new();
         for name in kinds.into_iter().flat_map(K::read_types) {
             if !types.contains(&name) {
                 types.push(name);
             }
         }
-        Self::new().types(types)
+        if types.is_empty() {
+            return Err(crate::Error::Validation(crate::ValidationError::new(
+                "kinds",
+                crate::ValidationKind::EmptyQuery,
+                format!(
+                    "QueryItem::of_kinds needs at least one {}: an item without types matches \
+                     every event type",
+                    std::any::type_name::<K>()
+                ),
+            )));
+        }
+        Ok(Self::new().types(types))
     }
 
     /// Adds accepted event types.

@@ -36,7 +36,7 @@ pub const HANDLER_LAG_SECONDS: &str = "crablet_handler_lag_seconds";
 /// over events it does not select: a flat line while events arrive means a stalled handler.
 pub const HANDLER_POSITION: &str = "crablet_handler_checkpoint_transaction_id";
 /// Commands executed, by command type and outcome (`committed`, `replayed`, `rejected`,
-/// `conflict`, `invalid`, `store_error`).
+/// `conflict`, `invalid`, `decode_error`, `store_error`).
 pub const COMMANDS: &str = "crablet_commands_total";
 /// Seconds per command execution, including retries, by command type and outcome.
 pub const COMMAND_DURATION: &str = "crablet_command_duration_seconds";

@@ -18,7 +18,13 @@ type Step = Arc<dyn Fn(Value) -> Result<Value, String> + Send + Sync>;
 /// A stored event's version is the `schema_version` of its metadata, 1 when it has none (so
 /// events appended by the dynamic API are version 1). Reading applies, until none applies:
 /// the step registered for the event's type and version (which yields the next version), else
-/// the rename registered for its type. Tags are never upcast: queries select on them.
+/// the rename registered for its type (which keeps the version, and with
+/// [`rename_with`](Self::rename_with) also reshapes the payload). Tags are never upcast:
+/// queries select on them.
+///
+/// A step always yields the next version, so an old name whose payload must change shape
+/// without a new version (a rename that also moves fields, say) is a
+/// [`rename_with`](Self::rename_with), not a step on the old name:
 ///
 /// ```
 /// use dcb_core::Upcasters;
@@ -35,13 +41,23 @@ type Step = Arc<dyn Fn(Value) -> Result<Value, String> + Send + Sync>;
 ///     // Events were called StudentSignedUp before.
 ///     .rename("StudentSignedUp", "StudentRegistered");
 /// assert_eq!(upcasters.old_names("StudentRegistered"), ["StudentSignedUp"]);
+///
+/// // CourseOpened events are now CourseDefined, still at version 1, with `seats` called
+/// // `capacity`.
+/// let renamed = Upcasters::new().rename_with("CourseOpened", "CourseDefined", |mut data| {
+///     data["capacity"] = data["seats"].take();
+///     data.as_object_mut().ok_or("not an object")?.remove("seats");
+///     Ok(data)
+/// });
+/// assert_eq!(renamed.old_names("CourseDefined"), ["CourseOpened"]);
 /// ```
 ///
 /// [`DomainEvent::decode`]: crate::DomainEvent::decode
 #[derive(Clone, Default)]
 pub struct Upcasters {
     steps: Vec<(String, u32, Step)>,
-    renames: Vec<(String, String)>,
+    /// `(old, current, reshape)`.
+    renames: Vec<(String, String, Option<Step>)>,
 }
 
 impl fmt::Debug for Upcasters {
@@ -55,7 +71,17 @@ impl fmt::Debug for Upcasters {
                     .map(|(t, v, _)| format!("{t} v{v}->v{}", v + 1))
                     .collect::<Vec<_>>(),
             )
-            .field("renames", &self.renames)
+            .field(
+                "renames",
+                &self
+                    .renames
+                    .iter()
+                    .map(|(old, new, reshape)| {
+                        let with = if reshape.is_some() { " (reshaped)" } else { "" };
+                        format!("{old}->{new}{with}")
+                    })
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -87,7 +113,22 @@ impl Upcasters {
     /// Events stored as `old` are read as `current`, at the version they were stored with
     /// (register steps on `old` to reshape them first). Typed queries also select `old`.
     pub fn rename(mut self, old: impl Into<String>, current: impl Into<String>) -> Self {
-        self.renames.push((old.into(), current.into()));
+        self.renames.push((old.into(), current.into(), None));
+        self
+    }
+
+    /// Events stored as `old` are read as `current` at the version they were stored with (or
+    /// that the steps on `old` brought them to), their payload reshaped by `reshape` on the
+    /// way: a rename and a change of shape that is not a new version. Its error aborts the
+    /// read with [`DecodeErrorKind::Reshape`]. Typed queries also select `old`.
+    pub fn rename_with(
+        mut self,
+        old: impl Into<String>,
+        current: impl Into<String>,
+        reshape: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.renames
+            .push((old.into(), current.into(), Some(Arc::new(reshape))));
         self
     }
 
@@ -96,7 +137,7 @@ impl Upcasters {
         let mut names: Vec<&str> = Vec::new();
         let mut frontier = vec![current];
         while let Some(name) = frontier.pop() {
-            for (old, new) in &self.renames {
+            for (old, new, _) in &self.renames {
                 if new == name && old != current && !names.contains(&old.as_str()) {
                     names.push(old);
                     frontier.push(old);
@@ -127,8 +168,24 @@ impl Upcasters {
                 view.version += 1;
                 continue;
             }
-            match self.renames.iter().find(|(old, _)| *old == view.event_type) {
-                Some((_, current)) => view.event_type = std::borrow::Cow::Owned(current.clone()),
+            match self
+                .renames
+                .iter()
+                .find(|(old, _, _)| *old == view.event_type)
+            {
+                Some((old, current, reshape)) => {
+                    if let Some(reshape) = reshape {
+                        let data = view.data.into_owned();
+                        view.data = std::borrow::Cow::Owned(reshape(data).map_err(|reason| {
+                            DecodeErrorKind::Reshape {
+                                old: old.clone(),
+                                current: current.clone(),
+                                reason,
+                            }
+                        })?);
+                    }
+                    view.event_type = std::borrow::Cow::Owned(current.clone());
+                }
                 None => return Ok(view),
             }
         }

@@ -11,6 +11,8 @@ pub struct EventAttrs {
     pub krate: Option<Path>,
     /// The name of an enum's generated kind enum.
     pub kind: Option<syn::Ident>,
+    /// The name of an enum's generated `kind()` method; `None` inside: no method.
+    pub kind_method: Option<Option<syn::Ident>>,
 }
 
 /// Attributes of a field of a typed event.
@@ -78,10 +80,23 @@ pub fn event_attrs(attrs: &[Attribute], place: EventAttrPlace) -> Result<EventAt
             } else if meta.path.is_ident("kind") {
                 allowed(place == EventAttrPlace::Enum, "kind")?;
                 parsed.kind = Some(meta.value()?.parse()?);
+            } else if meta.path.is_ident("kind_method") {
+                allowed(place == EventAttrPlace::Enum, "kind_method")?;
+                if parsed.kind_method.is_some() {
+                    return Err(meta.error("`kind_method` and `no_kind_method` are given once"));
+                }
+                parsed.kind_method = Some(Some(meta.value()?.parse()?));
+            } else if meta.path.is_ident("no_kind_method") {
+                allowed(place == EventAttrPlace::Enum, "no_kind_method")?;
+                if parsed.kind_method.is_some() {
+                    return Err(meta.error("`kind_method` and `no_kind_method` are given once"));
+                }
+                parsed.kind_method = Some(None);
             } else {
                 return Err(meta.error(
                     "unknown crablet attribute; expected `event_type = \"...\"`, `version = N`, \
-                     `upcasters = path`, `kind = Name` (enums) or `crate = path`",
+                     `upcasters = path`, `kind = Name`, `kind_method = name` or \
+                     `no_kind_method` (enums) or `crate = path`",
                 ));
             }
             Ok(())
@@ -124,29 +139,6 @@ pub fn field_attrs(attrs: &[Attribute]) -> Result<FieldAttrs> {
                 Err(meta
                     .error("unknown crablet field attribute; expected `tag` or `tag = \"key\"`"))
             }
-        })?;
-    }
-    // Serde attributes that call a function with the field get a reference to it when the
-    // payload is serialized, which would not type-check in a confusing way.
-    for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
-        attr.parse_nested_meta(|meta| {
-            for unsupported in ["skip_serializing_if", "serialize_with", "with"] {
-                if meta.path.is_ident(unsupported) {
-                    return Err(meta.error(format!(
-                        "`#[serde({unsupported} = ...)]` is not supported on typed event fields: \
-                         the payload is serialized from references to the fields"
-                    )));
-                }
-            }
-            // Skip the attribute's value, whatever it is.
-            if meta.input.peek(syn::Token![=]) {
-                let _: syn::Expr = meta.value()?.parse()?;
-            } else if meta.input.peek(syn::token::Paren) {
-                let _content;
-                syn::parenthesized!(_content in meta.input);
-                let _: proc_macro2::TokenStream = _content.parse()?;
-            }
-            Ok(())
         })?;
     }
     Ok(parsed)

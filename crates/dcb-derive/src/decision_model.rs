@@ -3,6 +3,7 @@ use crate::attrs::{model_attrs, no_generics};
 use crate::krate::runtime_path;
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
+use syn::ext::IdentExt;
 use syn::{Data, DeriveInput, Error, Fields, Result};
 
 pub fn expand(input: DeriveInput) -> Result<TokenStream> {
@@ -29,14 +30,13 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
     };
     let state = attrs
         .state
-        .unwrap_or_else(|| format_ident!("{}State", name));
+        .unwrap_or_else(|| format_ident!("{}State", name.unraw()));
     let derives = attrs
         .state_derive
         .unwrap_or_else(|| vec![syn::parse_quote!(Debug), syn::parse_quote!(Clone)]);
     let vis = &input.vis;
     let idents: Vec<_> = fields.iter().filter_map(|f| f.ident.as_ref()).collect();
     let types: Vec<_> = fields.iter().map(|f| &f.ty).collect();
-    let field_vis = fields.iter().map(|f| &f.vis);
     let docs = fields.iter().map(|f| {
         let docs: Vec<_> = f
             .attrs
@@ -57,8 +57,10 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
     Ok(quote! {
         #[doc = #state_doc]
         #[derive(#(#derives),*)]
+        // The states are what the model is for: wherever the model is visible, so are they,
+        // whatever its projector fields' visibility (those stay private to build the model).
         #vis struct #state {
-            #( #docs #field_vis #idents: <#types as #projectors>::States, )*
+            #( #docs #vis #idents: <#types as #projectors>::States, )*
         }
 
         impl #projectors for #name {

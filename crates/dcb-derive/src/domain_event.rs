@@ -1,10 +1,21 @@
 //! `#[derive(DomainEvent)]`.
 use crate::attrs::{event_attrs, field_attrs, no_generics, EventAttrPlace};
 use crate::krate::runtime_path;
+use crate::serde_attrs::{self, ContainerSerde, FieldSerde, SerdePlace};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
-use syn::{Attribute, Data, DeriveInput, Error, Fields, Ident, LitStr, Result, Type};
+use syn::{Data, DeriveInput, Error, Fields, Ident, LitStr, Result, Type};
+
+/// A local of the generated code: mixed-site hygiene keeps it apart from the user's fields,
+/// which the generated code binds as locals of their own names.
+fn local(name: &str) -> Ident {
+    Ident::new(name, Span::mixed_site())
+}
+
+/// Field names the generated payload structs use themselves.
+const RESERVED_PREFIX: &str = "__crablet";
 
 /// How a tag field holds its values.
 enum TagKind {
@@ -21,13 +32,18 @@ struct Field {
     ty: Type,
     /// The tag key and how the field holds its values, for a tag field.
     tag: Option<(LitStr, TagKind)>,
-    serde_attrs: Vec<Attribute>,
+    /// The serde attributes of a payload field (`None` for a tag field).
+    serde: Option<FieldSerde>,
 }
 
 /// The layout of one event type: a struct, or one inline variant of an enum.
 struct Shape {
     event_type: LitStr,
     version: u32,
+    /// The Rust name (`Type` or `Enum::Variant`), for errors.
+    rust_name: String,
+    /// Container serde attributes forwarded to the payload structs.
+    serde: ContainerSerde,
     /// `None` for a unit struct or unit variant.
     fields: Option<Vec<Field>>,
 }
@@ -45,7 +61,9 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
         Data::Struct(data) => {
             let attrs = event_attrs(&input.attrs, EventAttrPlace::Struct)?;
             let krate = runtime_path(attrs.krate.as_ref());
-            let shape = shape(name, &attrs, &data.fields)?;
+            let serde = serde_attrs::container(&input.attrs, SerdePlace::Struct)?;
+            let rust_name = name.unraw().to_string();
+            let shape = shape(name, rust_name, serde, &attrs, &data.fields, &krate)?;
             Ok(expand_struct(
                 name,
                 &shape,
@@ -56,6 +74,7 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
         Data::Enum(data) => {
             let attrs = event_attrs(&input.attrs, EventAttrPlace::Enum)?;
             let krate = runtime_path(attrs.krate.as_ref());
+            let enum_serde = serde_attrs::container(&input.attrs, SerdePlace::Enum)?;
             let mut variants = Vec::new();
             let mut seen: Vec<String> = Vec::new();
             for variant in &data.variants {
@@ -73,6 +92,7 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
                                  give inline events named fields",
                             ));
                         }
+                        serde_attrs::container(&variant.attrs, SerdePlace::Delegate)?;
                         let inner = &unnamed.unnamed[0];
                         if let Some(attr) =
                             inner.attrs.iter().find(|a| a.path().is_ident("crablet"))
@@ -85,7 +105,19 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
                         variants.push(Variant::Delegate(variant.ident.clone(), inner.ty.clone()));
                     }
                     fields => {
-                        let shape = shape(&variant.ident, &variant_attrs, fields)?;
+                        let serde = ContainerSerde::for_variant(
+                            &enum_serde,
+                            serde_attrs::container(&variant.attrs, SerdePlace::Variant)?,
+                        );
+                        let rust_name = format!("{}::{}", name.unraw(), variant.ident.unraw());
+                        let shape = shape(
+                            &variant.ident,
+                            rust_name,
+                            serde,
+                            &variant_attrs,
+                            fields,
+                            &krate,
+                        )?;
                         let event_type = shape.event_type.value();
                         if seen.contains(&event_type) {
                             return Err(Error::new(
@@ -110,9 +142,20 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
             let kind = attrs
                 .kind
                 .clone()
-                .unwrap_or_else(|| quote::format_ident!("{}Kind", name));
+                .unwrap_or_else(|| quote::format_ident!("{}Kind", name.unraw()));
+            let kind_method = match &attrs.kind_method {
+                None => Some(Ident::new("kind", Span::call_site())),
+                Some(chosen) => chosen.clone(),
+            };
             let mut expanded = expand_enum(name, &variants, attrs.upcasters.as_ref(), &krate);
-            expanded.extend(expand_kind(name, &kind, &input.vis, &variants, &krate));
+            expanded.extend(expand_kind(
+                name,
+                &kind,
+                kind_method.as_ref(),
+                &input.vis,
+                &variants,
+                &krate,
+            ));
             Ok(expanded)
         }
         Data::Union(_) => Err(Error::new(
@@ -122,11 +165,19 @@ pub fn expand(input: DeriveInput) -> Result<TokenStream> {
     }
 }
 
-fn shape(ident: &Ident, attrs: &crate::attrs::EventAttrs, fields: &Fields) -> Result<Shape> {
+fn shape(
+    ident: &Ident,
+    rust_name: String,
+    serde: ContainerSerde,
+    attrs: &crate::attrs::EventAttrs,
+    fields: &Fields,
+    krate: &TokenStream,
+) -> Result<Shape> {
+    let support = quote!(#krate::derive_support);
     let event_type = attrs
         .event_type
         .clone()
-        .unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
+        .unwrap_or_else(|| LitStr::new(&ident.unraw().to_string(), ident.span()));
     let version = match &attrs.version {
         Some(v) => v.base10_parse()?,
         None => 1,
@@ -144,12 +195,24 @@ fn shape(ident: &Ident, attrs: &crate::attrs::EventAttrs, fields: &Fields) -> Re
                     .ident
                     .clone()
                     .ok_or_else(|| Error::new(field.span(), "a typed event needs named fields"))?;
+                if ident.unraw().to_string().starts_with(RESERVED_PREFIX) {
+                    return Err(Error::new(
+                        ident.span(),
+                        format!(
+                            "field names starting with `{RESERVED_PREFIX}` are reserved for the \
+                             code the derive generates"
+                        ),
+                    ));
+                }
                 let field_attrs = field_attrs(&field.attrs)?;
                 let tag = match field_attrs.tag {
                     None => None,
                     Some(key) => {
-                        let key =
-                            key.unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
+                        serde_attrs::refuse_on_tag(&field.attrs)?;
+                        // `r#type` is the field `type`: its key too.
+                        let key = key.unwrap_or_else(|| {
+                            LitStr::new(&ident.unraw().to_string(), ident.span())
+                        });
                         if let Some(other) = out.iter().find(|f| {
                             f.tag
                                 .as_ref()
@@ -168,17 +231,20 @@ fn shape(ident: &Ident, attrs: &crate::attrs::EventAttrs, fields: &Fields) -> Re
                         Some((key, tag_kind(&field.ty)))
                     }
                 };
-                let serde_attrs = field
-                    .attrs
-                    .iter()
-                    .filter(|a| a.path().is_ident("serde"))
-                    .cloned()
-                    .collect();
+                let serde = match tag {
+                    Some(_) => None,
+                    None => Some(serde_attrs::field(
+                        &field.attrs,
+                        &ident,
+                        &field.ty,
+                        &support,
+                    )?),
+                };
                 out.push(Field {
                     ident,
                     ty: field.ty.clone(),
                     tag,
-                    serde_attrs,
+                    serde,
                 });
             }
             Some(out)
@@ -187,6 +253,8 @@ fn shape(ident: &Ident, attrs: &crate::attrs::EventAttrs, fields: &Fields) -> Re
     Ok(Shape {
         event_type,
         version,
+        rust_name,
+        serde,
         fields,
     })
 }
@@ -221,6 +289,7 @@ fn encode_shape(shape: &Shape, krate: &TokenStream) -> TokenStream {
     let version = shape.version;
     let fields = shape.fields.as_deref().unwrap_or(&[]);
     let support = quote!(#krate::derive_support);
+    let tags = local("tags");
     let push_tags = fields.iter().filter_map(|f| {
         let (key, kind) = f.tag.as_ref()?;
         let ident = &f.ident;
@@ -229,39 +298,52 @@ fn encode_shape(shape: &Shape, krate: &TokenStream) -> TokenStream {
             TagKind::Many => quote!(push_tags),
             TagKind::Optional => quote!(push_optional_tag),
         };
-        Some(quote_spanned!(f.ty.span()=> #support::#function(&mut __tags, #key, #ident);))
+        Some(quote_spanned!(f.ty.span()=> #support::#function(&mut #tags, #key, #ident);))
     });
-    let payload: Vec<&Field> = fields.iter().filter(|f| f.tag.is_none()).collect();
-    let payload_idents: Vec<&Ident> = payload.iter().map(|f| &f.ident).collect();
-    let payload_types = payload.iter().map(|f| &f.ty);
-    let payload_attrs = payload.iter().map(|f| &f.serde_attrs);
+    let payload: Vec<(&Field, &FieldSerde)> = fields
+        .iter()
+        .filter_map(|f| f.serde.as_ref().map(|serde| (f, serde)))
+        .collect();
+    let payload_idents: Vec<&Ident> = payload.iter().map(|(f, _)| &f.ident).collect();
+    let payload_types = payload.iter().map(|(f, _)| &f.ty);
+    let payload_attrs = payload.iter().map(|(_, serde)| &serde.ser);
+    let helpers = payload.iter().map(|(_, serde)| &serde.helpers);
+    let container = &shape.serde.both;
     let serde_crate = serde_crate(krate);
     quote! {{
-        let mut __tags = ::std::vec::Vec::new();
+        let mut #tags = ::std::vec::Vec::new();
         #(#push_tags)*
+        #(#helpers)*
         #[derive(#support::serde::Serialize)]
         #[serde(crate = #serde_crate)]
-        struct __CrabletPayload<'__a> {
-            #( #(#payload_attrs)* #payload_idents: &'__a #payload_types, )*
+        #( #[serde(#container)] )*
+        struct __CrabletPayload<'__crablet> {
+            #( #payload_attrs #payload_idents: &'__crablet #payload_types, )*
             #[serde(skip)]
-            __crablet_marker: ::std::marker::PhantomData<&'__a ()>,
+            __crablet_marker: ::std::marker::PhantomData<&'__crablet ()>,
         }
         #support::new_event(
             #event_type,
             #version,
-            __tags,
+            #tags,
             &__CrabletPayload { #(#payload_idents,)* __crablet_marker: ::std::marker::PhantomData },
         )
     }}
 }
 
-/// The expression decoding `view` into `constructor` (`Self` or `Self::Variant`).
+/// The expression decoding the local `view` (stored at version `stored`) into `constructor`
+/// (`Self` or `Self::Variant`).
 fn decode_shape(shape: &Shape, constructor: TokenStream, krate: &TokenStream) -> TokenStream {
     let version = shape.version;
+    let rust_name = &shape.rust_name;
     let support = quote!(#krate::derive_support);
+    let view = local("view");
+    let stored = local("stored");
+    let payload_local = local("payload");
     let Some(fields) = &shape.fields else {
         return quote! {{
-            #support::check_version(&view, #version)?;
+            #support::check_version(&#view, #stored, #version)?;
+            #support::unit_payload(&#view, #rust_name)?;
             ::std::result::Result::Ok(#constructor)
         }};
     };
@@ -273,24 +355,40 @@ fn decode_shape(shape: &Shape, constructor: TokenStream, krate: &TokenStream) ->
             TagKind::Many => quote!(tags),
             TagKind::Optional => quote!(optional_tag),
         };
-        Some(quote_spanned!(f.ty.span()=> #ident: #support::#function(&view, #key)?,))
+        Some(quote_spanned!(f.ty.span()=> #ident: #support::#function(&#view, #key)?,))
     });
-    let payload: Vec<&Field> = fields.iter().filter(|f| f.tag.is_none()).collect();
-    let payload_idents: Vec<&Ident> = payload.iter().map(|f| &f.ident).collect();
-    let payload_types = payload.iter().map(|f| &f.ty);
-    let payload_attrs = payload.iter().map(|f| &f.serde_attrs);
+    let payload: Vec<(&Field, &FieldSerde)> = fields
+        .iter()
+        .filter_map(|f| f.serde.as_ref().map(|serde| (f, serde)))
+        .collect();
+    let payload_idents: Vec<&Ident> = payload.iter().map(|(f, _)| &f.ident).collect();
+    let payload_types = payload.iter().map(|(f, _)| &f.ty);
+    let payload_attrs = payload.iter().map(|(_, serde)| &serde.de);
+    let container = shape.serde.both.iter().chain(&shape.serde.de);
+    // serde's errors say what they expected: the user's type, not the generated one.
+    let expecting = (!shape
+        .serde
+        .de
+        .iter()
+        .any(|meta| meta.path().is_ident("expecting")))
+    .then(|| {
+        let text = format!("struct {rust_name}");
+        quote!(#[serde(expecting = #text)])
+    });
     let serde_crate = serde_crate(krate);
     quote! {{
-        #support::check_version(&view, #version)?;
+        #support::check_version(&#view, #stored, #version)?;
         #[derive(#support::serde::Deserialize)]
         #[serde(crate = #serde_crate)]
+        #expecting
+        #( #[serde(#container)] )*
         struct __CrabletPayload {
-            #( #(#payload_attrs)* #payload_idents: #payload_types, )*
+            #( #payload_attrs #payload_idents: #payload_types, )*
         }
-        let __payload: __CrabletPayload = #support::payload(&view)?;
+        let #payload_local: __CrabletPayload = #support::payload(&#view)?;
         ::std::result::Result::Ok(#constructor {
             #(#tag_values)*
-            #( #payload_idents: __payload.#payload_idents, )*
+            #( #payload_idents: #payload_local.#payload_idents, )*
         })
     }}
 }
@@ -330,6 +428,9 @@ fn expand_struct(
     let encode = encode_shape(shape, krate);
     let decode = decode_shape(shape, quote!(Self), krate);
     let upcasters = upcasters_fn(upcasters, krate);
+    let decodes = decodes_fn(krate);
+    let view = local("view");
+    let stored = local("stored");
     quote! {
         impl #name {
             /// The event type this struct encodes to.
@@ -357,17 +458,34 @@ fn expand_struct(
                 #encode
             }
 
+            #decodes
+
             fn decode_view(
-                view: #krate::EventView<'_>,
+                #view: #krate::EventView<'_>,
             ) -> ::std::result::Result<Self, #krate::DecodeErrorKind> {
-                let view = <Self as #krate::DomainEvent>::upcasters().apply(view)?;
-                if view.event_type != #event_type {
+                let #stored = #view.version;
+                let #view = <Self as #krate::DomainEvent>::upcasters().apply(#view)?;
+                if #view.event_type != #event_type {
                     return ::std::result::Result::Err(#krate::derive_support::unknown_type(
                         ::std::vec![#event_type],
                     ));
                 }
                 #decode
             }
+        }
+    }
+}
+
+/// `decodes`, on read types computed once: enums ask it of their wrapped events per event.
+fn decodes_fn(krate: &TokenStream) -> TokenStream {
+    quote! {
+        fn decodes(event_type: &str) -> bool {
+            static READ_TYPES: ::std::sync::OnceLock<::std::vec::Vec<::std::string::String>> =
+                ::std::sync::OnceLock::new();
+            READ_TYPES
+                .get_or_init(<Self as #krate::DomainEvent>::read_types)
+                .iter()
+                .any(|t| t == event_type)
         }
     }
 }
@@ -386,6 +504,8 @@ fn expand_enum(
     let mut encode_arms = Vec::new();
     let mut decode_branches = Vec::new();
     let mut read_types = Vec::new();
+    let view = local("view");
+    let stored = local("stored");
     for variant in variants {
         match variant {
             Variant::Inline(ident, shape) => {
@@ -402,7 +522,7 @@ fn expand_enum(
                 version_arms.push(quote!(Self::#ident { .. } => #version,));
                 encode_arms.push(quote!(Self::#ident #binding => #encode,));
                 decode_branches.push(quote! {
-                    if view.event_type == #event_type {
+                    if #view.event_type == #event_type {
                         return #decode;
                     }
                 });
@@ -413,8 +533,8 @@ fn expand_enum(
                 version_arms.push(quote!(Self::#ident(inner) => #trait_::schema_version(inner),));
                 encode_arms.push(quote!(Self::#ident(inner) => #trait_::encode(inner),));
                 decode_branches.push(quote! {
-                    if <#inner as #trait_>::decodes(&view.event_type) {
-                        return <#inner as #trait_>::decode_view(view).map(Self::#ident);
+                    if <#inner as #trait_>::decodes(&#view.event_type) {
+                        return <#inner as #trait_>::decode_view(#view).map(Self::#ident);
                     }
                 });
                 read_types.push(quote!(<#inner as #trait_>::read_types()));
@@ -422,6 +542,7 @@ fn expand_enum(
         }
     }
     let upcasters = upcasters_fn(upcasters, krate);
+    let decodes = decodes_fn(krate);
     quote! {
         impl #trait_ for #name {
             fn event_types() -> ::std::vec::Vec<&'static str> {
@@ -458,10 +579,14 @@ fn expand_enum(
                 }
             }
 
+            #decodes
+
+            #[allow(unused_variables)]
             fn decode_view(
-                view: #krate::EventView<'_>,
+                #view: #krate::EventView<'_>,
             ) -> ::std::result::Result<Self, #krate::DecodeErrorKind> {
-                let view = <Self as #trait_>::upcasters().apply(view)?;
+                let #stored = #view.version;
+                let #view = <Self as #trait_>::upcasters().apply(#view)?;
                 #(#decode_branches)*
                 ::std::result::Result::Err(#support::unknown_type(<Self as #trait_>::event_types()))
             }
@@ -474,6 +599,7 @@ fn expand_enum(
 fn expand_kind(
     name: &Ident,
     kind: &Ident,
+    kind_method: Option<&Ident>,
     vis: &syn::Visibility,
     variants: &[Variant],
     krate: &TokenStream,
@@ -504,6 +630,18 @@ fn expand_kind(
          selects some of them by their event types."
     );
     let kind_doc = format!("The kind of this event, a [`{kind}`].");
+    let from_doc = format!("The kind of a [`{name}`] event.");
+    let method = kind_method.map(|method| {
+        quote! {
+            impl #name {
+                #[doc = #kind_doc]
+                #[allow(dead_code)]
+                pub fn #method(&self) -> #kind {
+                    ::std::convert::From::from(self)
+                }
+            }
+        }
+    });
     quote! {
         #[doc = #doc]
         #[derive(::std::fmt::Debug, ::std::clone::Clone, ::std::marker::Copy, ::std::cmp::PartialEq, ::std::cmp::Eq, ::std::hash::Hash)]
@@ -526,14 +664,15 @@ fn expand_kind(
             }
         }
 
-        impl #name {
-            #[doc = #kind_doc]
-            #[allow(dead_code)]
-            pub fn kind(&self) -> #kind {
-                match self {
+        impl ::std::convert::From<&#name> for #kind {
+            #[doc = #from_doc]
+            fn from(event: &#name) -> Self {
+                match event {
                     #(#kind_arms)*
                 }
             }
         }
+
+        #method
     }
 }

@@ -15,6 +15,7 @@ mod attrs;
 mod decision_model;
 mod domain_event;
 mod krate;
+mod serde_attrs;
 
 use proc_macro::TokenStream;
 use syn::{parse_macro_input, DeriveInput};
@@ -23,13 +24,19 @@ use syn::{parse_macro_input, DeriveInput};
 ///
 /// - **Event type**: the struct's or variant's name, or `#[crablet(event_type = "...")]`. Two
 ///   variants with one event type do not compile.
-/// - **Tags**: fields marked `#[crablet(tag)]` (key: the field's name) or
+/// - **Tags**: fields marked `#[crablet(tag)]` (key: the field's name without `r#`) or
 ///   `#[crablet(tag = "key")]`. The field holds a [`TagValue`] (`String`, an integer, `bool`,
-///   `char`, or your own type implementing it), a `Vec` of them (several values for one key)
-///   or an `Option` of one. Any other field type does not compile.
-/// - **Payload**: every other field, as a JSON object through serde. Field attributes
-///   `#[serde(rename, default, alias, flatten, skip, ...)]` apply to the payload (but not those
-///   calling a function with the field: `skip_serializing_if`, `serialize_with`, `with`).
+///   `char`, or your own type implementing it), a `Vec` of them (several values for one key;
+///   distinct and non-empty, or the append fails with a validation error and writes nothing)
+///   or an `Option` of one. Any other field type does not compile; nor do serde attributes on
+///   a tag field, which is not part of the payload.
+/// - **Payload**: every other field, as a JSON object through serde, as serde would write it.
+///   Field attributes apply as serde applies them (`skip_serializing_if` and `skip_serializing`
+///   only with `default` or on an `Option`, so that what is written decodes); container
+///   attributes `rename_all` (on an enum `rename_all_fields`, or per variant `rename_all`),
+///   `deny_unknown_fields` and `expecting` are forwarded, and the others that would change the
+///   payload do not compile. NaN and infinite floats fail encoding (`NonFiniteFloat`). A unit
+///   struct or variant is the payload `{}`, and decodes from nothing else.
 /// - **Schema version**: `#[crablet(version = N)]` (default 1) on the struct or variant. Above
 ///   1 it is written to the event's metadata (`schema_version`); reading an older version needs
 ///   an upcaster, reading a newer one fails with a clear error.
@@ -39,9 +46,11 @@ use syn::{parse_macro_input, DeriveInput};
 ///   itself, so event structs can be shared by several enums.
 ///
 /// A struct also gets the constant `EVENT_TYPE`. An enum also gets a kind enum
-/// (`{Enum}Kind`, or `#[crablet(kind = Name)]`): one unit variant per variant, and
-/// `event.kind()`, so `QueryItem::of_kinds([CourseEventKind::Enrolled])` selects some variants
-/// without spelling their event types.
+/// (`{Enum}Kind`, or `#[crablet(kind = Name)]`): one unit variant per variant,
+/// `{Enum}Kind::from(&event)` and `event.kind()` (`#[crablet(kind_method = name)]` renames the
+/// method, `#[crablet(no_kind_method)]` leaves it out, for an enum with a `kind` of its own), so
+/// `QueryItem::of_kinds([CourseEventKind::Enrolled])?` selects some variants without spelling
+/// their event types.
 ///
 /// ```
 /// use crablet::memory::InMemoryEventStore;
@@ -123,7 +132,8 @@ pub fn derive_domain_event(input: TokenStream) -> TokenStream {
 /// append condition, like a tuple of projectors, but its states come back as a struct with
 /// the same field names (`{Name}State` unless `#[crablet(state = Name)]` says otherwise;
 /// it derives `Debug` and `Clone` unless `#[crablet(state_derive(...))]` lists others), so
-/// two counters cannot be swapped by accident.
+/// two counters cannot be swapped by accident. The state struct and its fields have the
+/// model's visibility, whatever the projector fields' own.
 ///
 /// ```
 /// use crablet::memory::InMemoryEventStore;

@@ -42,8 +42,11 @@
 //!     .await;
 //! # }
 //! ```
+mod recording;
+
 use dcb_command::{Command, CommandError, CommandExecutor, CommandHandler, CommandOutcome};
 use dcb_core::{Cursor, DomainEvent, Event, EventStore, NewEvent, Query, ReadOptions};
+use recording::{Log, Recording};
 use serde::Serialize;
 use std::fmt;
 use std::future::Future;
@@ -102,8 +105,10 @@ impl Scenario {
         self.given(events).await
     }
 
-    /// Runs `action` (a decision and its `append_if`, say) on the store. What it appends is
-    /// what the `then` steps check: every event after the newest one before it ran.
+    /// Runs `action` (a decision and its `append_if`, say) on the store it is given: the
+    /// scenario's store, noting what is appended through it. What `action` appends through
+    /// that store (appends, conditional appends, batches and command commits) is what the
+    /// `then` steps check; events other tasks append meanwhile are not.
     pub async fn when<T, E, F, Fut>(mut self, action: F) -> Then<T, E>
     where
         F: FnOnce(Arc<dyn EventStore>) -> Fut,
@@ -117,10 +122,16 @@ impl Scenario {
             .unwrap_or_else(|err| panic!("when: reading the end of the history failed: {err}"))
             .first()
             .map(|e| e.cursor);
-        let result = action(self.store.clone()).await;
+        let writes = Log::default();
+        let recording: Arc<dyn EventStore> = Arc::new(Recording {
+            inner: self.store.clone(),
+            log: writes.clone(),
+        });
+        let result = action(recording).await;
         Then {
             store: self.store,
             given_until: self.given_until,
+            writes,
             result,
         }
     }
@@ -136,8 +147,10 @@ impl Scenario {
         T: Serialize + Send + Sync,
         H: CommandHandler<T> + ?Sized,
     {
-        let executor = CommandExecutor::new(self.store.clone());
-        self.when(|_| executor.execute(command, handler)).await
+        self.when(
+            |store| async move { CommandExecutor::new(store).execute(command, handler).await },
+        )
+        .await
     }
 }
 
@@ -145,6 +158,8 @@ impl Scenario {
 pub struct Then<T, E> {
     store: Arc<dyn EventStore>,
     given_until: Option<Cursor>,
+    /// What `when` appended through the store it was given.
+    writes: Log,
     result: Result<T, E>,
 }
 
@@ -163,13 +178,24 @@ impl<T: fmt::Debug, E: fmt::Display + fmt::Debug> Then<T, E> {
         &self.result
     }
 
-    /// The events appended after the history, in order.
+    /// The events `when` appended, in order, as stored (not those other tasks appended
+    /// meanwhile).
     pub async fn appended(&self) -> Vec<Event> {
+        let writes = self
+            .writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        if writes.is_empty() {
+            return Vec::new();
+        }
         let options = ReadOptions::default().after_opt(self.given_until);
-        self.store
+        let events = self
+            .store
             .query(&Query::all(), options)
             .await
-            .unwrap_or_else(|err| panic!("then: reading the appended events failed: {err}"))
+            .unwrap_or_else(|err| panic!("then: reading the appended events failed: {err}"));
+        recording::select(events, &writes)
     }
 
     /// Asserts that `when` succeeded and appended exactly `expected`, in order: same types,

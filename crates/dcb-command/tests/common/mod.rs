@@ -55,6 +55,10 @@ macro_rules! all_backend_tests {
             invalid_decision_rolls_back_everything,
             audit_query_by_type_and_time,
             handler_may_stream_through_the_session,
+            conflict_raised_inside_the_handler_is_retried,
+            conflict_raised_inside_the_handler_gives_up_after_max_attempts,
+            conflict_raised_inside_the_handler_without_retry,
+            undecodable_event_is_a_decode_error,
         );
     };
 }
@@ -932,4 +936,150 @@ pub async fn many_concurrent_commands_complete(store: Store, commands: usize) {
     }
     assert_eq!(all_events(store.as_ref()).await.len(), commands);
     assert_eq!(all_commands(store.as_ref()).await.len(), commands);
+}
+
+/// Enrolls with an `append_if` of its own, through the store, and returns nothing to append:
+/// on its first `interfere_runs` runs another writer enrolls between its read and its append,
+/// so its own append conflicts and the conflict leaves the handler with `?`.
+pub struct SelfAppendingEnroll {
+    pub store: Store,
+    pub interfere_runs: u32,
+    pub runs: AtomicU32,
+}
+
+#[async_trait]
+impl CommandHandler<Enroll> for SelfAppendingEnroll {
+    type Error = CourseError;
+
+    async fn handle(
+        &self,
+        command: &Command<Enroll>,
+        reader: &dyn EventReader,
+    ) -> HandlerResult<CourseError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let course = &command.payload.course_id;
+        let model = reader
+            .project(StateProjector::counter(enrolled_query(course)))
+            .await?;
+        if run <= self.interfere_runs {
+            self.store
+                .append(vec![enrolled(course, &format!("interloper-{run}"))])
+                .await?;
+        }
+        self.store
+            .append_if(
+                vec![enrolled(course, &command.payload.student_id)],
+                model.condition,
+            )
+            .await?;
+        Ok(Decision::nothing())
+    }
+}
+
+fn self_appending(store: &Store, interfere_runs: u32) -> SelfAppendingEnroll {
+    SelfAppendingEnroll {
+        store: store.clone(),
+        interfere_runs,
+        runs: AtomicU32::new(0),
+    }
+}
+
+pub async fn conflict_raised_inside_the_handler_is_retried(store: Store) {
+    let executor = CommandExecutor::new(store.clone()).with_retry(fast_retry(3));
+    let handler = self_appending(&store, 1);
+    let outcome = executor
+        .execute(enroll("c1", "s1"), &handler)
+        .await
+        .expect("the second run appends on fresh state");
+    assert_eq!(outcome.attempts, 2);
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 2);
+    let events = all_events(store.as_ref()).await;
+    let students: Vec<_> = events.iter().filter_map(|e| e.tag("student_id")).collect();
+    assert_eq!(students, vec!["interloper-1", "s1"]);
+}
+
+pub async fn conflict_raised_inside_the_handler_gives_up_after_max_attempts(store: Store) {
+    let executor = CommandExecutor::new(store.clone()).with_retry(fast_retry(3));
+    let handler = self_appending(&store, u32::MAX);
+    let err = executor
+        .execute(enroll("c1", "s1"), &handler)
+        .await
+        .expect_err("every run conflicts");
+    assert!(err.is_conflict(), "{err:?}");
+    assert_eq!(err.attempts(), Some(3));
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 3);
+    assert!(all_commands(store.as_ref()).await.is_empty());
+}
+
+pub async fn conflict_raised_inside_the_handler_without_retry(store: Store) {
+    let executor = CommandExecutor::new(store.clone());
+    let handler = self_appending(&store, u32::MAX);
+    let err = executor
+        .execute(enroll("c1", "s1"), &handler)
+        .await
+        .expect_err("the one run conflicts");
+    assert_eq!(err.attempts(), Some(1), "{err:?}");
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
+
+/// A typed event with a `capacity`, decoded by hand (this crate does not use the derive).
+#[derive(Debug)]
+struct Capacity(u64);
+
+impl dcb_core::DomainEvent for Capacity {
+    fn event_types() -> Vec<&'static str> {
+        vec!["CourseDefined"]
+    }
+
+    fn event_type(&self) -> &'static str {
+        "CourseDefined"
+    }
+
+    fn schema_version(&self) -> u32 {
+        1
+    }
+
+    fn encode(&self) -> Result<NewEvent, dcb_core::Error> {
+        Ok(NewEvent::new(
+            "CourseDefined",
+            vec![],
+            json!({ "capacity": self.0 }),
+        ))
+    }
+
+    fn decode_view(view: dcb_core::EventView<'_>) -> Result<Self, dcb_core::DecodeErrorKind> {
+        view.data["capacity"].as_u64().map(Capacity).ok_or_else(|| {
+            dcb_core::DecodeErrorKind::Payload {
+                reason: "no capacity".into(),
+            }
+        })
+    }
+}
+
+pub async fn undecodable_event_is_a_decode_error(store: Store) {
+    let bad = NewEvent::new(
+        "CourseDefined",
+        vec![Tag::new("course_id", "c1")],
+        json!({}),
+    );
+    let cursor = store.append(vec![bad]).await.expect("append");
+    let read_capacity = handler_fn(|_: &Command<()>, reader| {
+        Box::pin(async move {
+            let query = Query::types(["CourseDefined"]);
+            reader
+                .query_typed::<Capacity>(&query, ReadOptions::default())
+                .await?;
+            Ok::<_, HandlerError>(Decision::nothing())
+        })
+    });
+    let executor = CommandExecutor::new(store.clone()).with_retry(fast_retry(3));
+    let err = executor
+        .execute(Command::new("ReadCapacity", ()), &read_capacity)
+        .await
+        .expect_err("the event does not decode");
+    let decode = err.as_decode().unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(decode.cursor, cursor);
+    assert_eq!(decode.event_type, "CourseDefined");
+    assert!(err.to_string().contains("no capacity"), "{err}");
+    assert!(all_commands(store.as_ref()).await.is_empty());
 }

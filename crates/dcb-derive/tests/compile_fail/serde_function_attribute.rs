@@ -1,7 +1,8 @@
+// Left out when empty, but then missing when read: it would not decode without a default.
 #[derive(crablet::DomainEvent)]
 struct Deposited {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    note: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    note: String,
 }
 
 fn main() {}
