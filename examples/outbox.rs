@@ -123,7 +123,11 @@ async fn run() -> Result<(), AnyError> {
     let placed = match &backend.postgres {
         Some(store) => {
             let table = create_outbox(store).await?;
-            let placed = place_orders(store.clone(), &table).await?;
+            let insert = format!("INSERT INTO {table} (body) VALUES ($1)");
+            let placed = place_orders(|placed, once| {
+                place_in_session(store.clone(), insert.clone(), placed, once)
+            })
+            .await?;
             relay_outbox(store, &table, &broker).await?;
             let left: i64 = store
                 .pool()
@@ -136,7 +140,9 @@ async fn run() -> Result<(), AnyError> {
             placed
         }
         None => {
-            let placed = place_orders_in_memory(backend.store.clone()).await?;
+            let store = backend.store.clone();
+            let placed =
+                place_orders(|placed, once| place_in_memory(store.clone(), placed, once)).await?;
             relay_log(backend.store.clone(), &broker, placed.len()).await?;
             placed
         }
@@ -246,36 +252,26 @@ fn order_id(i: usize) -> String {
     format!("order-{i:03}")
 }
 
-/// Two racing commands per order; each is a session: the event and the outbox row commit
-/// together, or (on a conflict) neither.
-async fn place_orders(store: PostgresEventStore, table: &str) -> Result<Vec<String>, AnyError> {
+/// Places every order twice, concurrently, each attempt with `place` (true: placed; false: it
+/// conflicted with the other attempt). Returns the orders placed.
+async fn place_orders<F, Fut>(place: F) -> Result<Vec<String>, AnyError>
+where
+    F: Fn(OrderPlaced, AppendCondition) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, AnyError>> + Send + 'static,
+{
     let mut tasks = Vec::new();
     for attempt in 0..2 * ORDERS {
-        let store = store.clone();
-        let insert = format!("INSERT INTO {table} (body) VALUES ($1)");
+        let order = order_id(attempt % ORDERS);
+        let placed = OrderPlaced {
+            order: order.clone(),
+            amount: 10 + attempt as u32 % 7,
+        };
+        let once = AppendCondition::new(Query::from(
+            QueryItem::of::<OrderPlaced>().tag("order", &order),
+        ));
+        let attempt = place(placed, once);
         tasks.push(tokio::spawn(async move {
-            let order = order_id(attempt % ORDERS);
-            let placed = OrderPlaced {
-                order: order.clone(),
-                amount: 10 + attempt as u32 % 7,
-            };
-            let mut session = store.begin_session().await?;
-            let once = AppendCondition::new(Query::from(
-                QueryItem::of::<OrderPlaced>().tag("order", &order),
-            ));
-            match session.append_if(vec![placed.encode()?], once).await {
-                Ok(cursor) => {
-                    let body = serde_json::json!({ "order": order, "cursor": cursor.to_string() });
-                    session.client().execute(&insert, &[&body]).await?;
-                    session.commit().await?;
-                    Ok::<_, AnyError>(Some(order))
-                }
-                Err(err) if err.is_conflict() => {
-                    session.rollback().await?;
-                    Ok(None)
-                }
-                Err(err) => Err(err.into()),
-            }
+            Ok::<_, AnyError>(attempt.await?.then_some(order))
         }));
     }
     let mut placed = Vec::new();
@@ -288,6 +284,43 @@ async fn place_orders(store: PostgresEventStore, table: &str) -> Result<Vec<Stri
         2 * ORDERS
     );
     Ok(placed)
+}
+
+/// Each attempt is a session: the event and the outbox row commit together, or (on a
+/// conflict) neither.
+async fn place_in_session(
+    store: PostgresEventStore,
+    insert: String,
+    placed: OrderPlaced,
+    once: AppendCondition,
+) -> Result<bool, AnyError> {
+    let mut session = store.begin_session().await?;
+    match session.append_if(vec![placed.encode()?], once).await {
+        Ok(cursor) => {
+            let body = serde_json::json!({ "order": placed.order, "cursor": cursor.to_string() });
+            session.client().execute(&insert, &[&body]).await?;
+            session.commit().await?;
+            Ok(true)
+        }
+        Err(err) if err.is_conflict() => {
+            session.rollback().await?;
+            Ok(false)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// In memory: a plain conditional append.
+async fn place_in_memory(
+    store: Arc<dyn EventStore>,
+    placed: OrderPlaced,
+    once: AppendCondition,
+) -> Result<bool, AnyError> {
+    match store.append_if(vec![placed.encode()?], once).await {
+        Ok(_) => Ok(true),
+        Err(err) if err.is_conflict() => Ok(false),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Publishes the outbox in batches, deleting rows after the broker acknowledged them. The
@@ -341,38 +374,6 @@ async fn relay_outbox(
     }
     println!("relay: {published} publication(s), the outbox is empty");
     Ok(())
-}
-
-async fn place_orders_in_memory(store: Arc<dyn EventStore>) -> Result<Vec<String>, AnyError> {
-    let mut tasks = Vec::new();
-    for attempt in 0..2 * ORDERS {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let order = order_id(attempt % ORDERS);
-            let placed = OrderPlaced {
-                order: order.clone(),
-                amount: 10 + attempt as u32 % 7,
-            };
-            let once = AppendCondition::new(Query::from(
-                QueryItem::of::<OrderPlaced>().tag("order", &order),
-            ));
-            match store.append_if(vec![placed.encode()?], once).await {
-                Ok(_) => Ok::<_, AnyError>(Some(order)),
-                Err(err) if err.is_conflict() => Ok(None),
-                Err(err) => Err(err.into()),
-            }
-        }));
-    }
-    let mut placed = Vec::new();
-    for task in tasks {
-        placed.extend(task.await??);
-    }
-    println!(
-        "placed {} order(s) from {} commands",
-        placed.len(),
-        2 * ORDERS
-    );
-    Ok(placed)
 }
 
 /// The log is the outbox: a subscription publishes every OrderPlaced, with its cursor as the

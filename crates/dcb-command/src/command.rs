@@ -68,14 +68,21 @@ impl<T: Serialize> Command<T> {
     /// serialize. Content rules (type length, NUL characters) are checked by
     /// [`dcb_core::validate_command`].
     pub fn to_new_command(&self) -> Result<NewCommand, Error> {
-        let data = serde_json::to_value(&self.payload).map_err(|err| {
+        let data = dcb_core::to_finite_json(&self.payload).map_err(|err| {
+            let (kind, why) = match err {
+                dcb_core::ToJsonError::NonFinite => (
+                    ValidationKind::NonFiniteFloat,
+                    "holds a NaN or infinite float, which JSON cannot represent".to_string(),
+                ),
+                other => (
+                    ValidationKind::NotSerializable,
+                    format!("could not be serialized to JSON: {other}"),
+                ),
+            };
             Error::Validation(ValidationError::new(
                 "command.data",
-                ValidationKind::NotSerializable,
-                format!(
-                    "the payload of command {:?} could not be serialized to JSON: {err}",
-                    self.command_type
-                ),
+                kind,
+                format!("the payload of command {:?} {why}", self.command_type),
             ))
         })?;
         Ok(NewCommand {
@@ -84,5 +91,28 @@ impl<T: Serialize> Command<T> {
             metadata: self.metadata.clone(),
             id: self.id.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_payload_is_refused_not_written_as_null() {
+        let err = Command::new("Measure", vec![1.0, f64::NAN])
+            .to_new_command()
+            .expect_err("NaN has no JSON");
+        match err {
+            Error::Validation(v) => {
+                assert_eq!(v.kind, ValidationKind::NonFiniteFloat);
+                assert!(v.to_string().contains("Measure"), "{v}");
+            }
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+        let ok = Command::new("Measure", vec![1.5])
+            .to_new_command()
+            .expect("finite");
+        assert_eq!(ok.data, serde_json::json!([1.5]));
     }
 }

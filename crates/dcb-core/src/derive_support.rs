@@ -70,7 +70,7 @@ pub fn new_event<P: Serialize>(
     tags: Vec<Tag>,
     payload: &P,
 ) -> Result<NewEvent, Error> {
-    let data = crate::finite::to_json(payload).map_err(|err| {
+    let data = crate::finite::to_finite_json(payload).map_err(|err| {
         Error::Validation(match err {
             ToJsonError::NonFinite => ValidationError::new(
                 "data",

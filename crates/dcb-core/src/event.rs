@@ -84,7 +84,7 @@ impl NewEventBuilder {
     /// [`build`](Self::build) with [`ValidationKind::NonFiniteFloat`] (JSON has no such
     /// numbers).
     pub fn data<T: Serialize + ?Sized>(mut self, data: &T) -> Self {
-        match crate::finite::to_json(data) {
+        match crate::finite::to_finite_json(data) {
             Ok(value) => self.event.data = value,
             Err(err) => self.keep_error("data", err),
         }
@@ -94,7 +94,7 @@ impl NewEventBuilder {
     /// Sets the metadata by serializing `metadata` to JSON, refusing non-finite floats as
     /// [`data`](Self::data) does.
     pub fn metadata<T: Serialize + ?Sized>(mut self, metadata: &T) -> Self {
-        match crate::finite::to_json(metadata) {
+        match crate::finite::to_finite_json(metadata) {
             Ok(value) => self.event.metadata = Some(value),
             Err(err) => self.keep_error("metadata", err),
         }

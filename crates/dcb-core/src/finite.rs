@@ -5,17 +5,39 @@ use serde::ser::{self, Serialize, Serializer};
 use serde_json::Value;
 use std::cell::Cell;
 
-/// Why a value did not become JSON.
+/// Why a value did not become JSON ([`to_finite_json`]).
 #[derive(Debug)]
-pub(crate) enum ToJsonError {
+#[non_exhaustive]
+pub enum ToJsonError {
     /// It holds a NaN or an infinity, which JSON cannot represent.
     NonFinite,
     /// serde_json refused it (a map with non-string keys, a failing `Serialize`, ...).
     Serde(serde_json::Error),
 }
 
-/// `value` as JSON, or an error if any float in it is NaN or infinite.
-pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Value, ToJsonError> {
+impl std::fmt::Display for ToJsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ToJsonError::NonFinite => {
+                f.write_str("it holds a NaN or infinite float, which JSON cannot represent")
+            }
+            ToJsonError::Serde(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+impl std::error::Error for ToJsonError {}
+
+/// `value` as JSON, or an error if any float in it is NaN or infinite (which `serde_json`
+/// would silently write as `null`). What crablet uses for event payloads and metadata, and for
+/// command payloads.
+///
+/// ```
+/// use dcb_core::{to_finite_json, ToJsonError};
+/// assert_eq!(to_finite_json(&[1.5]).unwrap(), serde_json::json!([1.5]));
+/// assert!(matches!(to_finite_json(&f64::NAN), Err(ToJsonError::NonFinite)));
+/// ```
+pub fn to_finite_json<T: Serialize + ?Sized>(value: &T) -> Result<Value, ToJsonError> {
     let found = Cell::new(false);
     match serde_json::to_value(Finite {
         value,
@@ -320,11 +342,11 @@ mod tests {
             extra: Some([("k".to_string(), 2.0)].into()),
         };
         assert_eq!(
-            to_json(&reading).unwrap(),
+            to_finite_json(&reading).unwrap(),
             serde_json::to_value(&reading).unwrap()
         );
         assert_eq!(
-            to_json(&json!({"a": [1, "x", null]})).unwrap(),
+            to_finite_json(&json!({"a": [1, "x", null]})).unwrap(),
             json!({"a": [1, "x", null]})
         );
     }
@@ -348,13 +370,19 @@ mod tests {
                 extra: Some([("k".to_string(), f64::NEG_INFINITY)].into()),
             },
         ] {
-            assert!(matches!(to_json(&reading), Err(ToJsonError::NonFinite)));
+            assert!(matches!(
+                to_finite_json(&reading),
+                Err(ToJsonError::NonFinite)
+            ));
         }
     }
 
     #[test]
     fn other_failures_stay_serde_errors() {
         let bad_keys: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
-        assert!(matches!(to_json(&bad_keys), Err(ToJsonError::Serde(_))));
+        assert!(matches!(
+            to_finite_json(&bad_keys),
+            Err(ToJsonError::Serde(_))
+        ));
     }
 }

@@ -62,6 +62,7 @@ pub use domain_event::{
 pub use error::{ConflictInfo, Error, Result, ValidationError, ValidationKind};
 pub use event::{Event, NewEvent, NewEventBuilder};
 pub use event_stream::EventStream;
+pub use finite::{to_finite_json, ToJsonError};
 pub use matching::matches;
 pub use permit::ProjectionPermit;
 pub use projection::{fold, Projection, ProjectionStep, Projectors, StateProjector};

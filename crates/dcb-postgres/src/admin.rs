@@ -192,19 +192,7 @@ impl PostgresEventStore {
         let schema = &self.inner.config.schema;
         let quoted = &self.inner.schema;
         let err = |e| db_error(operation, e, false);
-        client.batch_execute(BEGIN_REPORT).await.map_err(err)?;
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass(format('%I.events', $1::text)) IS NOT NULL \
-                    AND to_regclass(format('%I.schema_version', $1::text)) IS NOT NULL",
-                &[schema],
-            )
-            .await
-            .map_err(err)?
-            .try_get(0)
-            .map_err(err)?;
-        if !exists {
-            client.batch_execute("COMMIT").await.map_err(err)?;
+        if !begin_report(client, schema, ["events", "schema_version"], operation).await? {
             return Ok(None);
         }
         let counts = client
@@ -353,19 +341,14 @@ impl PostgresEventStore {
         let schema = &self.inner.config.schema;
         let quoted = &self.inner.schema;
         let err = |e| db_error(operation, e, false);
-        client.batch_execute(BEGIN_REPORT).await.map_err(err)?;
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass(format('%I.handler_checkpoints', $1::text)) IS NOT NULL \
-                    AND to_regclass(format('%I.parked_events', $1::text)) IS NOT NULL",
-                &[schema],
-            )
-            .await
-            .map_err(err)?
-            .try_get(0)
-            .map_err(err)?;
-        if !exists {
-            client.batch_execute("COMMIT").await.map_err(err)?;
+        if !begin_report(
+            client,
+            schema,
+            ["handler_checkpoints", "parked_events"],
+            operation,
+        )
+        .await?
+        {
             return Ok(None);
         }
         // The lease key is the runner's (handlers.rs): crablet/handler/<schema>/<name>.
@@ -428,6 +411,32 @@ impl PostgresEventStore {
             schema: self.inner.config.schema.clone(),
         }
     }
+}
+
+/// Opens the report's transaction ([`BEGIN_REPORT`]) if the schema has `tables`; otherwise ends
+/// it and returns false.
+async fn begin_report(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    tables: [&str; 2],
+    operation: &'static str,
+) -> Result<bool, dcb_core::Error> {
+    let err = |e| db_error(operation, e, false);
+    client.batch_execute(BEGIN_REPORT).await.map_err(err)?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL \
+                AND to_regclass(format('%I.%I', $1::text, $3::text)) IS NOT NULL",
+            &[&schema, &tables[0], &tables[1]],
+        )
+        .await
+        .map_err(err)?
+        .try_get(0)
+        .map_err(err)?;
+    if !exists {
+        client.batch_execute("COMMIT").await.map_err(err)?;
+    }
+    Ok(exists)
 }
 
 /// A byte count (`int8`) from column `index`.

@@ -711,17 +711,30 @@ impl PostgresEventStore {
         handler: &str,
         cursor: Cursor,
     ) -> Result<ParkedEvent, ParkedError> {
-        let operation = "drop_parked";
+        let sql = Statements::new(&self.inner.schema).drop_parked;
+        self.on_parked_row("drop_parked", &sql, handler, cursor)
+            .await
+    }
+
+    /// Runs `sql` (an autocommit statement on one parked row: `$1` handler, `$2`/`$3` cursor,
+    /// returning [`Statements::PARKED_COLUMNS`]) and returns the row, or `NotFound`.
+    async fn on_parked_row(
+        &self,
+        operation: &'static str,
+        sql: &str,
+        handler: &str,
+        cursor: Cursor,
+    ) -> Result<ParkedEvent, ParkedError> {
         let conn = Conn::get(&self.inner.pool, operation).await?;
         conn.begin_exchange(operation)?;
         let row = conn
             .object()
             .query_opt(
-                &Statements::new(&self.inner.schema).drop_parked,
+                sql,
                 &[&handler, &Xid8(cursor.transaction_id), &cursor.position],
             )
             .await
-            // An autocommit delete: a cancel or a lost session may come after its commit.
+            // An autocommit statement: a cancel or a lost session may come after its commit.
             .map_err(|e| db_error(operation, e, true))?;
         conn.end_exchange();
         match row {
@@ -750,26 +763,9 @@ impl PostgresEventStore {
         handler: &str,
         cursor: Cursor,
     ) -> Result<ParkedEvent, ParkedError> {
-        let operation = "request_replay";
-        let conn = Conn::get(&self.inner.pool, operation).await?;
-        conn.begin_exchange(operation)?;
-        let row = conn
-            .object()
-            .query_opt(
-                &Statements::new(&self.inner.schema).request_replay,
-                &[&handler, &Xid8(cursor.transaction_id), &cursor.position],
-            )
+        let sql = Statements::new(&self.inner.schema).request_replay;
+        self.on_parked_row("request_replay", &sql, handler, cursor)
             .await
-            // An autocommit update: a cancel or a lost session may come after its commit.
-            .map_err(|e| db_error(operation, e, true))?;
-        conn.end_exchange();
-        match row {
-            Some(row) => Ok(parked_from(&row).map_err(|e| db_error(operation, e, false))?),
-            None => Err(ParkedError::NotFound {
-                handler: handler.to_string(),
-                cursor,
-            }),
-        }
     }
 }
 
