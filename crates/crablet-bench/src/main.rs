@@ -205,6 +205,11 @@ pub struct Args {
     /// The store's `group_commit_flushers`: groups in flight at once.
     #[arg(long, default_value_t = 4)]
     pub group_commit_flushers: usize,
+    /// Install a Prometheus metrics recorder (no HTTP listener) for the run, as an application
+    /// exporting crablet's metrics would: what recording them costs. Off, the `metrics` calls
+    /// go to the facade's no-op recorder.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 impl Args {
@@ -237,6 +242,16 @@ async fn run(args: Args) -> Result<(), String> {
         (Scenario::Compare, Some(t)) => t,
         (s, None) => s,
         (_, Some(_)) => return Err("a second scenario is only accepted after `compare`".into()),
+    };
+    // Kept alive for the run: the recorder's handle.
+    let _recorder = if args.metrics {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| format!("installing the metrics recorder failed: {e}"))?;
+        dcb_core::store_metrics::describe_metrics();
+        Some(handle)
+    } else {
+        None
     };
     let max_clients = args.clients.max(args.baseline_clients.unwrap_or(1));
     let ctx =

@@ -1342,12 +1342,18 @@ impl Runner {
             .map_err(lost)?;
         let advance = conn.prepare_cached(&self.sql.advance).await.map_err(lost)?;
         let client: &mut tokio_postgres::Client = conn;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(lost)?;
+        // An automation's check needs READ COMMITTED (its snapshot must follow its lock wait);
+        // a plain batch keeps the session's default level.
+        let tx = if commands.is_empty() {
+            client.transaction().await
+        } else {
+            client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                .start()
+                .await
+        }
+        .map_err(lost)?;
         // The automation's events first: their keys before anything gives the transaction an
         // id (the checkpoint row's lock below would).
         let appended = !commands.is_empty();
