@@ -699,22 +699,24 @@ struct TemperatureRecorded {
 }
 
 async fn non_finite_floats_write_nothing(store: Arc<dyn EventStore>) {
-    let record = handler_fn(|command: &Command<f64>, _reader| {
+    // The command's payload says whether the sensor failed; the handler then computes NaN.
+    let record = handler_fn(|command: &Command<bool>, _reader| {
         Box::pin(async move {
+            let failed = command.payload;
             let event = TemperatureRecorded {
                 sensor: "t1".into(),
-                celsius: command.payload,
+                celsius: if failed { f64::NAN } else { 21.5 },
             };
             Ok::<_, HandlerError>(Decision::append_typed(&[event])?)
         })
     });
     let executor = crablet::command::CommandExecutor::new(store.clone());
     executor
-        .execute(Command::new("Record", 21.5), &record)
+        .execute(Command::new("Record", false), &record)
         .await
         .expect("a finite temperature is recorded");
     let err = executor
-        .execute(Command::new("Record", f64::NAN), &record)
+        .execute(Command::new("Record", true), &record)
         .await
         .expect_err("NaN has no JSON");
     let validation = err.as_validation().unwrap_or_else(|| panic!("{err:?}"));
