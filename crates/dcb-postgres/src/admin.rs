@@ -1,6 +1,7 @@
 //! Operator queries: what is in a store and how far behind its durable handlers are. The SQL
 //! behind `crablet status` and `crablet handlers list`, offered to applications too.
 use crate::conn::{db_error, Conn};
+use crate::handlers::lease_held_sql;
 use crate::lag::{lag_from, lag_params, lag_sql, HandlerLag};
 use crate::store::{prepare, within, PostgresEventStore};
 use crate::xid8::Xid8;
@@ -358,20 +359,14 @@ impl PostgresEventStore {
                     "SELECT c.handler_name, c.transaction_id, c.position, c.updated_at, \
                             c.attempts, c.last_error, c.last_error_at, \
                             c.failing_transaction_id, c.failing_position, \
-                            EXISTS (SELECT 1 FROM pg_locks l, \
-                                   (SELECT hashtextextended('crablet/handler/' || $1::text \
-                                           || '/' || c.handler_name, 0) AS k) hk \
-                                    WHERE l.locktype = 'advisory' AND l.granted \
-                                      AND l.objsubid = 1 \
-                                      AND l.database = (SELECT oid FROM pg_database \
-                                                        WHERE datname = current_database()) \
-                                      AND l.classid::int8 = ((hk.k >> 32) & 4294967295) \
-                                      AND l.objid::int8 = (hk.k & 4294967295)), \
+                            {lease}, \
                             (SELECT count(*) FROM {quoted}.parked_events p \
                              WHERE p.handler_name = c.handler_name) \
                      FROM {quoted}.handler_checkpoints c \
                      WHERE $2::text IS NULL OR c.handler_name = $2::text \
-                     ORDER BY c.handler_name"
+                     ORDER BY c.handler_name",
+                    lease =
+                        lease_held_sql("'crablet/handler/' || $1::text || '/' || c.handler_name"),
                 ),
                 &[schema, &name],
             )

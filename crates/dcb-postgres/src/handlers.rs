@@ -555,14 +555,9 @@ impl PostgresEventStore {
         let sql = format!(
             "SELECT c.transaction_id, c.position, c.updated_at, c.attempts, c.last_error, \
                     c.last_error_at, c.failing_transaction_id, c.failing_position, \
-                    EXISTS (SELECT 1 FROM pg_locks l, \
-                                   (SELECT hashtextextended($2, 0) AS k) hk \
-                            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-                              AND l.database = (SELECT oid FROM pg_database \
-                                                WHERE datname = current_database()) \
-                              AND l.classid::int8 = ((hk.k >> 32) & 4294967295) \
-                              AND l.objid::int8 = (hk.k & 4294967295)) \
+                    {} \
              FROM {}.handler_checkpoints c WHERE c.handler_name = $1",
+            lease_held_sql("$2"),
             self.inner.schema
         );
         let stmt = prepare(client, &sql, "handler_status").await?;
@@ -767,6 +762,21 @@ impl PostgresEventStore {
         self.on_parked_row("request_replay", &sql, handler, cursor)
             .await
     }
+}
+
+/// Whether some session holds the lease whose key (text) is `key`: the advisory lock the
+/// runner takes with `pg_try_advisory_lock(hashtextextended(key, 0))`, as `pg_locks` shows it
+/// (the 64-bit key split into classid and objid). Read by `handler_status` and the operator
+/// overview.
+pub(crate) fn lease_held_sql(key: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks l, (SELECT hashtextextended({key}, 0) AS k) hk \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                   AND l.database = (SELECT oid FROM pg_database \
+                                     WHERE datname = current_database()) \
+                   AND l.classid::int8 = ((hk.k >> 32) & 4294967295) \
+                   AND l.objid::int8 = (hk.k & 4294967295))"
+    )
 }
 
 fn check_name(name: &str) -> Result<(), Error> {
