@@ -1975,7 +1975,7 @@ where
         .handle(&command, store.as_ref())
         .await
         .map_err(|err| format!("the decision failed: {err}"))?;
-    let (events, condition) = decision.into_parts();
+    let (events, condition, _no_work) = decision.into_parts();
     let condition = condition.ok_or("the decision has no append condition")?;
     store.append(interloper).await?;
     match store.append_if(events, condition).await {

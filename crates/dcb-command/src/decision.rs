@@ -1,4 +1,4 @@
-use dcb_core::{AppendCondition, DomainEvent, NewEvent};
+use dcb_core::{AppendCondition, DomainEvent, NewEvent, TransactionWork};
 
 /// What a handler decided: the events to append and the [`AppendCondition`] that protects the
 /// decision, if any.
@@ -21,11 +21,15 @@ use dcb_core::{AppendCondition, DomainEvent, NewEvent};
 /// assert!(Decision::nothing().events().is_empty());
 /// # Ok::<(), dcb_core::Error>(())
 /// ```
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// On PostgreSQL a decision can also carry the application's own statements, committed in the
+/// same transaction as its events: see [`in_transaction`](Self::in_transaction).
+#[derive(Debug, Default)]
 #[must_use = "a handler must return its decision"]
 pub struct Decision {
     events: Vec<NewEvent>,
     condition: Option<AppendCondition>,
+    work: Option<TransactionWork>,
 }
 
 impl Decision {
@@ -35,6 +39,7 @@ impl Decision {
         Self {
             events: events.into_iter().collect(),
             condition: None,
+            work: None,
         }
     }
 
@@ -58,6 +63,28 @@ impl Decision {
         self
     }
 
+    /// Runs `work`, the application's own statements (an outbox row, a read model, a
+    /// uniqueness table), in the transaction that commits the decision: after the events are
+    /// inserted and the condition has held, before the commit, so that the events, the command
+    /// record and the work's writes commit together or not at all. A failing work rolls all of
+    /// it back and the executor returns
+    /// [`CommandError::TransactionWork`](crate::CommandError::TransactionWork); a conflict or a
+    /// replay does not run it.
+    ///
+    /// The work is written for a backend's connection: on PostgreSQL build it with
+    /// `dcb_postgres::transaction_work`. A store that cannot run it (the in-memory store)
+    /// refuses the commit with [`dcb_core::Error::Session`] and writes nothing. The command's
+    /// lock keys are held while the work runs, so keep it short.
+    pub fn in_transaction(mut self, work: TransactionWork) -> Self {
+        self.work = Some(work);
+        self
+    }
+
+    /// The application's work to run in the commit's transaction, if any.
+    pub fn work(&self) -> Option<&TransactionWork> {
+        self.work.as_ref()
+    }
+
     /// The events to append.
     pub fn events(&self) -> &[NewEvent] {
         &self.events
@@ -68,8 +95,14 @@ impl Decision {
         self.condition.as_ref()
     }
 
-    /// The events and the condition.
-    pub fn into_parts(self) -> (Vec<NewEvent>, Option<AppendCondition>) {
-        (self.events, self.condition)
+    /// The events, the condition and the transaction work.
+    pub fn into_parts(
+        self,
+    ) -> (
+        Vec<NewEvent>,
+        Option<AppendCondition>,
+        Option<TransactionWork>,
+    ) {
+        (self.events, self.condition, self.work)
     }
 }

@@ -1,4 +1,4 @@
-use dcb_core::{ConflictInfo, DecodeError, ValidationError};
+use dcb_core::{ConflictInfo, DecodeError, ValidationError, WorkError};
 
 /// Why [`CommandExecutor::execute`](crate::CommandExecutor::execute) failed. Nothing was
 /// written, neither events nor the command record, unless the error is a
@@ -53,6 +53,14 @@ pub enum CommandError<E> {
     /// Fix the type or register an upcaster ([`dcb_core::Upcasters`]).
     #[error("the command's read found an event that does not decode: {0}")]
     Decode(Box<DecodeError>),
+
+    /// The application's own work in the commit's transaction
+    /// ([`Decision::in_transaction`](crate::Decision::in_transaction)) failed, so the
+    /// transaction rolled back: neither the events, nor the command record, nor the work's
+    /// writes were committed. Holds the work's own error; downcast it to get it back. Not
+    /// retried: the handler decided, the work refused.
+    #[error("the command's transaction work failed, so nothing was written: {0}")]
+    TransactionWork(WorkError),
 
     /// The store failed (connection lost, pool exhausted, timeout, SQL error, ...). See
     /// [`dcb_core::Error`]: `Storage { outcome_unknown: true, .. }` means the commit may have
@@ -118,6 +126,7 @@ impl<E> CommandError<E> {
             dcb_core::Error::Validation(v) => CommandError::Validation(v),
             dcb_core::Error::Conflict(conflict) => CommandError::Conflict { attempts, conflict },
             dcb_core::Error::Decode(err) => CommandError::Decode(err),
+            dcb_core::Error::TransactionWork { source } => CommandError::TransactionWork(source),
             other => CommandError::Store(other),
         }
     }

@@ -190,6 +190,7 @@ impl CommandExecutor {
                         CommandError::Conflict { .. } => "conflict",
                         CommandError::Validation(_) => "invalid",
                         CommandError::Decode(_) => "decode_error",
+                        CommandError::TransactionWork(_) => "work_failed",
                         _ => "store_error",
                     };
                     span.record("outcome", kind);
@@ -203,6 +204,7 @@ impl CommandExecutor {
                 Err(CommandError::Conflict { .. }) => "conflict",
                 Err(CommandError::Validation(_)) => "invalid",
                 Err(CommandError::Decode(_)) => "decode_error",
+                Err(CommandError::TransactionWork(_)) => "work_failed",
                 Err(_) => "store_error",
             };
             metrics::counter!(store_metrics::COMMANDS, "command_type" => command_type.clone(), "outcome" => outcome)
@@ -251,8 +253,8 @@ impl CommandExecutor {
                 .await
             {
                 Ok(decision) => {
-                    let (events, condition) = decision.into_parts();
-                    match session.commit(&record, events, condition).await {
+                    let (events, condition, work) = decision.into_parts();
+                    match session.commit_with(&record, events, condition, work).await {
                         Ok(CommitOutcome::Committed(committed)) => {
                             return Ok(CommandOutcome {
                                 record: committed,

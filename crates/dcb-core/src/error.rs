@@ -85,13 +85,25 @@ pub enum Error {
 
     /// A call inside a store session (PostgreSQL's `StoreSession`) that would break a
     /// guarantee, refused before anything was written by it; the session stays usable, and
-    /// what it wrote before stays pending. The reason says what to do instead.
+    /// what it wrote before stays pending. Also a command commit whose
+    /// [`TransactionWork`](crate::TransactionWork) the store cannot run (nothing written).
+    /// The reason says what to do instead.
     #[error("{operation} refused in this session: {reason}")]
     Session {
         /// The session operation.
         operation: &'static str,
         /// Why, and how to order the session's work instead.
         reason: String,
+    },
+
+    /// The application's own work in a command's transaction
+    /// ([`TransactionWork`](crate::TransactionWork)) failed: the transaction rolled back, so
+    /// neither the events, nor the command record, nor the work's writes were committed.
+    /// `source` is the work's own error (downcast it to get it back).
+    #[error("the command's transaction work failed, so nothing was written: {source}")]
+    TransactionWork {
+        /// The work's error.
+        source: crate::WorkError,
     },
 
     /// A configuration value is invalid.

@@ -46,6 +46,7 @@ pub mod store_metrics;
 mod subscribe;
 mod tag;
 mod tag_value;
+mod transaction_work;
 mod typed_event;
 mod upcast;
 mod validate;
@@ -73,6 +74,7 @@ pub use store_metrics::describe_metrics;
 pub use subscribe::{is_fatal_for_subscription, subscribe, SubscribeExt, SubscribeOptions};
 pub use tag::Tag;
 pub use tag_value::TagValue;
+pub use transaction_work::{TransactionWork, WorkError};
 pub use typed_event::{decode_all, decode_stream, TypedEvent};
 pub use upcast::Upcasters;
 pub use validate::{

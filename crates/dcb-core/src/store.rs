@@ -2,7 +2,7 @@
 use crate::reader::EventReader;
 use crate::{
     AppendCommand, AppendCondition, CommandFilter, CommandRecord, CommitOutcome, Cursor, Error,
-    NewCommand, NewEvent,
+    NewCommand, NewEvent, TransactionWork,
 };
 use async_trait::async_trait;
 
@@ -89,4 +89,28 @@ pub trait CommandSession: EventReader {
         events: Vec<NewEvent>,
         condition: Option<AppendCondition>,
     ) -> Result<CommitOutcome, Error>;
+
+    /// [`commit`](Self::commit), plus the application's own `work` in the same transaction:
+    /// run after the events are inserted and the condition has held, before the commit; if it
+    /// fails, nothing is written and the error is [`Error::TransactionWork`]. A duplicate or a
+    /// conflict does not run it.
+    ///
+    /// The default runs `commit` when there is no work and refuses work with
+    /// [`Error::Session`] (nothing written): only a backend with a transaction the work can
+    /// use (PostgreSQL) overrides it.
+    async fn commit_with(
+        &mut self,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+        work: Option<TransactionWork>,
+    ) -> Result<CommitOutcome, Error> {
+        match work {
+            None => self.commit(command, events, condition).await,
+            Some(work) => {
+                crate::discard_events(events);
+                Err(work.refused("this store has no database transaction for it"))
+            }
+        }
+    }
 }

@@ -87,17 +87,7 @@ impl PostgresEventStore {
         // Fewer items, fewer probes and keys (projectors on one entity share its tags).
         let simplified = condition.map(|c| c.simplified());
         let condition = simplified.as_ref();
-        let mut locks = LockSet::default();
-        inner.keys.add_event_keys(&mut locks, &events);
-        if let Some(condition) = condition {
-            inner
-                .keys
-                .add_query_keys(&mut locks, &condition.fail_if_events_match);
-        }
-        if let Some(id) = command.and_then(|c| c.id.as_deref()) {
-            inner.keys.add_command_key(&mut locks, id);
-        }
-        let lock = locks.into_params();
+        let lock = self.append_locks(&events, condition, command);
         let protocol = self.protocol(condition.is_some() || command.is_some());
         let parts = AppendParts {
             condition,
@@ -108,6 +98,26 @@ impl PostgresEventStore {
         let begin = self.begin_append(condition);
         let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
         self.outcome(rows)
+    }
+
+    /// The lock keys of an append (sorted, with their modes): shared for the events, exclusive
+    /// for the (simplified) condition's query and the command's idempotency id.
+    pub(crate) fn append_locks(
+        &self,
+        events: &[NewEvent],
+        condition: Option<&AppendCondition>,
+        command: Option<&NewCommand>,
+    ) -> (Vec<i64>, Vec<bool>) {
+        let keys = &self.inner.keys;
+        let mut locks = LockSet::default();
+        keys.add_event_keys(&mut locks, events);
+        if let Some(condition) = condition {
+            keys.add_query_keys(&mut locks, &condition.fail_if_events_match);
+        }
+        if let Some(id) = command.and_then(|c| c.id.as_deref()) {
+            keys.add_command_key(&mut locks, id);
+        }
+        locks.into_params()
     }
 
     /// Runs an append statement under `protocol` on `conn`, bounded by [`client_deadline`], and
@@ -322,56 +332,11 @@ impl PostgresEventStore {
     }
 
     pub(crate) fn outcome(&self, rows: Vec<Row>) -> Result<AppendOutcome, Error> {
-        let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
-        let mut conflict = None;
-        // The transaction committed; a row that cannot be read changes nothing about that.
-        let unreadable = |e| {
-            outcome_unknown(
-                "append",
-                "the append committed but its reply could not be read",
-                Some(e),
-            )
-        };
-        for row in &rows {
-            let kind: &str = row.try_get(0).map_err(unreadable)?;
-            let tx: Xid8 = row.try_get(1).map_err(unreadable)?;
-            let position: Option<i64> = row.try_get(2).map_err(unreadable)?;
-            let occurred_at: Option<SystemTime> = row.try_get(3).map_err(unreadable)?;
-            match kind {
-                "conflict" => conflict = Some(Cursor::new(tx.0, position.unwrap_or(0))),
-                // An already recorded command wins over a conflict: the retry gets the original.
-                "duplicate" => return Ok(AppendOutcome::Duplicate),
-                "event" => {
-                    // One row for the last event, or one per event (the caller keeps the last).
-                    let entry = written.get_or_insert((tx.0, None, occurred_at));
-                    let cursor = position.map(|p| Cursor::new(tx.0, p));
-                    entry.1 = entry.1.max(cursor);
-                }
-                _ => {
-                    let entry = written.get_or_insert((tx.0, None, occurred_at));
-                    entry.2 = occurred_at;
-                }
-            }
-        }
-        if written.is_some() {
+        let outcome = read_outcome(rows)?;
+        if matches!(outcome, AppendOutcome::Written { .. }) {
             self.inner.changes.committed();
         }
-        if let Some(conflicting) = conflict {
-            return Ok(AppendOutcome::Conflict(conflicting));
-        }
-        match written {
-            Some((transaction_id, last_event, occurred_at)) => Ok(AppendOutcome::Written {
-                transaction_id,
-                last_event,
-                occurred_at,
-            }),
-            None => Err(Error::Storage {
-                operation: "append",
-                message: "the append statement reported nothing".into(),
-                outcome_unknown: false,
-                source: None,
-            }),
-        }
+        Ok(outcome)
     }
 
     pub(crate) async fn append_checked(
@@ -403,44 +368,66 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Option<CommandRecord>, Error> {
-        let checked = validate_command(command).and_then(|()| {
-            if events.is_empty() {
-                Ok(())
-            } else {
-                validate_events(&events, &self.limits())
-            }
-        });
-        if let Err(err) = checked {
-            // Rejected payloads may nest too deep to drop the ordinary way.
-            dcb_core::discard_events(events);
-            return Err(err);
-        }
-        if let Some(condition) = condition {
-            validate_condition(condition)?;
-        }
-        match self
+        let events = self.validate_commit(command, events, condition)?;
+        let outcome = self
             .append_on(conn, events, condition, Some(command))
-            .await?
-        {
-            AppendOutcome::Written {
-                transaction_id,
-                last_event,
-                occurred_at,
-            } => Ok(Some(CommandRecord {
-                id: command.id.clone(),
-                command_type: command.command_type.clone(),
-                data: command.data.clone(),
-                metadata: command.metadata.clone(),
-                transaction_id,
-                last_event,
-                occurred_at: occurred_at.unwrap_or_else(SystemTime::now),
-            })),
-            AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo::new(
-                Some(conflicting),
-                condition.and_then(|c| c.after),
-            ))),
-            AppendOutcome::Duplicate => Ok(None),
+            .await?;
+        command_outcome(outcome, command, condition)
+    }
+
+    /// Validates a command's commit; on an error the events are dropped safely.
+    pub(crate) fn validate_commit(
+        &self,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Vec<NewEvent>, Error> {
+        let checked = validate_command(command)
+            .and_then(|()| {
+                if events.is_empty() {
+                    Ok(())
+                } else {
+                    validate_events(&events, &self.limits())
+                }
+            })
+            .and_then(|()| condition.map_or(Ok(()), validate_condition));
+        match checked {
+            Ok(()) => Ok(events),
+            Err(err) => {
+                // Rejected payloads may nest too deep to drop the ordinary way.
+                dcb_core::discard_events(events);
+                Err(err)
+            }
         }
+    }
+}
+
+/// A command commit's result from its append outcome: the record, `None` for a duplicate, or
+/// the conflict.
+pub(crate) fn command_outcome(
+    outcome: AppendOutcome,
+    command: &NewCommand,
+    condition: Option<&AppendCondition>,
+) -> Result<Option<CommandRecord>, Error> {
+    match outcome {
+        AppendOutcome::Written {
+            transaction_id,
+            last_event,
+            occurred_at,
+        } => Ok(Some(CommandRecord {
+            id: command.id.clone(),
+            command_type: command.command_type.clone(),
+            data: command.data.clone(),
+            metadata: command.metadata.clone(),
+            transaction_id,
+            last_event,
+            occurred_at: occurred_at.unwrap_or_else(SystemTime::now),
+        })),
+        AppendOutcome::Conflict(conflicting) => Err(Error::Conflict(ConflictInfo::new(
+            Some(conflicting),
+            condition.and_then(|c| c.after),
+        ))),
+        AppendOutcome::Duplicate => Ok(None),
     }
 }
 
@@ -461,6 +448,58 @@ pub(crate) fn single_cursor(
         _ => Err(Error::Storage {
             operation: "append",
             message: "the append wrote no event".into(),
+            outcome_unknown: false,
+            source: None,
+        }),
+    }
+}
+
+/// What an append statement's rows say (the statement ran; the caller knows whether its
+/// transaction committed).
+pub(crate) fn read_outcome(rows: Vec<Row>) -> Result<AppendOutcome, Error> {
+    let mut written: Option<(u64, Option<Cursor>, Option<SystemTime>)> = None;
+    let mut conflict = None;
+    // The transaction committed; a row that cannot be read changes nothing about that.
+    let unreadable = |e| {
+        outcome_unknown(
+            "append",
+            "the append committed but its reply could not be read",
+            Some(e),
+        )
+    };
+    for row in &rows {
+        let kind: &str = row.try_get(0).map_err(unreadable)?;
+        let tx: Xid8 = row.try_get(1).map_err(unreadable)?;
+        let position: Option<i64> = row.try_get(2).map_err(unreadable)?;
+        let occurred_at: Option<SystemTime> = row.try_get(3).map_err(unreadable)?;
+        match kind {
+            "conflict" => conflict = Some(Cursor::new(tx.0, position.unwrap_or(0))),
+            // An already recorded command wins over a conflict: the retry gets the original.
+            "duplicate" => return Ok(AppendOutcome::Duplicate),
+            "event" => {
+                // One row for the last event, or one per event (the caller keeps the last).
+                let entry = written.get_or_insert((tx.0, None, occurred_at));
+                let cursor = position.map(|p| Cursor::new(tx.0, p));
+                entry.1 = entry.1.max(cursor);
+            }
+            _ => {
+                let entry = written.get_or_insert((tx.0, None, occurred_at));
+                entry.2 = occurred_at;
+            }
+        }
+    }
+    if let Some(conflicting) = conflict {
+        return Ok(AppendOutcome::Conflict(conflicting));
+    }
+    match written {
+        Some((transaction_id, last_event, occurred_at)) => Ok(AppendOutcome::Written {
+            transaction_id,
+            last_event,
+            occurred_at,
+        }),
+        None => Err(Error::Storage {
+            operation: "append",
+            message: "the append statement reported nothing".into(),
             outcome_unknown: false,
             source: None,
         }),

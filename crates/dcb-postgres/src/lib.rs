@@ -42,6 +42,7 @@
 mod admin;
 mod append;
 mod batch;
+mod command_work;
 mod config;
 mod conn;
 mod event_store;
@@ -64,6 +65,7 @@ mod stream;
 mod xid8;
 
 pub use admin::{AdminError, HandlerOverview, IndexSize, StoreStats, TableSize};
+pub use command_work::transaction_work;
 pub use config::{IsolationLevel, StoreConfig};
 pub use dcb_core::runner::{FailurePolicy, ParkedError, ParkedEvent};
 pub use deadpool_postgres::Pool;

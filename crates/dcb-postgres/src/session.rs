@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use dcb_core::{
     AppendCondition, CommandFilter, CommandRecord, CommandSession, CommitOutcome, Error, Event,
     EventReader, EventStream, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
+    TransactionWork,
 };
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -71,11 +72,31 @@ impl CommandSession for PgCommandSession {
         events: Vec<NewEvent>,
         condition: Option<AppendCondition>,
     ) -> Result<CommitOutcome, Error> {
-        match self
-            .store
-            .commit_on(&self.conn, command, events, condition.as_ref())
-            .await?
-        {
+        self.commit_with(command, events, condition, None).await
+    }
+
+    /// With `work`, the commit takes three round trips instead of one (command_work.rs).
+    async fn commit_with(
+        &mut self,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+        work: Option<TransactionWork>,
+    ) -> Result<CommitOutcome, Error> {
+        let condition = condition.as_ref();
+        let committed = match work {
+            None => {
+                self.store
+                    .commit_on(&self.conn, command, events, condition)
+                    .await?
+            }
+            Some(work) => {
+                self.store
+                    .commit_with_work_on(&self.conn, command, events, condition, work)
+                    .await?
+            }
+        };
+        match committed {
             Some(record) => Ok(CommitOutcome::Committed(record)),
             None => {
                 let id = command.id.as_deref().unwrap_or_default();

@@ -233,7 +233,10 @@ impl StoreSession {
             client.batch_execute("COMMIT")
         );
         if let Err(err) = probe {
-            return Err(db_error(operation, err, false));
+            // A server's error: the transaction was aborted, and the COMMIT rolled it back.
+            // Without one, the connection failed with the COMMIT already sent.
+            let certain = err.as_db_error().is_some() && commit.is_ok();
+            return Err(db_error(operation, err, !certain));
         }
         match commit {
             Ok(()) => {

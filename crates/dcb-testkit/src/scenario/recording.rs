@@ -3,7 +3,7 @@ use async_trait::async_trait;
 use dcb_core::{
     AppendCommand, AppendCondition, ChangeFeed, CommandFilter, CommandRecord, CommandSession,
     CommitOutcome, Cursor, Error, Event, EventReader, EventStore, EventStream, NewCommand,
-    NewEvent, ProjectionPermit, Query, ReadOptions,
+    NewEvent, ProjectionPermit, Query, ReadOptions, TransactionWork,
 };
 use std::sync::{Arc, Mutex};
 
@@ -125,8 +125,21 @@ impl CommandSession for RecordingSession {
         events: Vec<NewEvent>,
         condition: Option<AppendCondition>,
     ) -> Result<CommitOutcome, Error> {
+        self.commit_with(command, events, condition, None).await
+    }
+
+    async fn commit_with(
+        &mut self,
+        command: &NewCommand,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+        work: Option<TransactionWork>,
+    ) -> Result<CommitOutcome, Error> {
         let count = events.len();
-        let outcome = self.inner.commit(command, events, condition).await?;
+        let outcome = self
+            .inner
+            .commit_with(command, events, condition, work)
+            .await?;
         if let CommitOutcome::Committed(record) = &outcome {
             if let Some(last) = record.last_event {
                 note(&self.log, last, count);
