@@ -253,6 +253,55 @@ fn report_allocations(rt: &Runtime, store: &PostgresEventStore) {
             allocations / N
         );
     }
+    for conditional in [false, true] {
+        let (bytes, allocations) = rt.block_on(coalesced(store, conditional, N));
+        let events = N * COALESCED_CLIENTS;
+        println!(
+            "  coalesced {}, {COALESCED_CLIENTS} clients x 1 event: {:>7} bytes, {:>5} allocations \
+             per appended event",
+            if conditional { "append_if" } else { "append   " },
+            bytes / events,
+            allocations / events
+        );
+    }
+}
+
+/// Concurrent single-event appends (of their own boundaries, so group commit coalesces them).
+const COALESCED_CLIENTS: u64 = 16;
+
+/// Bytes and allocations of `rounds` rounds of [`COALESCED_CLIENTS`] concurrent single-event
+/// appends (each `append_if` guarded by its own boundary), everything the process allocated
+/// meanwhile included: the events' construction, the tasks, group commit and the driver.
+async fn coalesced(store: &PostgresEventStore, conditional: bool, rounds: u64) -> (u64, u64) {
+    let append = |store: PostgresEventStore| async move {
+        let (course, events) = enrolments(1);
+        if conditional {
+            let boundary = Query::from(QueryItem::new().tag("course_id", course.as_str()));
+            store
+                .append_if(events, AppendCondition::new(boundary))
+                .await
+                .expect("append_if");
+        } else {
+            store.append(events).await.expect("append");
+        }
+    };
+    append(store.clone()).await;
+    let (b0, a0) = (
+        BYTES.load(Ordering::SeqCst),
+        ALLOCATIONS.load(Ordering::SeqCst),
+    );
+    for _ in 0..rounds {
+        let tasks: Vec<_> = (0..COALESCED_CLIENTS)
+            .map(|_| tokio::spawn(append(store.clone())))
+            .collect();
+        for task in tasks {
+            task.await.expect("append task");
+        }
+    }
+    (
+        BYTES.load(Ordering::SeqCst) - b0,
+        ALLOCATIONS.load(Ordering::SeqCst) - a0,
+    )
 }
 
 fn main() {

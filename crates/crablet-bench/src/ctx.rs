@@ -41,8 +41,8 @@ pub struct Ctx {
     pub boundary_size: u64,
     /// Raw inserts take the store's kind of advisory locks (`--raw-locks`).
     pub raw_locks: bool,
-    /// Base of the jittered backoff between conflicting hot decisions (zero: none).
-    pub hot_backoff: Duration,
+    /// How `append-if-hot` retries its conflicts.
+    pub hot_retry: HotRetry,
     /// Successful decisions on the hot boundary, shared by all its clients.
     pub hot_successes: AtomicU64,
     /// Timed runs started so far (see `Client::run`).
@@ -147,7 +147,7 @@ impl Ctx {
             raw_table,
             boundary_size: args.boundary_size.max(1),
             raw_locks: args.raw_locks,
-            hot_backoff: Duration::from_secs_f64(args.hot_backoff_ms.max(0.0) / 1000.0),
+            hot_retry: HotRetry::from_args(args.hot_backoff_ms, args.hot_at_once),
             hot_successes: AtomicU64::new(0),
             runs: AtomicU64::new(0),
             fixtures: Mutex::new(Vec::new()),
@@ -341,4 +341,41 @@ pub fn query_of(i: usize) -> Query {
             .types(["StudentEnrolled"])
             .tag("course_id", fixture_course("query", i)),
     )
+}
+
+/// How `append-if-hot` clients retry a conflicting decision.
+#[derive(Debug, Clone, Copy)]
+pub enum HotRetry {
+    /// The library's default policy (`dcb_command::RetryPolicy::default()`), attempts limited.
+    Library(dcb_command::RetryPolicy),
+    /// Unlimited, with the bench's own doubling backoff from this base.
+    Backoff(Duration),
+    /// Unlimited, at once.
+    AtOnce,
+}
+
+impl HotRetry {
+    fn from_args(backoff_ms: f64, at_once: bool) -> Self {
+        if at_once {
+            HotRetry::AtOnce
+        } else if backoff_ms > 0.0 {
+            HotRetry::Backoff(Duration::from_secs_f64(backoff_ms / 1000.0))
+        } else {
+            HotRetry::Library(dcb_command::RetryPolicy::default())
+        }
+    }
+
+    /// The wait after the `conflicts`-th conflict of one operation, or `None` to give up.
+    pub fn wait(&self, conflicts: u32, rng: &mut impl rand::Rng) -> Option<Duration> {
+        match *self {
+            HotRetry::Library(policy) => {
+                (conflicts < policy.max_attempts()).then(|| policy.jittered_backoff(conflicts))
+            }
+            HotRetry::Backoff(base) => {
+                let bound = base * (1_u32 << (conflicts - 1).min(5));
+                Some(rng.gen_range(bound / 2..=bound))
+            }
+            HotRetry::AtOnce => Some(Duration::ZERO),
+        }
+    }
 }

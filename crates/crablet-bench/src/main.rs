@@ -182,11 +182,16 @@ pub struct Args {
     /// decisions, so decision reads stay the size of a realistic boundary.
     #[arg(long, default_value_t = 100)]
     pub boundary_size: u64,
-    /// `append-if-hot`: after the n-th conflict of an operation, wait a random time in
-    /// `[b/2, b]` with `b = min(32, 2^(n-1)) x this many ms` before deciding again, as a client
-    /// with a retry policy would (dcb-command's `RetryPolicy`). 0 (the default) retries at once.
+    /// `append-if-hot`: how a client retries after a conflict. By default with the library's
+    /// `dcb_command::RetryPolicy::default()` (up to 10 attempts, jittered backoff from 2 ms
+    /// doubling to 64 ms; an operation that still conflicts counts as given up). A value above
+    /// 0 waits a random time in `[b/2, b]` with `b = min(32, 2^(n-1)) x this many ms` after
+    /// the n-th conflict instead, without an attempt limit.
     #[arg(long, default_value_t = 0.0)]
     pub hot_backoff_ms: f64,
+    /// `append-if-hot`: retry at once after a conflict, without an attempt limit (no policy).
+    #[arg(long, conflicts_with = "hot_backoff_ms")]
+    pub hot_at_once: bool,
     /// Raw inserts (`raw-insert`, `raw-batch`) go to `bench_raw_indexed`, which carries the
     /// store's secondary indexes (GIN on tags with fastupdate off, B-tree on type): the cost
     /// PostgreSQL charges for those indexes, apart from crablet's own.

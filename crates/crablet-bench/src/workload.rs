@@ -406,10 +406,11 @@ async fn op(
                         if Instant::now() >= deadline {
                             return Err(OpError::Conflict(conflicts));
                         }
-                        if !ctx.hot_backoff.is_zero() {
-                            let bound = ctx.hot_backoff * (1_u32 << (conflicts - 1).min(5));
-                            let wait = client.rng.gen_range(bound / 2..=bound);
-                            tokio::time::sleep(wait).await;
+                        let tries = u32::try_from(conflicts).unwrap_or(u32::MAX);
+                        match ctx.hot_retry.wait(tries, &mut client.rng) {
+                            None => return Err(OpError::Conflict(conflicts)),
+                            Some(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                            Some(_) => {}
                         }
                     }
                     Err(e) => return Err(other(e)),

@@ -10,7 +10,9 @@ use std::time::Duration;
 /// 2^(n-1))`. When the last attempt conflicts, the executor returns
 /// [`CommandError::Conflict`](crate::CommandError::Conflict) with the number of attempts made.
 ///
-/// The default, [`RetryPolicy::never`], makes a single attempt.
+/// [`CommandExecutor::new`](crate::CommandExecutor::new) makes a single attempt
+/// ([`RetryPolicy::never`]). The default, [`RetryPolicy::contended`], is the policy for
+/// boundaries that many clients decide on at once.
 ///
 /// ```
 /// use dcb_command::RetryPolicy;
@@ -22,7 +24,7 @@ use std::time::Duration;
 /// assert_eq!(policy.max_attempts(), 4);
 /// assert_eq!(policy.backoff(1), Duration::from_millis(5));
 /// assert_eq!(policy.backoff(3), Duration::from_millis(20));
-/// assert_eq!(RetryPolicy::default(), RetryPolicy::never());
+/// assert_eq!(RetryPolicy::default(), RetryPolicy::contended());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -33,7 +35,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self::never()
+        Self::contended()
     }
 }
 
@@ -44,6 +46,18 @@ impl RetryPolicy {
             max_attempts: 1,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+        }
+    }
+
+    /// For a contended boundary: up to 10 attempts, waiting 1–2 ms before the first retry and
+    /// doubling up to 64 ms. Racers that conflicted spread out instead of colliding again at
+    /// once, so a boundary that 16 clients decide on keeps most of a single client's rate
+    /// (docs/performance.md, `append-if-hot`).
+    pub const fn contended() -> Self {
+        Self {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(2),
+            max_backoff: Duration::from_millis(64),
         }
     }
 
@@ -82,7 +96,10 @@ impl RetryPolicy {
     }
 
     /// The jittered wait after failed attempt `attempt`.
-    pub(crate) fn jittered_backoff(&self, attempt: u32) -> Duration {
+    /// The wait after failed attempt `attempt` (counted from 1): a random duration in
+    /// `[b/2, b]` with `b = backoff(attempt)`. For callers running their own decide-and-append
+    /// loop on a store, as the executor does.
+    pub fn jittered_backoff(&self, attempt: u32) -> Duration {
         let bound = self.backoff(attempt);
         let nanos = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
         if nanos == 0 {
@@ -111,6 +128,16 @@ mod tests {
                 "{wait:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_default_spreads_out_racers() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy, RetryPolicy::contended());
+        assert_eq!(policy.max_attempts(), 10);
+        assert_eq!(policy.backoff(1), Duration::from_millis(2));
+        assert_eq!(policy.backoff(7), Duration::from_millis(64));
+        assert_eq!(policy.backoff(10), Duration::from_millis(64));
     }
 
     #[test]
