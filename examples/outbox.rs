@@ -2,9 +2,12 @@
 //! ONE transaction, and a relay publishes the messages to a broker at least once, consumed
 //! idempotently.
 //!
-//! - With `DATABASE_URL` set: each "place order" command is a [`StoreSession`]: `append_if`
-//!   (an order is placed once; racing duplicates conflict) and an `INSERT` into the
-//!   application's own `outbox` table, committed together. The relay takes outbox rows with
+//! - With `DATABASE_URL` set: a "place order" command appends its event with `append_if` (an
+//!   order is placed once; racing duplicates conflict) and `INSERT`s into the application's own
+//!   `outbox` table, committed together. Each order's first command does it in a
+//!   [`StoreSession`]; the second, racing it, goes through a `CommandExecutor` whose decision
+//!   carries the insert as transaction work (`Decision::in_transaction`) and which also records
+//!   the command in the audit trail. The relay takes outbox rows with
 //!   `FOR UPDATE SKIP LOCKED`, publishes each, and deletes them in the same transaction once the
 //!   broker acknowledged; it "crashes" once after publishing (rolls back instead of deleting),
 //!   so those messages are published again.
@@ -28,13 +31,16 @@ mod common;
 
 use async_nats::jetstream;
 use common::{check, exit_code, AnyError};
-use crablet::postgres::PostgresEventStore;
+use crablet::command::{handler_fn, Command, CommandExecutor, Decision, HandlerError};
+use crablet::postgres::{transaction_work, PostgresEventStore};
 use crablet::{
-    AppendCondition, DomainEvent, EventStore, Query, QueryItem, ReadOptions, SubscribeOptions,
+    AppendCondition, CommandFilter, DomainEvent, EventStore, Query, QueryItem, ReadOptions,
+    SubscribeOptions,
 };
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -45,6 +51,13 @@ const ORDERS: usize = 40;
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
 struct OrderPlaced {
     #[crablet(tag)]
+    order: String,
+    amount: u32,
+}
+
+/// The command's payload, recorded in the audit trail.
+#[derive(Debug, Clone, serde::Serialize)]
+struct PlaceOrder {
     order: String,
     amount: u32,
 }
@@ -124,10 +137,34 @@ async fn run() -> Result<(), AnyError> {
         Some(store) => {
             let table = create_outbox(store).await?;
             let insert = format!("INSERT INTO {table} (body) VALUES ($1)");
+            let executor = CommandExecutor::new(Arc::new(store.clone()));
+            let turn = AtomicUsize::new(0);
             let placed = place_orders(|placed, once| {
-                place_in_session(store.clone(), insert.clone(), placed, once)
+                let insert = insert.clone();
+                let (store, executor) = (store.clone(), executor.clone());
+                // Each order's second attempt is a command, racing its first, a session.
+                let by_command = turn.fetch_add(1, Ordering::Relaxed) >= ORDERS;
+                async move {
+                    if by_command {
+                        place_by_command(executor, insert, placed, once).await
+                    } else {
+                        place_in_session(store, insert, placed, once).await
+                    }
+                }
             })
             .await?;
+            let recorded = executor
+                .commands(&CommandFilter::default().command_type("PlaceOrder"))
+                .await?
+                .len();
+            check(
+                recorded <= placed.len(),
+                format!(
+                    "the executor's winning commands are recorded ({recorded} of {} orders; the \
+                     sessions won the rest)",
+                    placed.len()
+                ),
+            )?;
             relay_outbox(store, &table, &broker).await?;
             let left: i64 = store
                 .pool()
@@ -306,6 +343,56 @@ async fn place_in_session(
             session.rollback().await?;
             Ok(false)
         }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Each attempt is a command: the executor commits the event, the command record and the
+/// handler's outbox row (its transaction work) together, or (on a conflict) none of them.
+async fn place_by_command(
+    executor: CommandExecutor,
+    insert: String,
+    placed: OrderPlaced,
+    once: AppendCondition,
+) -> Result<bool, AnyError> {
+    let handler = handler_fn(move |command: &Command<PlaceOrder>, _reader| {
+        let (insert, once) = (insert.clone(), once.clone());
+        Box::pin(async move {
+            let order = command.payload.order.clone();
+            let placed = OrderPlaced {
+                order: order.clone(),
+                amount: command.payload.amount,
+            };
+            let outbox_row = transaction_work(move |client, record| {
+                Box::pin(async move {
+                    let cursor = record.last_event.map(|c| c.to_string());
+                    let body = serde_json::json!({ "order": order, "cursor": cursor });
+                    client.execute(&insert, &[&body]).await?;
+                    Ok(())
+                })
+            });
+            Ok::<_, HandlerError>(
+                Decision::append([placed.encode()?])
+                    .guarded_by(once)
+                    .in_transaction(outbox_row),
+            )
+        })
+    });
+    match executor
+        .execute(
+            Command::new(
+                "PlaceOrder",
+                PlaceOrder {
+                    order: placed.order,
+                    amount: placed.amount,
+                },
+            ),
+            &handler,
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(err) if err.is_conflict() => Ok(false),
         Err(err) => Err(err.into()),
     }
 }
