@@ -251,27 +251,38 @@ async fn a_failing_work_writes_nothing_and_releases_the_boundary() {
     assert_eq!(fixture.outbox_rows().await.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failed_statement_the_work_swallowed_still_rolls_back() {
-    let fixture = Fixture::new(|c| c).await;
-    let handler = handler_fn(|_: &Command<()>, _| {
+/// Executes a command appending one `OrderPlaced` of `o1` with the work `make_work` builds.
+async fn execute_with_work(
+    fixture: &Fixture,
+    make_work: fn() -> TransactionWork,
+) -> Result<dcb_command::CommandOutcome, CommandError<std::convert::Infallible>> {
+    let handler = handler_fn(move |_: &Command<()>, _| {
         Box::pin(async move {
             let event = NewEvent::builder("OrderPlaced")
                 .tag("order_id", "o1")
                 .build()?;
-            let work = transaction_work(|client, _| {
-                Box::pin(async move {
-                    // Fails and aborts the transaction; the work ignores it.
-                    let _ = client.execute("SELECT 1/0", &[]).await;
-                    Ok(())
-                })
-            });
-            Ok::<_, HandlerError>(Decision::append([event]).in_transaction(work))
+            Ok::<_, HandlerError>(Decision::append([event]).in_transaction(make_work()))
         })
     });
-    let err = fixture
+    fixture
         .executor
         .execute(Command::new("PlaceOrder", ()), &handler)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_statement_the_work_swallowed_still_rolls_back() {
+    let fixture = Fixture::new(|c| c).await;
+    let swallowing = || {
+        transaction_work(|client, _| {
+            Box::pin(async move {
+                // Fails and aborts the transaction; the work ignores it.
+                let _ = client.execute("SELECT 1/0", &[]).await;
+                Ok(())
+            })
+        })
+    };
+    let err = execute_with_work(&fixture, swallowing)
         .await
         .expect_err("aborted transaction");
     match &err {
@@ -289,23 +300,15 @@ async fn a_failed_statement_the_work_swallowed_still_rolls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_work_that_ends_the_transaction_is_reported_as_unknown() {
     let fixture = Fixture::new(|c| c).await;
-    let handler = handler_fn(|_: &Command<()>, _| {
-        Box::pin(async move {
-            let event = NewEvent::builder("OrderPlaced")
-                .tag("order_id", "o1")
-                .build()?;
-            let work = transaction_work(|client, _| {
-                Box::pin(async move {
-                    client.batch_execute("COMMIT").await?;
-                    Ok(())
-                })
-            });
-            Ok::<_, HandlerError>(Decision::append([event]).in_transaction(work))
+    let committing = || {
+        transaction_work(|client, _| {
+            Box::pin(async move {
+                client.batch_execute("COMMIT").await?;
+                Ok(())
+            })
         })
-    });
-    let err = fixture
-        .executor
-        .execute(Command::new("PlaceOrder", ()), &handler)
+    };
+    let err = execute_with_work(&fixture, committing)
         .await
         .expect_err("ended by the work");
     match &err {
