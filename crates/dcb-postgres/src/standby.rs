@@ -305,6 +305,21 @@ impl PostgresEventStore {
                 self.mark_unreachable(node, reason.clone()).await;
                 self.no_standby(operation, StandbyProblem::Unreachable { reason })
             }
+            // Cancelled by recovery conflicts again and again: the node is up, the read
+            // can still be served elsewhere.
+            Error::Conflict(dcb_core::ConflictInfo {
+                conflicting: None, ..
+            }) => self.no_standby(
+                operation,
+                StandbyProblem::Unreachable {
+                    reason: format!(
+                        "{}: the read was cancelled by conflicts with recovery {} times \
+                         (set hot_standby_feedback = on on the standby)",
+                        node.name,
+                        RECOVERY_RETRIES + 1
+                    ),
+                },
+            ),
             other => Err(other),
         }
     }
@@ -521,4 +536,59 @@ async fn replay_state(node: &Node) -> Result<Option<Replay>, Error> {
 
 fn standby_error(operation: &'static str, problem: StandbyProblem) -> Error {
     Error::Standby(StandbyError { operation, problem })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_horizon_statement_records_the_snapshot_h_h_for_the_read_after_it() {
+        let schema = dcb_testkit::pg::TestSchema::new().await;
+        let client = dcb_testkit::pg::connect(&schema.url).await.expect("client");
+        client.batch_execute("BEGIN").await.expect("begin");
+        let recorded: String = client
+            .query_one(HORIZON_SQL, &[])
+            .await
+            .expect("horizon")
+            .get(0);
+        let setting: String = client
+            .query_one("SELECT current_setting('crablet.fence')", &[])
+            .await
+            .expect("setting")
+            .get(0);
+        let xmin: String = client
+            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+            .await
+            .expect("xmin")
+            .get(0);
+        client.batch_execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(recorded, setting);
+        let parts: Vec<&str> = recorded.split(':').collect();
+        assert_eq!(parts.len(), 3, "{recorded}");
+        assert_eq!(parts[0], parts[1], "xmin = xmax: {recorded}");
+        assert_eq!(parts[2], "", "no in-flight list: {recorded}");
+        let horizon: u64 = parts[0].parse().expect("number");
+        let now: u64 = xmin.parse().expect("number");
+        assert!(horizon <= now, "{horizon} > {now}");
+        assert_eq!(
+            crate::store::snapshot_xmax(&recorded).expect("xmax"),
+            horizon
+        );
+    }
+
+    #[test]
+    fn standby_reads_never_ask_for_serializable() {
+        use crate::config::IsolationLevel;
+        let begin = "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY; SET LOCAL x = 1";
+        assert_eq!(
+            crate::store::standby_begin(begin, IsolationLevel::Serializable),
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL x = 1"
+        );
+        let rc = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY";
+        assert_eq!(
+            crate::store::standby_begin(rc, IsolationLevel::ReadCommitted),
+            rc
+        );
+    }
 }

@@ -740,10 +740,31 @@ async fn a_subscription_on_a_standby_that_is_killed_and_restarted_neither_skips_
             .poll_interval(Duration::from_millis(50))
             .retry(Duration::from_millis(50), Duration::from_millis(200)),
     );
+    let standby = std::sync::Arc::new(standby);
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The fault runs beside the consumer, so the subscription keeps reading while the standby
+    // is down.
+    let fault = {
+        let (standby, progress) = (standby.clone(), progress.clone());
+        tokio::spawn(async move {
+            while progress.load(std::sync::atomic::Ordering::Relaxed) < TOTAL / 4 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let s = standby.clone();
+            tokio::task::spawn_blocking(move || s.kill())
+                .await
+                .expect("join")
+                .expect("kill");
+            // The primary goes on writing while the standby is down.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            tokio::task::spawn_blocking(move || standby.restart())
+                .await
+                .expect("join")
+                .expect("restart");
+        })
+    };
     let mut delivered = Vec::new();
     let mut errors = 0;
-    let mut killed = false;
-    let mut restarted = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     while delivered.len() < TOTAL {
         assert!(
@@ -757,18 +778,18 @@ async fn a_subscription_on_a_standby_that_is_killed_and_restarted_neither_skips_
             .expect("open");
         match next {
             Ok(event) => delivered.push(event.cursor),
-            Err(_) => errors += 1,
+            Err(err) => {
+                assert!(
+                    matches!(err, Error::Standby(_)),
+                    "a standby failure, reported as such: {err:?}"
+                );
+                errors += 1
+            }
         }
-        if !killed && delivered.len() >= TOTAL / 4 {
-            tokio::task::block_in_place(|| standby.kill()).expect("kill");
-            killed = true;
-            // The primary goes on writing while the standby is down.
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            tokio::task::block_in_place(|| standby.restart()).expect("restart");
-            restarted = true;
-        }
+        progress.store(delivered.len(), std::sync::atomic::Ordering::Relaxed);
     }
-    assert!(killed && restarted);
+    fault.await.expect("kill and restart");
+    assert!(errors > 0, "the subscription never met the dead standby");
     let appended = writer.await.expect("writer");
     assert_eq!(delivered, appended, "every event once, in cursor order");
     eprintln!("subscription survived a standby kill/restart with {errors} transient errors");
@@ -896,4 +917,104 @@ async fn a_store_with_an_invalid_standby_url_is_refused() {
         ),
         "{err:?}"
     );
+}
+
+/// Counts the events it handles in `<schema>.handled`, in the handler's transaction (on the
+/// primary).
+struct Counter {
+    table: String,
+}
+
+#[async_trait::async_trait]
+impl dcb_postgres::EventHandler for Counter {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    fn query(&self) -> Query {
+        stream_query()
+    }
+
+    async fn handle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), dcb_postgres::HandlerError> {
+        for e in events {
+            tx.execute(
+                &format!("INSERT INTO {} VALUES ($1)", self.table),
+                &[&e.cursor.position],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_durable_handler_reads_on_the_standby_and_checkpoints_on_the_primary() {
+    let Some(pair) = pair().await else { return };
+    let standby = pair.new_standby().await;
+    let f = Fixture::new(
+        pair,
+        &standby,
+        ReplicaConfig::new([""]).max_lag(Duration::from_secs(60)),
+    )
+    .await;
+    let table = f.table("handled");
+    f.primary()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (position int8 PRIMARY KEY)"))
+        .await
+        .expect("table");
+    let first = f
+        .store
+        .append(vec![event("Opened", "stream", "s")])
+        .await
+        .expect("append");
+    let running = f
+        .store
+        .on_standby()
+        .run_handler(
+            Counter {
+                table: table.clone(),
+            },
+            dcb_postgres::HandlerOptions::default()
+                .retry_initial(Duration::from_millis(20))
+                .retry_max(Duration::from_millis(200)),
+        )
+        .expect("run handler");
+    // Across nodes: the handler reads on the standby, its checkpoint is on the primary.
+    f.store
+        .wait_until_processed("counter", first, Duration::from_secs(10))
+        .await
+        .expect("processed");
+    let control = f.standby().await;
+    pause_replay(&control).await;
+    let second = f
+        .store
+        .append(vec![event("Closed", "stream", "s")])
+        .await
+        .expect("append");
+    assert!(
+        f.store
+            .wait_until_processed("counter", second, Duration::from_millis(500))
+            .await
+            .is_err(),
+        "the handler cannot have read an event its standby has not replayed"
+    );
+    resume_replay(&control).await;
+    f.store
+        .wait_until_processed("counter", second, Duration::from_secs(10))
+        .await
+        .expect("processed after replay resumed");
+    let handled: i64 = f
+        .primary()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(handled, 2, "each event handled once");
+    running.stop().await;
 }
