@@ -57,25 +57,86 @@ async fn produce(
     dcb_core::validate_read_options(&options)?;
     let query = &query.simplified();
     if let Some(node) = store.standby_for_read("query_stream").await? {
-        let mut sent = false;
-        let read = async {
-            let conn = store.standby_conn(node, "query_stream").await?;
-            produce_on(store, conn, true, query, &options, tx, &mut sent).await
-        };
-        match read.await {
-            Ok(()) => return Ok(()),
-            // Once events were delivered the stream ends with the error (a subscription goes
-            // on from its last cursor); before, the read may still run on the primary.
-            Err(e) if sent => return Err(e),
-            Err(e) => store.after_standby_error(node, "query_stream", e).await?,
+        let mut sent = Sent::default();
+        let mut attempt = 0;
+        loop {
+            let Some(resumed) = sent.resumed(&options) else {
+                return Ok(());
+            };
+            let read = async {
+                let conn = store.standby_conn(node, "query_stream").await?;
+                produce_on(store, conn, true, query, &resumed, tx, &mut sent).await
+            };
+            match read.await {
+                Ok(()) => return Ok(()),
+                // Cancelled by a conflict with recovery (replay removed rows the stream's
+                // snapshot could still see: an ERROR while a fetch runs, a FATAL that ends the
+                // session while it waits for the consumer): the stream goes on after the last
+                // event it delivered, with a new snapshot. Every event it has not delivered
+                // is still after that cursor, so nothing is skipped or repeated.
+                Err(
+                    Error::Conflict(dcb_core::ConflictInfo {
+                        conflicting: None, ..
+                    })
+                    | Error::Storage { .. },
+                ) if attempt < RECOVERY_RESUMES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, "standby stream cancelled by recovery; resuming");
+                }
+                // Once events were delivered the stream ends with the error (a subscription
+                // goes on from its last cursor); before, the read may still run on the primary.
+                Err(e) if sent.events > 0 => return Err(e),
+                Err(e) => {
+                    store.after_standby_error(node, "query_stream", e).await?;
+                    break;
+                }
+            }
         }
     }
     let conn = Conn::get(&store.inner.pool, "query_stream").await?;
-    produce_on(store, conn, false, query, &options, tx, &mut false).await
+    produce_on(
+        store,
+        conn,
+        false,
+        query,
+        &options,
+        tx,
+        &mut Sent::default(),
+    )
+    .await
 }
 
-/// [`produce`] on `conn` (a standby's when `on_standby`); `sent` tells whether any batch was
-/// handed to the consumer.
+/// How many times a standby stream cancelled by conflicts with recovery is resumed.
+const RECOVERY_RESUMES: usize = 8;
+
+/// What a stream has handed to its consumer so far.
+#[derive(Default)]
+struct Sent {
+    events: usize,
+    last: Option<dcb_core::Cursor>,
+}
+
+impl Sent {
+    /// The options that read the rest of `original` after what was sent; `None` when its
+    /// limit is reached.
+    fn resumed(&self, original: &ReadOptions) -> Option<ReadOptions> {
+        let mut options = *original;
+        if let Some(limit) = original.limit {
+            let left = limit.checked_sub(self.events).filter(|&n| n > 0)?;
+            options.limit = Some(left);
+        }
+        if let Some(last) = self.last {
+            match original.direction {
+                dcb_core::Direction::Forwards => options.after = Some(last),
+                dcb_core::Direction::Backwards => options.before = Some(last),
+            }
+        }
+        Some(options)
+    }
+}
+
+/// [`produce`] on `conn` (a standby's when `on_standby`); `sent` counts what was handed to
+/// the consumer.
 async fn produce_on(
     store: &PostgresEventStore,
     mut conn: Conn,
@@ -83,7 +144,7 @@ async fn produce_on(
     query: &Query,
     options: &ReadOptions,
     tx: &mpsc::Sender<Result<Vec<Event>, Error>>,
-    sent: &mut bool,
+    sent: &mut Sent,
 ) -> Result<(), Error> {
     let inner = &store.inner;
     let timeout = inner.config.query_timeout;
@@ -160,11 +221,13 @@ async fn produce_on(
         }
         // The events before an undecodable row are delivered, then its error ends the stream.
         if !events.is_empty() {
+            let (count, last) = (events.len(), events.last().map(|e| e.cursor));
             if tx.send(Ok(events)).await.is_err() {
                 // The consumer is gone: the connection is closed with its transaction.
                 return Ok(());
             }
-            *sent = true;
+            sent.events += count;
+            sent.last = last;
         }
         if let Some(err) = undecodable {
             return Err(err);

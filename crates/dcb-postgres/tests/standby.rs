@@ -1018,3 +1018,108 @@ async fn a_durable_handler_reads_on_the_standby_and_checkpoints_on_the_primary()
     assert_eq!(handled, 2, "each event handled once");
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_stream_cancelled_by_recovery_on_the_standby_resumes_from_its_cursor() {
+    let Some(pair) = pair().await else { return };
+    let standby = pair.new_standby().await;
+    // The worst case for a standby reader: no feedback to the primary, and replay cancels
+    // conflicting queries at once.
+    let control = dcb_testkit::pg::connect(standby.url())
+        .await
+        .expect("standby");
+    for statement in [
+        "ALTER SYSTEM SET hot_standby_feedback = off",
+        "ALTER SYSTEM SET max_standby_streaming_delay = 0",
+        "SELECT pg_reload_conf()",
+    ] {
+        control.batch_execute(statement).await.expect(statement);
+    }
+    let schema = TestSchema::create_in(pair.primary.url())
+        .await
+        .expect("schema");
+    let store = PostgresEventStore::connect_with_standbys(
+        pair.primary.url(),
+        StoreConfig::default()
+            .schema(schema.schema.clone())
+            .auto_migrate(true)
+            .stream_buffer(10),
+        ReplicaConfig::new([standby.url()])
+            .default_read(ReadFrom::Standby)
+            .fallback(StandbyFallback::Fail)
+            .max_lag(Duration::from_secs(60)),
+    )
+    .await
+    .expect("store");
+    let mut appended = Vec::new();
+    for _ in 0..20 {
+        let batch: Vec<NewEvent> = (0..10).map(|_| event("Tick", "stream", "s")).collect();
+        let last = store.append(batch).await.expect("append");
+        appended.push(last);
+    }
+    let junk = format!("\"{}\".junk", schema.schema);
+    let primary = dcb_testkit::pg::connect(pair.primary.url())
+        .await
+        .expect("primary");
+    primary
+        .batch_execute(&format!(
+            "CREATE TABLE {junk} (x int) WITH (autovacuum_enabled = off); \
+             INSERT INTO {junk} SELECT generate_series(1, 1000)"
+        ))
+        .await
+        .expect("junk");
+    let last = *appended.last().expect("appended");
+    store
+        .wait_for_standby(last, Duration::from_secs(5))
+        .await
+        .expect("replayed");
+    let before = conflicts(&control).await;
+    let mut stream = store.query_stream(&stream_query(), ReadOptions::default());
+    let mut seen = Vec::new();
+    while seen.len() < 25 {
+        seen.push(stream.next().await.expect("open").expect("event").cursor);
+    }
+    // Rows the stream's snapshot can still see are removed on the primary and the removal
+    // replayed: the standby cancels the stream's transaction.
+    primary
+        .batch_execute(&format!("DELETE FROM {junk}"))
+        .await
+        .expect("delete");
+    // VACUUM removes them once no snapshot anywhere needs them: the other standbys' feedback
+    // (every second) and the other tests' transactions hold the primary's horizon back for a
+    // while, so vacuum until replay cancels the stream.
+    let mut cancelled = false;
+    for _ in 0..200 {
+        primary
+            .batch_execute(&format!("VACUUM {junk}"))
+            .await
+            .expect("vacuum");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if conflicts(&control).await > before {
+            cancelled = true;
+            break;
+        }
+    }
+    while let Some(next) = stream.next().await {
+        seen.push(next.expect("the stream resumes instead of failing").cursor);
+    }
+    assert!(
+        cancelled,
+        "replay never cancelled the stream: the test proved nothing"
+    );
+    assert_eq!(seen.len(), 200, "every event once");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in cursor order");
+    assert_eq!(seen.last(), Some(&last));
+}
+
+/// Queries the standby cancelled for snapshot conflicts with recovery so far.
+async fn conflicts(standby: &tokio_postgres::Client) -> i64 {
+    standby
+        .query_one(
+            "SELECT confl_snapshot FROM pg_stat_database_conflicts WHERE datname = 'postgres'",
+            &[],
+        )
+        .await
+        .expect("conflicts")
+        .get(0)
+}

@@ -29,6 +29,7 @@ pub struct LocalStandby {
     bin_dir: PathBuf,
     run_as: RunAs,
     cleanup_id: Option<u64>,
+    primary_port: u16,
 }
 
 static NEXT_SLOT: AtomicU32 = AtomicU32::new(1);
@@ -64,6 +65,7 @@ impl LocalStandby {
             slot,
             bin_dir: primary.bin_dir().to_path_buf(),
             run_as,
+            primary_port: primary.port(),
         };
         standby.base_backup(primary).map_err(err)?;
         standby.first_start().map_err(err)?;
@@ -224,12 +226,76 @@ impl LocalStandby {
     }
 }
 
+impl LocalStandby {
+    /// Drops the standby's slot on the primary (once the standby is stopped and the slot
+    /// inactive). A slot left behind keeps the primary's WAL and, with the standby's
+    /// `hot_standby_feedback`, holds the primary's vacuum horizon back forever.
+    fn drop_slot(&self) {
+        let psql = self.bin_dir.join("psql");
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = '{}' AND NOT active",
+            self.slot
+        );
+        for _ in 0..50 {
+            let out = std::process::Command::new(&psql)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-Atqc",
+                ])
+                .arg(&sql)
+                .arg("-p")
+                .arg(self.primary_port.to_string())
+                .stdin(std::process::Stdio::null())
+                .output();
+            let Ok(out) = out else { return };
+            if !out.status.success() {
+                // The primary is gone (process exit): nothing to drop.
+                return;
+            }
+            let check = std::process::Command::new(&psql)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-Atqc",
+                ])
+                .arg(format!(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+                    self.slot
+                ))
+                .arg("-p")
+                .arg(self.primary_port.to_string())
+                .stdin(std::process::Stdio::null())
+                .output();
+            match check {
+                Ok(out) if String::from_utf8_lossy(&out.stdout).trim() == "0" => return,
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                Err(_) => return,
+            }
+        }
+        eprintln!(
+            "dcb-testkit: the replication slot {} of a dropped standby is still active",
+            self.slot
+        );
+    }
+}
+
 impl Drop for LocalStandby {
     fn drop(&mut self) {
         if let Some(action) = self.cleanup_id.take().and_then(cleanup::unregister) {
             if let Err(e) = cleanup::run(&action) {
                 eprintln!("dcb-testkit: could not stop the local standby: {e}");
             }
+            self.drop_slot();
         }
     }
 }
