@@ -106,6 +106,12 @@ pub enum Error {
         source: crate::WorkError,
     },
 
+    /// A read routed to a hot standby could not be served there (unreachable, lagging beyond
+    /// the bound, or not showing a write it was asked to see in time) and was not allowed to
+    /// fall back to the primary. Nothing was written; retry, or read on the primary.
+    #[error("{0}")]
+    Standby(crate::StandbyError),
+
     /// A configuration value is invalid.
     #[error("invalid configuration: {field}: {reason}")]
     Config {

@@ -25,8 +25,19 @@ impl EventReader for PostgresEventStore {
         let result = async {
             validate_query(query)?;
             dcb_core::validate_read_options(&options)?;
+            if let Some(node) = self.standby_for_read("query").await? {
+                let read = self
+                    .on_standby_retrying(node, "query", |conn| async move {
+                        self.read_on(&conn, query, options, true).await
+                    })
+                    .await;
+                match read {
+                    Ok(events) => return Ok(events),
+                    Err(e) => self.after_standby_error(node, "query", e).await?,
+                }
+            }
             let conn = Conn::get(&self.inner.pool, "query").await?;
-            self.read_on(&conn, query, options).await
+            self.read_on(&conn, query, options, false).await
         }
         .await;
         record_query(BACKEND, started, &result);

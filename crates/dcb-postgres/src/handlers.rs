@@ -1633,10 +1633,32 @@ async fn read_with_horizon(
     let inner = &store.inner;
     let options = ReadOptions::default().after_opt(after).limit(limit);
     dcb_core::validate_read_options(&options)?;
+    if let Some(node) = store.standby_for_read("handler_read").await? {
+        let read = store
+            .on_standby_retrying(node, "handler_read", |conn| async move {
+                read_with_horizon_on(store, &conn, query, &options, true).await
+            })
+            .await;
+        match read {
+            Ok(read) => return Ok(read),
+            Err(e) => store.after_standby_error(node, "handler_read", e).await?,
+        }
+    }
     let conn = Conn::get(&inner.pool, "handler_read").await?;
+    read_with_horizon_on(store, &conn, query, &options, false).await
+}
+
+/// [`read_with_horizon`] on `conn` (a standby's when `on_standby`).
+async fn read_with_horizon_on(
+    store: &PostgresEventStore,
+    conn: &Conn,
+    query: &Query,
+    options: &ReadOptions,
+    on_standby: bool,
+) -> Result<(Vec<Event>, Cursor), Error> {
     let read = async {
         let (rows, xmax) = store
-            .fenced_rows(&conn, query, &options, "handler_read")
+            .fenced_rows(conn, query, options, "handler_read", on_standby)
             .await?;
         let events = rows
             .iter()
@@ -1646,7 +1668,7 @@ async fn read_with_horizon(
         let horizon = Cursor::new(xmax.saturating_sub(1), i64::MAX);
         Ok((events, horizon))
     };
-    let timeout = inner.config.query_timeout;
+    let timeout = store.inner.config.query_timeout;
     conn.run(
         "handler_read",
         crate::store::within(timeout, "handler_read", read),

@@ -57,8 +57,10 @@ mod migrate;
 mod notify;
 #[cfg(test)]
 mod plan_tests;
+mod replica;
 mod session;
 mod sql;
+mod standby;
 mod store;
 mod store_session;
 mod stream;
@@ -75,6 +77,7 @@ pub use handlers::{
 pub use health::{HandlerHealth, Health};
 pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
+pub use replica::{ReadFrom, ReplicaConfig, StandbyFallback};
 pub use store::PostgresEventStore;
 pub use store_session::StoreSession;
 /// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.

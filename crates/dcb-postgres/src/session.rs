@@ -29,7 +29,7 @@ impl PgCommandSession {
 impl EventReader for PgCommandSession {
     async fn query(&self, query: &Query, options: ReadOptions) -> Result<Vec<Event>, Error> {
         let started = std::time::Instant::now();
-        let result = self.store.read_on(&self.conn, query, options).await;
+        let result = self.store.read_on(&self.conn, query, options, false).await;
         dcb_core::store_metrics::record_query("postgres", started, &result);
         result
     }
@@ -40,15 +40,17 @@ impl EventReader for PgCommandSession {
         let store = self.store.clone();
         let conn = Arc::clone(&self.conn);
         let query = query.clone();
-        futures_util::stream::once(async move { store.read_on(&conn, &query, options).await })
-            .flat_map(|batch| {
-                let items: Vec<Result<Event, Error>> = match batch {
-                    Ok(events) => events.into_iter().map(Ok).collect(),
-                    Err(err) => vec![Err(err)],
-                };
-                futures_util::stream::iter(items)
-            })
-            .boxed()
+        futures_util::stream::once(
+            async move { store.read_on(&conn, &query, options, false).await },
+        )
+        .flat_map(|batch| {
+            let items: Vec<Result<Event, Error>> = match batch {
+                Ok(events) => events.into_iter().map(Ok).collect(),
+                Err(err) => vec![Err(err)],
+            };
+            futures_util::stream::iter(items)
+        })
+        .boxed()
     }
 
     fn projection_permit(&self) -> Result<ProjectionPermit, Error> {

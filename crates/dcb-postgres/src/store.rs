@@ -75,6 +75,8 @@ pub(crate) fn snapshot_xmax(snapshot: &str) -> Result<u64, Error> {
 #[derive(Clone)]
 pub struct PostgresEventStore {
     pub(crate) inner: Arc<Inner>,
+    /// Where this view's reads go (see `standby.rs`).
+    pub(crate) route: crate::standby::Route,
 }
 
 pub(crate) struct Inner {
@@ -117,12 +119,16 @@ pub(crate) struct Inner {
     pub(crate) changes: crate::notify::Changes,
     /// Group commit's queue (see `group.rs`).
     pub(crate) groups: crate::group_queue::Groups,
+    /// The hot standbys reads may run on (`connect_with_standbys`).
+    pub(crate) standbys: Option<crate::standby::Standbys>,
 }
 
 impl fmt::Debug for PostgresEventStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresEventStore")
             .field("config", &self.inner.config)
+            .field("replicas", &self.inner.standbys.as_ref().map(|s| &s.config))
+            .field("route", &self.route)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +138,44 @@ impl PostgresEventStore {
     /// `config.auto_migrate`, and checks the schema version.
     #[tracing::instrument(name = "pg.connect", skip_all, fields(schema = %config.schema))]
     pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, Error> {
+        Self::connect_to(url, config, None).await
+    }
+
+    /// [`connect`](Self::connect) to the primary at `url`, with the hot standbys of
+    /// `replicas` for reads (see [`ReplicaConfig`](crate::ReplicaConfig) and
+    /// `docs/scale-out.md`). Writes, conditions and sessions go to the primary; reads go where
+    /// [`ReplicaConfig::default_read`](crate::ReplicaConfig::default_read) or the view
+    /// ([`on_standby`](Self::on_standby), [`on_primary`](Self::on_primary)) says. No
+    /// connection to a standby is opened here: a standby that is down makes reads fall back or
+    /// fail, not the store's start.
+    ///
+    /// ```no_run
+    /// use dcb_postgres::{PostgresEventStore, ReadFrom, ReplicaConfig, StoreConfig};
+    /// # async fn demo() -> dcb_core::Result<()> {
+    /// let store = PostgresEventStore::connect_with_standbys(
+    ///     "postgres://app@primary/app",
+    ///     StoreConfig::default().schema("shop"),
+    ///     ReplicaConfig::new(["postgres://app@standby-1/app"]).default_read(ReadFrom::Standby),
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(name = "pg.connect_with_standbys", skip_all, fields(schema = %config.schema, standbys = replicas.standby_urls.len()))]
+    pub async fn connect_with_standbys(
+        url: &str,
+        config: StoreConfig,
+        replicas: crate::ReplicaConfig,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let standbys = crate::standby::Standbys::new(replicas, config.query_timeout)?;
+        Self::connect_to(url, config, Some(standbys)).await
+    }
+
+    async fn connect_to(
+        url: &str,
+        config: StoreConfig,
+        standbys: Option<crate::standby::Standbys>,
+    ) -> Result<Self, Error> {
         config.validate()?;
         let pg_config: tokio_postgres::Config = url.parse().map_err(|e| Error::Config {
             field: "url",
@@ -164,7 +208,7 @@ impl PostgresEventStore {
                 field: "pool_size",
                 reason: e.to_string(),
             })?;
-        let store = Self::build(pool, config, true).await?;
+        let store = Self::build(pool, config, true, standbys).await?;
         store.inner.changes.set_listen_config(listen_config);
         Ok(store)
     }
@@ -176,10 +220,15 @@ impl PostgresEventStore {
     /// transaction that sets its own timeout (one statement more than on a store built by
     /// [`connect`](Self::connect)).
     pub async fn from_pool(pool: Pool, config: StoreConfig) -> Result<Self, Error> {
-        Self::build(pool, config, false).await
+        Self::build(pool, config, false, None).await
     }
 
-    async fn build(pool: Pool, config: StoreConfig, session_timeout: bool) -> Result<Self, Error> {
+    async fn build(
+        pool: Pool,
+        config: StoreConfig,
+        session_timeout: bool,
+        standbys: Option<crate::standby::Standbys>,
+    ) -> Result<Self, Error> {
         config.validate()?;
         let session_timeout = session_timeout && session_settings_hold(&pool, &config).await?;
         let schema = config.quoted_schema();
@@ -238,12 +287,14 @@ impl PostgresEventStore {
             session_timeout,
             changes: crate::notify::Changes::new(&config, pool.clone()),
             groups: crate::group_queue::Groups::default(),
+            standbys,
             schema,
             pool,
             config,
         };
         let store = Self {
             inner: Arc::new(inner),
+            route: crate::standby::Route::default(),
         };
         if store.inner.config.auto_migrate {
             store.migrate().await?;
@@ -363,12 +414,17 @@ impl PostgresEventStore {
     ///
     /// Under READ COMMITTED this is one round trip and one transaction: `fence()`, then the read
     /// in the next statement, whose snapshot is taken after the fence's lock waits.
+    ///
+    /// On a standby (`on_standby`), the fence is replaced by the standby's own xmin horizon
+    /// (`standby::HORIZON_SQL`): the returned `xmax` is that horizon, and every event not
+    /// returned that ever commits has a transaction id at or above it (docs/scale-out.md).
     pub(crate) async fn fenced_rows(
         &self,
         conn: &Conn,
         query: &Query,
         options: &ReadOptions,
         operation: &'static str,
+        on_standby: bool,
     ) -> Result<(Vec<Row>, u64), Error> {
         let inner = &self.inner;
         // Fewer items, fewer index scans and keys (projectors on one entity share its tags).
@@ -378,7 +434,22 @@ impl PostgresEventStore {
         let read = prepare(client, &stmt.sql, operation).await?;
         let params = stmt.param_refs();
         let begin = self.begin_read(query, options);
-        let (snapshot, rows) = if inner.config.read_isolation == IsolationLevel::ReadCommitted {
+        let (snapshot, rows) = if on_standby {
+            // One transaction at any level: under REPEATABLE READ the horizon and the read
+            // share the transaction snapshot, under READ COMMITTED the read's newer snapshot
+            // has every transaction below the horizon ended as well.
+            let begin = standby_begin(begin, inner.config.read_isolation);
+            let horizon = prepare(client, crate::standby::HORIZON_SQL, operation).await?;
+            let (fenced, rows) = self
+                .read_transaction(conn, &begin, (&horizon, &[]), (&read, &params), operation)
+                .await?;
+            let snapshot: String = fenced
+                .first()
+                .ok_or_else(|| corrupt("the standby horizon returned no row".into()))?
+                .try_get(0)
+                .map_err(|e| db_error(operation, e, false))?;
+            (snapshot, rows)
+        } else if inner.config.read_isolation == IsolationLevel::ReadCommitted {
             let (keys, exclusive) = self.fence_params(query);
             let fence = prepare(client, &inner.fence_sql, operation).await?;
             let fence_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&keys, &exclusive];
@@ -454,6 +525,7 @@ impl PostgresEventStore {
         conn: &Conn,
         query: &Query,
         options: ReadOptions,
+        on_standby: bool,
     ) -> Result<Vec<Event>, Error> {
         validate_query(query)?;
         dcb_core::validate_read_options(&options)?;
@@ -462,7 +534,9 @@ impl PostgresEventStore {
         let mut attempt = 0;
         loop {
             let read = async {
-                let (rows, _) = self.fenced_rows(conn, query, &options, "query").await?;
+                let (rows, _) = self
+                    .fenced_rows(conn, query, &options, "query", on_standby)
+                    .await?;
                 rows.iter().map(event_from_row).collect()
             };
             let read = async {
@@ -479,7 +553,8 @@ impl PostgresEventStore {
                 // clean: the failure was the server's, and its COMMIT was answered).
                 Err(Error::Conflict(ConflictInfo {
                     conflicting: None, ..
-                })) if self.inner.config.read_isolation == IsolationLevel::Serializable
+                })) if !on_standby
+                    && self.inner.config.read_isolation == IsolationLevel::Serializable
                     && attempt < READ_RETRIES
                     && tokio::time::timeout_at(give_up, conn.recover())
                         .await
@@ -589,6 +664,20 @@ async fn session_settings_hold(pool: &Pool, config: &StoreConfig) -> Result<bool
         );
     }
     Ok(holds)
+}
+
+/// `begin` for a read on a hot standby, which refuses SERIALIZABLE (SQLSTATE 0A000): there
+/// the read runs at REPEATABLE READ, whose one snapshot already pins what it sees.
+pub(crate) fn standby_begin(begin: &str, isolation: IsolationLevel) -> std::borrow::Cow<'_, str> {
+    if isolation == IsolationLevel::Serializable {
+        std::borrow::Cow::Owned(begin.replacen(
+            IsolationLevel::Serializable.sql(),
+            IsolationLevel::RepeatableRead.sql(),
+            1,
+        ))
+    } else {
+        std::borrow::Cow::Borrowed(begin)
+    }
 }
 
 /// `operation` bounded by `timeout` on the client: past it, the future is dropped (its

@@ -3,6 +3,7 @@
 use crate::config::IsolationLevel;
 use crate::conn::{db_error_with_timeout, Conn};
 use crate::sql;
+use crate::standby::HORIZON_SQL;
 use crate::store::{event_from_row, prepare, within, PostgresEventStore, SET_FENCE};
 use dcb_core::{validate_query, Error, Event, EventStream, Query, ReadOptions};
 use std::task::Poll;
@@ -55,28 +56,124 @@ async fn produce(
     validate_query(query)?;
     dcb_core::validate_read_options(&options)?;
     let query = &query.simplified();
+    if let Some(node) = store.standby_for_read("query_stream").await? {
+        let mut sent = Sent::default();
+        let mut attempt = 0;
+        loop {
+            let Some(resumed) = sent.resumed(&options) else {
+                return Ok(());
+            };
+            let read = async {
+                let conn = store.standby_conn(node, "query_stream").await?;
+                produce_on(store, conn, true, query, &resumed, tx, &mut sent).await
+            };
+            match read.await {
+                Ok(()) => return Ok(()),
+                // Cancelled by a conflict with recovery (replay removed rows the stream's
+                // snapshot could still see: an ERROR while a fetch runs, a FATAL that ends the
+                // session while it waits for the consumer): the stream goes on after the last
+                // event it delivered, with a new snapshot. Every event it has not delivered
+                // is still after that cursor, so nothing is skipped or repeated.
+                Err(
+                    Error::Conflict(dcb_core::ConflictInfo {
+                        conflicting: None, ..
+                    })
+                    | Error::Storage { .. },
+                ) if attempt < RECOVERY_RESUMES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, "standby stream cancelled by recovery; resuming");
+                }
+                // Once events were delivered the stream ends with the error (a subscription
+                // goes on from its last cursor); before, the read may still run on the primary.
+                Err(e) if sent.events > 0 => return Err(e),
+                Err(e) => {
+                    store.after_standby_error(node, "query_stream", e).await?;
+                    break;
+                }
+            }
+        }
+    }
+    let conn = Conn::get(&store.inner.pool, "query_stream").await?;
+    produce_on(
+        store,
+        conn,
+        false,
+        query,
+        &options,
+        tx,
+        &mut Sent::default(),
+    )
+    .await
+}
+
+/// How many times a standby stream cancelled by conflicts with recovery is resumed.
+const RECOVERY_RESUMES: usize = 8;
+
+/// What a stream has handed to its consumer so far.
+#[derive(Default)]
+struct Sent {
+    events: usize,
+    last: Option<dcb_core::Cursor>,
+}
+
+impl Sent {
+    /// The options that read the rest of `original` after what was sent; `None` when its
+    /// limit is reached.
+    fn resumed(&self, original: &ReadOptions) -> Option<ReadOptions> {
+        let mut options = *original;
+        if let Some(limit) = original.limit {
+            let left = limit.checked_sub(self.events).filter(|&n| n > 0)?;
+            options.limit = Some(left);
+        }
+        if let Some(last) = self.last {
+            match original.direction {
+                dcb_core::Direction::Forwards => options.after = Some(last),
+                dcb_core::Direction::Backwards => options.before = Some(last),
+            }
+        }
+        Some(options)
+    }
+}
+
+/// [`produce`] on `conn` (a standby's when `on_standby`); `sent` counts what was handed to
+/// the consumer.
+async fn produce_on(
+    store: &PostgresEventStore,
+    mut conn: Conn,
+    on_standby: bool,
+    query: &Query,
+    options: &ReadOptions,
+    tx: &mpsc::Sender<Result<Vec<Event>, Error>>,
+    sent: &mut Sent,
+) -> Result<(), Error> {
     let inner = &store.inner;
     let timeout = inner.config.query_timeout;
     let map = |e| db_error_with_timeout("query_stream", e, false, Some(timeout));
-    let mut conn = Conn::get(&inner.pool, "query_stream").await?;
     conn.begin_exchange("query_stream")?;
-    let stmt = sql::read(&inner.schema, query, &options);
+    let stmt = sql::read(&inner.schema, query, options);
     let begin_read = store
-        .begin_read(query, &options)
+        .begin_read(query, options)
         .replacen("BEGIN", "SET TRANSACTION", 1);
+    let begin_read = if on_standby {
+        crate::store::standby_begin(&begin_read, inner.config.read_isolation).into_owned()
+    } else {
+        begin_read
+    };
     let object = conn.object_mut();
     // Up to the first fetch: one step of at most `query_timeout`.
     let opening = async {
         // Under READ COMMITTED the fence runs inside the read's transaction, just before the
         // portal opens; a transaction-wide snapshot must be taken after the fence, so there it
-        // runs first, in a transaction of its own.
-        let taken = if inner.config.read_isolation == IsolationLevel::ReadCommitted {
+        // runs first, in a transaction of its own. A standby's horizon needs no locks: it
+        // runs inside the read's transaction at any level.
+        let taken = if on_standby || inner.config.read_isolation == IsolationLevel::ReadCommitted {
             None
         } else {
             Some(store.fence_alone(object, query, "query_stream").await?)
         };
         let prepared = prepare(object, &stmt.sql, "query_stream").await?;
         let fence = match taken {
+            None if on_standby => prepare(object, HORIZON_SQL, "query_stream").await?,
             None => prepare(object, &inner.fence_sql, "query_stream").await?,
             Some(_) => prepare(object, SET_FENCE, "query_stream").await?,
         };
@@ -84,6 +181,7 @@ async fn produce(
         let transaction = client.transaction().await.map_err(map)?;
         transaction.batch_execute(&begin_read).await.map_err(map)?;
         match &taken {
+            None if on_standby => transaction.execute(&fence, &[]).await.map_err(map)?,
             None => {
                 let (keys, exclusive) = store.fence_params(query);
                 transaction
@@ -122,9 +220,14 @@ async fn produce(
             }
         }
         // The events before an undecodable row are delivered, then its error ends the stream.
-        if !events.is_empty() && tx.send(Ok(events)).await.is_err() {
-            // The consumer is gone: the connection is closed with its transaction.
-            return Ok(());
+        if !events.is_empty() {
+            let (count, last) = (events.len(), events.last().map(|e| e.cursor));
+            if tx.send(Ok(events)).await.is_err() {
+                // The consumer is gone: the connection is closed with its transaction.
+                return Ok(());
+            }
+            sent.events += count;
+            sent.last = last;
         }
         if let Some(err) = undecodable {
             return Err(err);

@@ -44,6 +44,7 @@
 mod cleanup;
 mod docker;
 mod local;
+mod standby;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +54,84 @@ use tokio::sync::OnceCell;
 use tokio_postgres::{Client, NoTls};
 
 pub use local::LocalCluster;
+pub use standby::LocalStandby;
+
+/// A primary and a streaming hot standby of it, both started from the local server binaries
+/// for this test process (separate from the server [`test_database`] provisions).
+#[derive(Debug)]
+pub struct ReplicatedPair {
+    /// The primary (replication works with `initdb`'s defaults).
+    pub primary: LocalCluster,
+    /// A hot standby streaming from `primary` through a replication slot. Shared by the
+    /// process's tests: fault tests start their own with [`ReplicatedPair::new_standby`].
+    pub standby: LocalStandby,
+}
+
+impl ReplicatedPair {
+    /// Another standby of the same primary (its own slot and port), for tests that kill or
+    /// pause it. Blocking for a second or two; dropped, it is stopped and removed.
+    pub async fn new_standby(&'static self) -> LocalStandby {
+        let primary = &self.primary;
+        tokio::task::spawn_blocking(move || LocalStandby::start(primary))
+            .await
+            .unwrap_or_else(|e| panic!("dcb-testkit: the start task failed: {e}"))
+            .unwrap_or_else(|e| panic!("dcb-testkit: could not start another standby: {e}"))
+    }
+}
+
+static REPLICATED_PAIR: OnceCell<Option<ReplicatedPair>> = OnceCell::const_new();
+
+/// The process's [`ReplicatedPair`], started on first use (a few seconds), or `None` with a
+/// notice on stderr when the PostgreSQL server binaries (`initdb`, `pg_ctl`, `pg_basebackup`)
+/// are not installed: tests that need a real standby then skip.
+///
+/// # Panics
+///
+/// If the binaries exist but the primary or the standby cannot be started (a skip would hide
+/// a broken setup).
+pub async fn replicated_pair() -> Option<&'static ReplicatedPair> {
+    REPLICATED_PAIR
+        .get_or_init(|| async {
+            let Some(bin_dir) = LocalCluster::find_replication_bin_dir() else {
+                eprintln!(
+                    "dcb-testkit: SKIPPED: no PostgreSQL server binaries (initdb, pg_ctl, \
+                     pg_basebackup) found on PATH or in the usual install directories; \
+                     install the PostgreSQL server package to run the hot-standby tests"
+                );
+                return None;
+            };
+            let started = tokio::task::spawn_blocking(move || {
+                let primary = LocalCluster::start_with(&bin_dir)?;
+                let standby = LocalStandby::start(&primary)?;
+                Ok::<_, ProvisionError>(ReplicatedPair { primary, standby })
+            })
+            .await;
+            match started {
+                Ok(Ok(pair)) => {
+                    // A commit returns once its WAL is written, as in production, so that
+                    // the standby can have it: with `synchronous_commit = off` (the local
+                    // cluster's default) the WAL writer sends it up to 200 ms later.
+                    let client = connect(pair.primary.url())
+                        .await
+                        .unwrap_or_else(|e| panic!("dcb-testkit: the primary: {e}"));
+                    for statement in [
+                        "ALTER SYSTEM SET synchronous_commit = on",
+                        "SELECT pg_reload_conf()",
+                    ] {
+                        client
+                            .batch_execute(statement)
+                            .await
+                            .unwrap_or_else(|e| panic!("dcb-testkit: {statement}: {e}"));
+                    }
+                    Some(pair)
+                }
+                Ok(Err(e)) => panic!("dcb-testkit: could not start a primary and a standby: {e}"),
+                Err(e) => panic!("dcb-testkit: the start task failed: {e}"),
+            }
+        })
+        .await
+        .as_ref()
+}
 
 /// The URL tried when `DATABASE_URL` is not set.
 pub const DEFAULT_URL: &str = "postgres://postgres@localhost:5432/postgres";

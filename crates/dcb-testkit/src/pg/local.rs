@@ -31,11 +31,13 @@ pub struct LocalCluster {
     port: u16,
     url: String,
     cleanup_id: Option<u64>,
+    bin_dir: PathBuf,
+    run_as: RunAs,
 }
 
 /// Who runs `initdb`, `pg_ctl` and the server.
 #[derive(Debug, Clone)]
-enum RunAs {
+pub(super) enum RunAs {
     /// The current (non-root) user.
     CurrentUser,
     /// Another user, because PostgreSQL refuses to run as root.
@@ -51,6 +53,17 @@ impl LocalCluster {
         candidate_bin_dirs()
             .into_iter()
             .find(|dir| is_executable(&dir.join("initdb")) && is_executable(&dir.join("pg_ctl")))
+    }
+
+    /// Like [`LocalCluster::find_bin_dir`], for a directory that also holds `pg_basebackup`
+    /// (needed by [`LocalStandby`](super::LocalStandby)); `PATH` may hold `initdb` and
+    /// `pg_ctl` without it.
+    pub fn find_replication_bin_dir() -> Option<PathBuf> {
+        candidate_bin_dirs().into_iter().find(|dir| {
+            ["initdb", "pg_ctl", "pg_basebackup"]
+                .iter()
+                .all(|name| is_executable(&dir.join(name)))
+        })
     }
 
     /// Starts a new cluster with the binaries found by [`LocalCluster::find_bin_dir`].
@@ -92,6 +105,8 @@ impl LocalCluster {
             data_dir,
             port: 0,
             url: String::new(),
+            bin_dir: bin_dir.to_path_buf(),
+            run_as: run_as.clone(),
         };
         // On any error below, `cluster` is dropped, which stops whatever
         // was started and removes the directory.
@@ -211,6 +226,15 @@ impl LocalCluster {
         &self.data_dir
     }
 
+    /// The directory of the server binaries this cluster was started with.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    pub(super) fn run_as(&self) -> &RunAs {
+        &self.run_as
+    }
+
     /// Stops the server (immediate shutdown) and removes its directory.
     /// Blocking (at most about 10 s).
     pub fn stop(mut self) -> Result<(), ProvisionError> {
@@ -287,7 +311,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| is_executable(candidate))
 }
 
-fn decide_run_as() -> Result<RunAs, String> {
+pub(super) fn decide_run_as() -> Result<RunAs, String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(RunAs::CurrentUser);
@@ -357,7 +381,12 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
 
 /// Runs `program args` as `run_as`, in `cwd` (a directory the user can read:
 /// the test's own working directory may not be), capturing its output.
-fn run(run_as: &RunAs, cwd: &Path, program: &Path, args: &[OsString]) -> Result<Output, String> {
+pub(super) fn run(
+    run_as: &RunAs,
+    cwd: &Path,
+    program: &Path,
+    args: &[OsString],
+) -> Result<Output, String> {
     let mut command = match run_as {
         RunAs::CurrentUser => {
             let mut c = Command::new(program);
@@ -402,7 +431,7 @@ fn shell_quote(arg: &OsStr) -> String {
     format!("'{}'", arg.to_string_lossy().replace('\'', r"'\''"))
 }
 
-fn create_root_dir(base: &Path) -> Result<PathBuf, String> {
+pub(super) fn create_root_dir(base: &Path) -> Result<PathBuf, String> {
     let pid = std::process::id();
     for _ in 0..16 {
         let root = base.join(format!("{DIR_PREFIX}{pid}-{:08x}", rand::random::<u32>()));
@@ -427,7 +456,7 @@ fn create_root_dir(base: &Path) -> Result<PathBuf, String> {
 /// Removes clusters left behind by test processes that died without running
 /// their `atexit` handler (killed by a signal): the directory's `owner.pid`
 /// names a process that no longer exists. Best effort.
-fn sweep_stale_dirs() {
+pub(super) fn sweep_stale_dirs() {
     let mut bases = vec![PathBuf::from("/tmp"), std::env::temp_dir()];
     bases.dedup();
     for base in bases {
@@ -457,14 +486,14 @@ fn sweep_stale_dirs() {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .map_err(|e| format!("could not find a free TCP port on 127.0.0.1: {e}"))
 }
 
-fn output_tail(out: &Output) -> String {
+pub(super) fn output_tail(out: &Output) -> String {
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !stdout.trim().is_empty() {
@@ -474,7 +503,7 @@ fn output_tail(out: &Output) -> String {
     tail(text.trim(), 2000).to_owned()
 }
 
-fn tail(text: &str, max: usize) -> &str {
+pub(super) fn tail(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }
