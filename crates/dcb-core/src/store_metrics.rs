@@ -42,6 +42,8 @@ pub const COMMANDS: &str = "crablet_commands_total";
 pub const COMMAND_DURATION: &str = "crablet_command_duration_seconds";
 /// Conflicted command attempts that were retried, by command type.
 pub const COMMAND_RETRIES: &str = "crablet_command_retries_total";
+/// Counter: reads routed to a hot standby that fell back to the primary (label `operation`).
+pub const STANDBY_FALLBACKS: &str = "crablet_standby_fallbacks_total";
 
 /// Registers the unit and help text of every crablet metric with the installed recorder.
 /// Call it once after installing an exporter; recording works without it.
@@ -97,6 +99,11 @@ pub fn describe_metrics() {
         COMMAND_RETRIES,
         Unit::Count,
         "Command attempts retried after a conflict"
+    );
+    describe_counter!(
+        STANDBY_FALLBACKS,
+        Unit::Count,
+        "Standby reads that fell back to the primary"
     );
 }
 

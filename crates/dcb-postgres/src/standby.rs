@@ -280,7 +280,7 @@ impl PostgresEventStore {
         match fallback {
             StandbyFallback::FallBackToPrimary => {
                 tracing::warn!(error = %error, "reading on the primary instead");
-                metrics::counter!("crablet_standby_fallbacks_total", "operation" => operation)
+                metrics::counter!(dcb_core::store_metrics::STANDBY_FALLBACKS, "operation" => operation)
                     .increment(1);
                 Ok(())
             }
