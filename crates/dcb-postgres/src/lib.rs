@@ -54,6 +54,8 @@ mod keys;
 mod lag;
 mod migrate;
 mod notify;
+mod partition;
+mod partition_ahead;
 #[cfg(test)]
 mod plan_tests;
 mod session;
@@ -73,6 +75,7 @@ pub use handlers::{
 pub use health::{HandlerHealth, Health};
 pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
+pub use partition::{PartitionConfig, PartitionError, PartitionInfo};
 pub use store::PostgresEventStore;
 pub use store_session::StoreSession;
 /// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.

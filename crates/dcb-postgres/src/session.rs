@@ -71,12 +71,23 @@ impl CommandSession for PgCommandSession {
         events: Vec<NewEvent>,
         condition: Option<AppendCondition>,
     ) -> Result<CommitOutcome, Error> {
-        match self
+        let committed = self
             .store
             .commit_on(&self.conn, command, events, condition.as_ref())
-            .await?
-        {
-            Some(record) => Ok(CommitOutcome::Committed(record)),
+            .await;
+        if let Err(err) = &committed {
+            // Nothing was written; the executor's next attempt finds the partition.
+            if crate::partition_ahead::is_missing_partition(err) {
+                self.store.recover_missing_partition(1).await;
+            }
+        }
+        match committed? {
+            Some(record) => {
+                if let Some(last) = record.last_event {
+                    self.store.appended_up_to(last.position);
+                }
+                Ok(CommitOutcome::Committed(record))
+            }
             None => {
                 let id = command.id.as_deref().unwrap_or_default();
                 match self.find_command(id).await? {

@@ -117,6 +117,8 @@ pub(crate) struct Inner {
     pub(crate) changes: crate::notify::Changes,
     /// Group commit's queue (see `group.rs`).
     pub(crate) groups: crate::group_queue::Groups,
+    /// The partitions ahead of the log, when it is partitioned (see `partition_ahead.rs`).
+    pub(crate) ahead: crate::partition_ahead::Ahead,
 }
 
 impl fmt::Debug for PostgresEventStore {
@@ -238,6 +240,7 @@ impl PostgresEventStore {
             session_timeout,
             changes: crate::notify::Changes::new(&config, pool.clone()),
             groups: crate::group_queue::Groups::default(),
+            ahead: crate::partition_ahead::Ahead::default(),
             schema,
             pool,
             config,
@@ -258,6 +261,7 @@ impl PostgresEventStore {
             ),
         )
         .await?;
+        conn.run("connect", store.load_partitioning(&conn)).await?;
         Ok(store)
     }
 
