@@ -229,17 +229,32 @@ pub(crate) async fn stored_config(
     }))
 }
 
-/// The newest position drawn from the identity sequence (0 when none was).
+/// The newest position drawn from the identity sequence (one below its start when none was:
+/// the sequence of a converted store starts where the old one stopped).
 pub(crate) async fn last_position(client: &Client, schema: &str) -> Result<i64, PartitionError> {
-    let row = client
+    let e = err("partition");
+    let sequence: Option<String> = client
         .query_one(
-            "SELECT coalesce(pg_sequence_last_value(\
-                pg_get_serial_sequence(format('%I.events', $1::text), 'position')::regclass), 0)",
+            "SELECT pg_get_serial_sequence(format('%I.events', $1::text), 'position')",
             &[&schema],
         )
         .await
-        .map_err(err("partition"))?;
-    row.try_get(0).map_err(err("partition"))
+        .map_err(&e)?
+        .try_get(0)
+        .map_err(&e)?;
+    let Some(sequence) = sequence else {
+        return Ok(0);
+    };
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {sequence}"
+            ),
+            &[],
+        )
+        .await
+        .map_err(&e)?;
+    row.try_get(0).map_err(&e)
 }
 
 /// The partitions, by bound.
