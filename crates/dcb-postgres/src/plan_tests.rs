@@ -164,7 +164,7 @@ async fn assert_index_driven(client: &Client, quoted: &str, populated: &[String]
         vec![Tag::new("course_id", "c7")],
         serde_json::json!({}),
     );
-    let statement = conditional_append(&quoted, &condition, event);
+    let statement = conditional_append(quoted, &condition, event);
     let args = [
         "'{CourseDefined}'",
         "'{course_id:c7}'",
@@ -195,7 +195,7 @@ async fn assert_index_driven(client: &Client, quoted: &str, populated: &[String]
         vec![Tag::new("course_id", "c7")],
         serde_json::json!({}),
     );
-    let statement = conditional_append(&quoted, &simplified, event);
+    let statement = conditional_append(quoted, &simplified, event);
     let args = [
         "'{CourseDefined,StudentEnrolled}'",
         "'{course_id:c7}'",
@@ -216,7 +216,7 @@ async fn assert_index_driven(client: &Client, quoted: &str, populated: &[String]
     let types_only =
         AppendCondition::new(Query::types(["CourseDefined"])).with_after(Some(Cursor::new(1, 1)));
     let event = NewEvent::new("CourseDefined", vec![], serde_json::json!({}));
-    let statement = conditional_append(&quoted, &types_only, event);
+    let statement = conditional_append(quoted, &types_only, event);
     let args = [
         "'{CourseDefined}'",
         "'1'",
@@ -235,7 +235,7 @@ async fn assert_index_driven(client: &Client, quoted: &str, populated: &[String]
     );
 
     // A decision read (tagged items, no bounds) runs on generic plans too.
-    let stmt = sql::read(&quoted, &course_model(), &ReadOptions::default());
+    let stmt = sql::read(quoted, &course_model(), &ReadOptions::default());
     let args = [
         "'{CourseDefined}'",
         "'{course_id:c7}'",
@@ -248,7 +248,7 @@ async fn assert_index_driven(client: &Client, quoted: &str, populated: &[String]
     assert!(p.matches("_tags_idx").count() >= n, "{p}");
 
     // Match-all reads follow the primary key instead of sorting the log.
-    let stmt = sql::read(&quoted, &Query::all(), &ReadOptions::default());
+    let stmt = sql::read(quoted, &Query::all(), &ReadOptions::default());
     let p = plan(
         client,
         "SET plan_cache_mode = force_custom_plan; SET enable_sort = off",
