@@ -21,6 +21,9 @@
 //! - **Durable handlers** ([`EventHandler`], [`PostgresEventStore::run_handler`]) process events
 //!   in a transaction that also advances their checkpoint: exactly once per event, one instance
 //!   at a time, with [`PostgresEventStore::wait_until_processed`] for reading your own writes.
+//! - **A partitioned log** (opt-in, [`PostgresEventStore::partition`]): `events`
+//!   range-partitioned by position without copying a row, partitions created ahead by the
+//!   store, old ones detached for archiving (`docs/partitioning.md`).
 //!
 //! The full argument is in `docs/design.md`.
 //!
