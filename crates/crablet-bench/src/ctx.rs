@@ -1,7 +1,7 @@
 //! The benchmark context: the store, the raw baseline pool, the schema, preloading and fixtures.
 use crate::{Args, Scenario};
 use dcb_core::{EventReader, EventStore, NewEvent, Query, QueryItem, ReadOptions, Tag};
-use dcb_postgres::{PostgresEventStore, StoreConfig};
+use dcb_postgres::{PartitionConfig, PostgresEventStore, StoreConfig};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::json;
 use std::sync::atomic::AtomicU64;
@@ -76,6 +76,7 @@ impl Ctx {
         fresh: bool,
         preload: u64,
         max_clients: usize,
+        partition_range: Option<i64>,
     ) -> Result<Self, String> {
         let url = args.database_url.clone();
         let quoted = quote_ident(schema);
@@ -98,6 +99,16 @@ impl Ctx {
         let store = PostgresEventStore::connect(store_url, config)
             .await
             .map_err(|e| format!("connect the store: {e}"))?;
+        if let Some(range) = partition_range {
+            let partitions = store
+                .partition(PartitionConfig::new(range))
+                .await
+                .map_err(|e| format!("partition the store: {e}"))?;
+            eprintln!(
+                "partitioned: {} partitions of {range} positions",
+                partitions.len()
+            );
+        }
         let pg_config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("bad DATABASE_URL {url}: {e}"))?;
@@ -200,7 +211,9 @@ impl Ctx {
     /// Bulk-loads events until the store holds at least `target`, with one INSERT ... SELECT
     /// generate_series per chunk of rows (one transaction each), matching the schema exactly:
     /// `key:value` tags over 10,000 courses and 200,000 students, JSON payloads, the default
-    /// transaction id and identity position. Never deletes anything.
+    /// transaction id and identity position. Never deletes anything. Takes none of the
+    /// advisory locks a writer takes: run it on an idle store only. On a partitioned store the
+    /// partitions a chunk needs are created before it.
     async fn preload(&self, admin: &Client, target: u64) -> Result<(), String> {
         if target == 0 {
             return Ok(());
@@ -231,6 +244,12 @@ impl Ctx {
         while next < target {
             let end = (next + PRELOAD_CHUNK).min(target);
             let (from, to) = (next as i64, end as i64 - 1);
+            if self.store.partitions().await.is_ok_and(|p| !p.is_empty()) {
+                self.store
+                    .create_partitions_ahead(to - from + 1)
+                    .await
+                    .map_err(|e| format!("partitions for the preload: {e}"))?;
+            }
             admin
                 .execute(&sql, &[&from, &to])
                 .await

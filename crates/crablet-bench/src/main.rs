@@ -148,6 +148,11 @@ pub struct Args {
     /// kept: nothing is ever truncated).
     #[arg(long, default_value_t = 0)]
     pub preload: u64,
+    /// Partition the store's events by position in ranges of this many positions before the
+    /// preload (`PostgresEventStore::partition`; the `--baseline-schema` store stays as it
+    /// is), partitions created ahead of the preload's chunks.
+    #[arg(long)]
+    pub partition_range: Option<i64>,
     /// Schema of the store and of the raw baseline table; created with auto_migrate.
     #[arg(long, default_value = "crablet_bench")]
     pub schema: String,
@@ -259,8 +264,17 @@ async fn run(args: Args) -> Result<(), String> {
         None
     };
     let max_clients = args.clients.max(args.baseline_clients.unwrap_or(1));
-    let ctx =
-        Arc::new(Ctx::open(&args, &args.schema, args.fresh, args.preload, max_clients).await?);
+    let ctx = Arc::new(
+        Ctx::open(
+            &args,
+            &args.schema,
+            args.fresh,
+            args.preload,
+            max_clients,
+            args.partition_range,
+        )
+        .await?,
+    );
     ctx.print_environment(args.json).await?;
 
     if args.scenario == Scenario::Compare {
@@ -270,7 +284,7 @@ async fn run(args: Args) -> Result<(), String> {
             .ok_or_else(|| format!("{} has no baseline; pass --baseline", target.name()))?;
         let baseline_ctx = match &args.baseline_schema {
             Some(schema) if schema != &args.schema => {
-                Arc::new(Ctx::open(&args, schema, args.fresh, 0, max_clients).await?)
+                Arc::new(Ctx::open(&args, schema, args.fresh, 0, max_clients, None).await?)
             }
             _ => ctx.clone(),
         };

@@ -29,6 +29,9 @@ pub enum CliError {
     /// An operator query failed.
     #[error("{0}")]
     Admin(#[from] dcb_postgres::AdminError),
+    /// A partition operation failed.
+    #[error("{0}")]
+    Partition(#[from] dcb_postgres::PartitionError),
     /// A parked-event operation failed.
     #[error("{0}")]
     Parked(#[from] dcb_postgres::ParkedError),

@@ -75,6 +75,51 @@ enum Command {
     /// Durable handlers: list them, move a checkpoint, see and drop parked events.
     #[command(subcommand)]
     Handlers(HandlersCommand),
+    /// A partitioned event log: partition it, create partitions ahead, list them, detach old
+    /// ones for archiving (docs/scale-out.md, "A partitioned log").
+    #[command(subcommand)]
+    Partition(PartitionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PartitionCommand {
+    /// Range-partitions the events table by position (without copying: the existing table
+    /// becomes the first partition), or updates the configuration of a partitioned one; then
+    /// creates the partitions ahead and lists them.
+    Enable {
+        /// Positions per partition (keep partitions large: decisions probe every partition).
+        #[arg(long)]
+        range: i64,
+        /// Empty ranges kept created ahead of the newest position.
+        #[arg(long, default_value_t = 2)]
+        ahead: i32,
+        /// Positions appends may use while the conversion validates the first partition's
+        /// bound (default: one range).
+        #[arg(long)]
+        headroom: Option<i64>,
+    },
+    /// Creates the partitions missing for EXTRA more positions plus the configured margin
+    /// (before a bulk import, or from cron; the store also does it as it grows).
+    CreateAhead {
+        /// Positions to cover beyond the newest one, on top of the margin.
+        #[arg(long, default_value_t = 0)]
+        extra: i64,
+    },
+    /// Lists the partitions by position: bounds, estimated rows, size.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detaches an old partition (DETACH PARTITION ... CONCURRENTLY): its events leave every
+    /// read and every condition check. The partition being written and later ones are refused.
+    Detach {
+        /// The partition's name, as `crablet partition list` prints it.
+        name: String,
+        /// Drop the detached table at once instead of leaving it to dump.
+        #[arg(long)]
+        drop: bool,
+    },
 }
 
 const IMPORT_HELP: &str = "\
@@ -306,6 +351,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             HandlersCommand::DropParked { name, cursor } => {
                 commands::handlers::drop_parked(&target, &name, cursor).await
+            }
+        },
+        Command::Partition(command) => match command {
+            PartitionCommand::Enable {
+                range,
+                ahead,
+                headroom,
+            } => commands::partition::enable(&target, range, ahead, headroom).await,
+            PartitionCommand::CreateAhead { extra } => {
+                commands::partition::create_ahead(&target, extra).await
+            }
+            PartitionCommand::List { json } => commands::partition::list(&target, json).await,
+            PartitionCommand::Detach { name, drop } => {
+                commands::partition::detach(&target, &name, drop).await
             }
         },
     }

@@ -899,3 +899,79 @@ async fn bad_input_gets_one_line_and_an_exit_code() {
     let help = crablet(&schema, &["import", "--help"]).ok().stdout;
     assert!(help.contains("--keep-occurred-at"), "{help}");
 }
+
+#[tokio::test]
+async fn partition_enable_list_create_ahead_and_detach() {
+    let schema = TestSchema::new().await;
+    let store = store_on(&schema).await;
+    for i in 0..30 {
+        store
+            .append(vec![event(
+                "Old",
+                &[("n", &i.to_string())],
+                json!({ "i": i }),
+            )])
+            .await
+            .expect("append");
+    }
+    let before = crablet(&schema, &["events", "--format", "jsonl"])
+        .ok()
+        .stdout;
+    crablet(&schema, &["partition", "list"])
+        .ok()
+        .stdout
+        .contains("not partitioned")
+        .then_some(())
+        .expect("unpartitioned at first");
+    let enabled = crablet(
+        &schema,
+        &["partition", "enable", "--range", "20", "--ahead", "1"],
+    )
+    .ok();
+    assert!(enabled.stdout.contains("events_p0"), "{}", enabled.stdout);
+    // Same events, same cursors, after the conversion.
+    assert_eq!(
+        crablet(&schema, &["events", "--format", "jsonl"])
+            .ok()
+            .stdout,
+        before
+    );
+    let created = crablet(&schema, &["partition", "create-ahead", "--extra", "100"]).ok();
+    assert!(
+        created.stdout.contains("created events_p"),
+        "{}",
+        created.stdout
+    );
+    let list: Value = serde_json::from_str(
+        &crablet(&schema, &["partition", "list", "--json"])
+            .ok()
+            .stdout,
+    )
+    .expect("json");
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| p["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names[0], "events_p0");
+    assert!(names.len() >= 6, "{names:?}");
+    // The first partition holds the newest position: refused; after more appends, detached.
+    crablet(&schema, &["partition", "detach", "events_p0"]).fails(1, &["only older partitions"]);
+    for i in 0..40 {
+        store
+            .append(vec![event(
+                "New",
+                &[("n", &i.to_string())],
+                json!({ "i": i }),
+            )])
+            .await
+            .expect("append");
+    }
+    let detached = crablet(&schema, &["partition", "detach", "events_p0"]).ok();
+    assert!(detached.stdout.contains("dump it"), "{}", detached.stdout);
+    // events_p0 was [MINVALUE, 60) (30 events and one range of headroom): positions 60..=70
+    // remain.
+    assert_eq!(count_events(&schema), 11);
+    crablet(&schema, &["partition", "detach", "events_p0"]).fails(1, &["no partition"]);
+}

@@ -75,7 +75,7 @@ impl EventStore for PostgresEventStore {
     #[tracing::instrument(name = "pg.append", skip_all, fields(events = events.len()))]
     async fn append(&self, events: Vec<NewEvent>) -> Result<Cursor, Error> {
         let (started, count) = (Instant::now(), events.len());
-        let result = self.append_checked(events, None).await;
+        let result = self.append_partitioned(events, None).await;
         record_append(BACKEND, "append", count, started, &result);
         result
     }
@@ -87,7 +87,7 @@ impl EventStore for PostgresEventStore {
         condition: AppendCondition,
     ) -> Result<Cursor, Error> {
         let (started, count) = (Instant::now(), events.len());
-        let result = self.append_checked(events, Some(&condition)).await;
+        let result = self.append_partitioned(events, Some(&condition)).await;
         record_append(BACKEND, "append_if", count, started, &result);
         result
     }
@@ -96,7 +96,7 @@ impl EventStore for PostgresEventStore {
     async fn append_batch(&self, commands: Vec<AppendCommand>) -> Result<Vec<Cursor>, Error> {
         let started = Instant::now();
         let count = commands.iter().map(|c| c.events.len()).sum();
-        let result = self.append_commands(commands).await;
+        let result = self.append_commands_partitioned(commands).await;
         record_append(BACKEND, "append_batch", count, started, &result);
         result
     }

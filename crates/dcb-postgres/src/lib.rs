@@ -21,6 +21,9 @@
 //! - **Durable handlers** ([`EventHandler`], [`PostgresEventStore::run_handler`]) process events
 //!   in a transaction that also advances their checkpoint: exactly once per event, one instance
 //!   at a time, with [`PostgresEventStore::wait_until_processed`] for reading your own writes.
+//! - **A partitioned log** (opt-in, [`PostgresEventStore::partition`]): `events`
+//!   range-partitioned by position without copying a row, partitions created ahead by the
+//!   store, old ones detached for archiving (`docs/scale-out.md`, "A partitioned log").
 //!
 //! The full argument is in `docs/design.md`.
 //!
@@ -55,6 +58,8 @@ mod keys;
 mod lag;
 mod migrate;
 mod notify;
+mod partition;
+mod partition_ahead;
 #[cfg(test)]
 mod plan_tests;
 mod replica;
@@ -77,6 +82,7 @@ pub use handlers::{
 pub use health::{HandlerHealth, Health};
 pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
+pub use partition::{PartitionConfig, PartitionError, PartitionInfo};
 pub use replica::{ReadFrom, ReplicaConfig, StandbyFallback};
 pub use store::PostgresEventStore;
 pub use store_session::StoreSession;

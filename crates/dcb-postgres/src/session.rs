@@ -90,16 +90,27 @@ impl CommandSession for PgCommandSession {
             None => {
                 self.store
                     .commit_on(&self.conn, command, events, condition)
-                    .await?
+                    .await
             }
             Some(work) => {
                 self.store
                     .commit_with_work_on(&self.conn, command, events, condition, work)
-                    .await?
+                    .await
             }
         };
-        match committed {
-            Some(record) => Ok(CommitOutcome::Committed(record)),
+        if let Err(err) = &committed {
+            // Nothing was written; the executor's next attempt finds the partition.
+            if crate::partition_ahead::is_missing_partition(err) {
+                self.store.recover_missing_partition(1).await;
+            }
+        }
+        match committed? {
+            Some(record) => {
+                if let Some(last) = record.last_event {
+                    self.store.appended_up_to(last.position);
+                }
+                Ok(CommitOutcome::Committed(record))
+            }
             None => {
                 let id = command.id.as_deref().unwrap_or_default();
                 match self.find_command(id).await? {

@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     pub(crate) groups: crate::group_queue::Groups,
     /// The hot standbys reads may run on (`connect_with_standbys`).
     pub(crate) standbys: Option<crate::standby::Standbys>,
+    /// The partitions ahead of the log, when it is partitioned (see `partition_ahead.rs`).
+    pub(crate) ahead: crate::partition_ahead::Ahead,
 }
 
 impl fmt::Debug for PostgresEventStore {
@@ -288,6 +290,7 @@ impl PostgresEventStore {
             changes: crate::notify::Changes::new(&config, pool.clone()),
             groups: crate::group_queue::Groups::default(),
             standbys,
+            ahead: crate::partition_ahead::Ahead::default(),
             schema,
             pool,
             config,
@@ -309,6 +312,7 @@ impl PostgresEventStore {
             ),
         )
         .await?;
+        conn.run("connect", store.load_partitioning(&conn)).await?;
         Ok(store)
     }
 

@@ -91,6 +91,7 @@ pub async fn test_store(config: StoreConfig) -> TestStore {
 pub struct PgFactory {
     config: StoreConfig,
     from_pool: bool,
+    partition: Option<dcb_postgres::PartitionConfig>,
     schemas: Mutex<Vec<TestSchema>>,
 }
 
@@ -99,7 +100,16 @@ impl PgFactory {
         Self {
             config,
             from_pool: false,
+            partition: None,
             schemas: Mutex::default(),
+        }
+    }
+
+    /// Stores partitioned with `partition` right after their migration.
+    pub fn partitioned(partition: dcb_postgres::PartitionConfig) -> Self {
+        Self {
+            partition: Some(partition),
+            ..Self::default()
         }
     }
 
@@ -120,6 +130,12 @@ impl dcb_testkit::StoreFactory for PgFactory {
         } else {
             test_store(self.config.clone()).await
         };
+        if let Some(partition) = self.partition {
+            store
+                .partition(partition)
+                .await
+                .expect("partition test store");
+        }
         self.schemas.lock().expect("schemas").push(schema);
         Arc::new(store)
     }

@@ -1,0 +1,300 @@
+//! Partitions created ahead of need, so that an append never waits for DDL and never fails for
+//! want of a partition.
+//!
+//! - Every successful append reports its position; once fewer than
+//!   [`PartitionConfig::ahead`](crate::PartitionConfig::ahead) empty ranges remain above it,
+//!   one background task creates the next ones (`ATTACH PARTITION`: a SHARE UPDATE EXCLUSIVE
+//!   lock, appends and reads carry on).
+//! - An append that still finds no partition (a batch larger than the margin, or a store that
+//!   another process partitioned) failed as a whole, certainly, before its commit (PostgreSQL
+//!   routes every row before the statement ends). The store then creates what it needs,
+//!   synchronously, and runs the append again: the same call, the same validation, the same
+//!   locks and checks, so a retried conditional append is exactly as correct as a first one.
+//!
+//! Creation is serialized per schema by an advisory lock (`MAINTENANCE_LOCK`) and reads the
+//! partitions and the sequence after taking it, so processes that race create each range once.
+use crate::conn::{db_error, Conn};
+use crate::partition::{
+    create_partition_sql, is_partitioned, last_position, list, stored_config, PartitionError,
+    Stored, MAINTENANCE_LOCK,
+};
+use crate::store::PostgresEventStore;
+use dcb_core::{AppendCommand, AppendCondition, Cursor, Error, NewEvent};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Mutex;
+
+/// How many times an append that found no partition creates partitions and runs again.
+pub(crate) const MISSING_PARTITION_RETRIES: usize = 3;
+
+/// A store's view of its partitions: the stored configuration and the first position no
+/// partition holds (`i64::MAX` while unknown or unpartitioned: nothing to watch).
+pub(crate) struct Ahead {
+    config: Mutex<Option<Stored>>,
+    horizon: AtomicI64,
+    running: AtomicBool,
+}
+
+impl Default for Ahead {
+    fn default() -> Self {
+        Self {
+            config: Mutex::new(None),
+            horizon: AtomicI64::new(i64::MAX),
+            running: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Ahead {
+    pub(crate) fn configure(&self, stored: Option<Stored>) {
+        if let Ok(mut config) = self.config.lock() {
+            *config = stored;
+        }
+        if stored.is_none() {
+            self.horizon.store(i64::MAX, Ordering::Release);
+        }
+    }
+
+    fn stored(&self) -> Option<Stored> {
+        self.config.lock().ok().and_then(|c| *c)
+    }
+
+    pub(crate) fn is_partitioned(&self) -> bool {
+        self.stored().is_some()
+    }
+
+    /// Whether an append that reached `position` leaves fewer empty ranges than configured.
+    fn wants_more(&self, position: i64) -> bool {
+        let horizon = self.horizon.load(Ordering::Acquire);
+        if horizon == i64::MAX {
+            return false;
+        }
+        self.stored().is_some_and(|s| {
+            position.saturating_add(s.range.saturating_mul(i64::from(s.ahead))) >= horizon
+        })
+    }
+}
+
+/// Whether `error` is PostgreSQL's "no partition of relation … found for row" (SQLSTATE
+/// 23514), reported before the commit: nothing was written. Read from the message, which keeps
+/// the server's text and code also where the error was shared by the calls of a group.
+pub(crate) fn is_missing_partition(error: &dcb_core::Error) -> bool {
+    matches!(
+        error,
+        dcb_core::Error::Storage { message, outcome_unknown: false, .. }
+            if message.starts_with("no partition of relation")
+                && message.contains("(SQLSTATE 23514)")
+    )
+}
+
+impl PostgresEventStore {
+    /// `append_checked`, run again after creating partitions when it found none.
+    pub(crate) async fn append_partitioned(
+        &self,
+        mut events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Cursor, Error> {
+        if self.inner.ahead.is_partitioned() {
+            // Before the spare copy: an invalid payload (JSON nested too deep) must not be
+            // cloned, and is refused as `append_checked` would.
+            if let Err(err) = dcb_core::validate_events(&events, &self.limits()) {
+                dcb_core::discard_events(events);
+                return Err(err);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            let spare = (self.inner.ahead.is_partitioned() && attempt < MISSING_PARTITION_RETRIES)
+                .then(|| events.clone());
+            let count = events.len();
+            match self.append_checked(events, condition).await {
+                Ok(cursor) => {
+                    self.appended_up_to(cursor.position);
+                    return Ok(cursor);
+                }
+                Err(err) if is_missing_partition(&err) => {
+                    let recovered = self.recover_missing_partition(count).await;
+                    match spare {
+                        Some(spare) if recovered => {
+                            attempt += 1;
+                            tracing::debug!(attempt, "append found no partition; running it again");
+                            events = spare;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// `append_commands`, run again after creating partitions when it found none.
+    pub(crate) async fn append_commands_partitioned(
+        &self,
+        mut commands: Vec<AppendCommand>,
+    ) -> Result<Vec<Cursor>, Error> {
+        if self.inner.ahead.is_partitioned() {
+            if let Err(err) = dcb_core::validate_batch(&commands, &self.limits()) {
+                dcb_core::discard_commands(commands);
+                return Err(err);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            let spare = (self.inner.ahead.is_partitioned() && attempt < MISSING_PARTITION_RETRIES)
+                .then(|| commands.clone());
+            let count = commands.iter().map(|c| c.events.len()).sum();
+            match self.append_commands(commands).await {
+                Ok(cursors) => {
+                    if let Some(last) = cursors.iter().map(|c| c.position).max() {
+                        self.appended_up_to(last);
+                    }
+                    return Ok(cursors);
+                }
+                Err(err) if is_missing_partition(&err) => {
+                    let recovered = self.recover_missing_partition(count).await;
+                    match spare {
+                        Some(spare) if recovered => {
+                            attempt += 1;
+                            commands = spare;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Learns whether the store is partitioned (at connect).
+    pub(crate) async fn load_partitioning(&self, conn: &Conn) -> Result<(), dcb_core::Error> {
+        let stored =
+            stored_config(conn.object(), &self.inner.config.schema, &self.inner.schema).await?;
+        self.inner.ahead.configure(stored);
+        if stored.is_some() {
+            let partitions = list(conn.object(), &self.inner.config.schema)
+                .await
+                .map_err(into_store)?;
+            let horizon = partitions.iter().map(|p| p.to).max().unwrap_or(i64::MAX);
+            self.inner.ahead.horizon.store(horizon, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// After an append that reached `position`: creates the next partitions in the
+    /// background when the margin runs short. One task at a time per store.
+    pub(crate) fn appended_up_to(&self, position: i64) {
+        let ahead = &self.inner.ahead;
+        if !ahead.wants_more(position) || ahead.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            ahead.running.store(false, Ordering::Release);
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            if let Err(error) = store.create_partitions_ahead(0).await {
+                tracing::warn!(%error, "could not create partitions ahead of the log");
+            }
+            store.inner.ahead.running.store(false, Ordering::Release);
+        });
+    }
+
+    /// After an append that failed for want of a partition: creates partitions for at least
+    /// `events` more positions (and the configured margin). Whether the append may run again.
+    pub(crate) async fn recover_missing_partition(&self, events: usize) -> bool {
+        let extra = i64::try_from(events).unwrap_or(i64::MAX);
+        match self.create_partitions_ahead(extra).await {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(%error, "an append found no partition, and none could be created");
+                false
+            }
+        }
+    }
+
+    /// Creates the partitions missing so that every position up to the newest one drawn, plus
+    /// `extra`, plus [`PartitionConfig::ahead`](crate::PartitionConfig::ahead) ranges, has a
+    /// partition. Returns the names of the partitions created. The store calls it itself as
+    /// the log grows; operators can run it ahead of a bulk load (`crablet partition
+    /// create-ahead --extra N`). Safe to run from several processes at once.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: dcb_postgres::PostgresEventStore) -> Result<(), dcb_postgres::PartitionError> {
+    /// // Before importing 5 million events:
+    /// store.create_partitions_ahead(5_000_000).await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(name = "pg.create_partitions_ahead", skip(self), fields(schema = %self.inner.config.schema))]
+    pub async fn create_partitions_ahead(&self, extra: i64) -> Result<Vec<String>, PartitionError> {
+        let operation = "create_partitions_ahead";
+        let schema = &self.inner.config.schema;
+        let quoted = &self.inner.schema;
+        let e = |err| PartitionError::Store(db_error(operation, err, false));
+        let conn = Conn::get(&self.inner.pool, operation).await?;
+        conn.begin_exchange(operation)?;
+        let client = conn.object();
+        // Waits as long as an ATTACH must (a concurrent DETACH … CONCURRENTLY holds its lock
+        // until old snapshots are gone); appends carry on meanwhile within the margin.
+        client
+            .batch_execute("BEGIN; SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(e)?;
+        client
+            .execute(
+                &format!("SELECT pg_advisory_xact_lock({MAINTENANCE_LOCK})"),
+                &[schema],
+            )
+            .await
+            .map_err(e)?;
+        if !is_partitioned(client, schema).await? {
+            return Err(PartitionError::NotPartitioned {
+                schema: schema.clone(),
+            });
+        }
+        let Some(stored) = stored_config(client, schema, quoted).await? else {
+            return Err(PartitionError::NotPartitioned {
+                schema: schema.clone(),
+            });
+        };
+        self.inner.ahead.configure(Some(stored));
+        let mut horizon = list(client, schema)
+            .await?
+            .iter()
+            .map(|p| p.to)
+            .max()
+            .unwrap_or(1);
+        let last = last_position(client, schema).await?;
+        let needed = last
+            .saturating_add(extra.max(0))
+            .saturating_add(stored.range.saturating_mul(i64::from(stored.ahead)));
+        let mut created = Vec::new();
+        let mut ddl = String::new();
+        while horizon <= needed && horizon < i64::MAX {
+            let to = horizon.saturating_add(stored.range);
+            ddl.push_str(&create_partition_sql(quoted, horizon, to));
+            created.push(crate::partition::partition_name(horizon));
+            horizon = to;
+        }
+        ddl.push_str("COMMIT");
+        client.batch_execute(&ddl).await.map_err(e)?;
+        conn.end_exchange();
+        self.inner.ahead.horizon.store(horizon, Ordering::Release);
+        if !created.is_empty() {
+            tracing::info!(schema, ?created, horizon, "created partitions ahead");
+        }
+        Ok(created)
+    }
+}
+
+fn into_store(error: PartitionError) -> dcb_core::Error {
+    match error {
+        PartitionError::Store(error) => error,
+        other => dcb_core::Error::Storage {
+            operation: "partition",
+            message: other.to_string(),
+            outcome_unknown: false,
+            source: None,
+        },
+    }
+}
