@@ -283,3 +283,41 @@ pub(crate) fn db_error_with_timeout(
         source: Some(Box::new(err)),
     }
 }
+
+/// A pool of sessions for crablet's own statements: their default `lock_timeout` is
+/// `lock_timeout`, with no statement timeout and no JIT (docs/design.md, "Timeouts and
+/// cancellation"), appended to the URL's options so that they win. `connect_timeout`, when
+/// given, also bounds creating and recycling a pooled connection. `field` names the setting a
+/// pool error is reported on.
+pub(crate) fn session_pool(
+    mut pg_config: tokio_postgres::Config,
+    lock_timeout: Duration,
+    size: usize,
+    connect_timeout: Option<Duration>,
+    field: &'static str,
+) -> Result<deadpool_postgres::Pool, Error> {
+    use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+    let options = format!(
+        "{} -c jit=off -c statement_timeout=0 -c lock_timeout={}",
+        pg_config.get_options().unwrap_or_default(),
+        lock_timeout.as_millis()
+    );
+    pg_config.options(options.trim_start());
+    let manager = deadpool_postgres::Manager::from_config(
+        pg_config,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(connect_timeout)
+        .recycle_timeout(connect_timeout)
+        .build()
+        .map_err(|e| Error::Config {
+            field,
+            reason: e.to_string(),
+        })
+}

@@ -90,77 +90,86 @@ impl PostgresEventStore {
     /// `append_checked`, run again after creating partitions when it found none.
     pub(crate) async fn append_partitioned(
         &self,
-        mut events: Vec<NewEvent>,
+        events: Vec<NewEvent>,
         condition: Option<&AppendCondition>,
     ) -> Result<Cursor, Error> {
-        if self.inner.ahead.is_partitioned() {
-            // Before the spare copy: an invalid payload (JSON nested too deep) must not be
-            // cloned, and is refused as `append_checked` would.
+        let partitioned = self.inner.ahead.is_partitioned();
+        // Before the spare copy: an invalid payload (JSON nested too deep) must not be cloned,
+        // and is refused as `append_checked` would.
+        if partitioned {
             if let Err(err) = dcb_core::validate_events(&events, &self.limits()) {
                 dcb_core::discard_events(events);
                 return Err(err);
             }
         }
-        let mut attempt = 0;
-        loop {
-            let spare = (self.inner.ahead.is_partitioned() && attempt < MISSING_PARTITION_RETRIES)
-                .then(|| events.clone());
-            let count = events.len();
-            match self.append_checked(events, condition).await {
-                Ok(cursor) => {
-                    self.appended_up_to(cursor.position);
-                    return Ok(cursor);
-                }
-                Err(err) if is_missing_partition(&err) => {
-                    let recovered = self.recover_missing_partition(count).await;
-                    match spare {
-                        Some(spare) if recovered => {
-                            attempt += 1;
-                            tracing::debug!(attempt, "append found no partition; running it again");
-                            events = spare;
-                        }
-                        _ => return Err(err),
-                    }
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        let count = events.len();
+        let cursor = self
+            .retry_missing_partition(partitioned, events, count, |events| {
+                self.append_checked(events, condition)
+            })
+            .await?;
+        self.appended_up_to(cursor.position);
+        Ok(cursor)
     }
 
     /// `append_commands`, run again after creating partitions when it found none.
     pub(crate) async fn append_commands_partitioned(
         &self,
-        mut commands: Vec<AppendCommand>,
+        commands: Vec<AppendCommand>,
     ) -> Result<Vec<Cursor>, Error> {
-        if self.inner.ahead.is_partitioned() {
+        let partitioned = self.inner.ahead.is_partitioned();
+        if partitioned {
             if let Err(err) = dcb_core::validate_batch(&commands, &self.limits()) {
                 dcb_core::discard_commands(commands);
                 return Err(err);
             }
         }
+        let count = commands.iter().map(|c| c.events.len()).sum();
+        let cursors = self
+            .retry_missing_partition(partitioned, commands, count, |commands| {
+                self.append_commands(commands)
+            })
+            .await?;
+        if let Some(last) = cursors.iter().map(|c| c.position).max() {
+            self.appended_up_to(last);
+        }
+        Ok(cursors)
+    }
+
+    /// Runs `append(input)`; on a partitioned store, while it fails for want of a partition
+    /// (nothing written), creates partitions for `count` more events and runs it again with a
+    /// copy of the input, up to [`MISSING_PARTITION_RETRIES`] times.
+    async fn retry_missing_partition<T, R, F, Fut>(
+        &self,
+        partitioned: bool,
+        mut input: T,
+        count: usize,
+        append: F,
+    ) -> Result<R, Error>
+    where
+        T: Clone,
+        F: Fn(T) -> Fut,
+        Fut: std::future::Future<Output = Result<R, Error>>,
+    {
         let mut attempt = 0;
         loop {
-            let spare = (self.inner.ahead.is_partitioned() && attempt < MISSING_PARTITION_RETRIES)
-                .then(|| commands.clone());
-            let count = commands.iter().map(|c| c.events.len()).sum();
-            match self.append_commands(commands).await {
-                Ok(cursors) => {
-                    if let Some(last) = cursors.iter().map(|c| c.position).max() {
-                        self.appended_up_to(last);
-                    }
-                    return Ok(cursors);
-                }
+            let spare = (partitioned && attempt < MISSING_PARTITION_RETRIES).then(|| input.clone());
+            match append(input).await {
                 Err(err) if is_missing_partition(&err) => {
+                    // Also without a spare: the partitions (and the news that the store is
+                    // partitioned, for a process that connected before it was) are there for
+                    // the next call.
                     let recovered = self.recover_missing_partition(count).await;
                     match spare {
                         Some(spare) if recovered => {
                             attempt += 1;
-                            commands = spare;
+                            tracing::debug!(attempt, "append found no partition; running it again");
+                            input = spare;
                         }
                         _ => return Err(err),
                     }
                 }
-                Err(err) => return Err(err),
+                other => return other,
             }
         }
     }

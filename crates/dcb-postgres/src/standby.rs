@@ -7,11 +7,10 @@ use crate::conn::{db_error, Conn};
 use crate::replica::{ReadFrom, ReplicaConfig, StandbyFallback};
 use crate::store::PostgresEventStore;
 use dcb_core::{Cursor, Error, StandbyError, StandbyProblem};
-use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 
 /// The first statement of a read transaction on a standby, in place of the primary's
 /// `fence()`: records the snapshot `h:h:` for the horizon `h = pg_snapshot_xmin` of the
@@ -90,29 +89,13 @@ impl Standbys {
             })?;
             let name = node_name(&pg);
             pg.connect_timeout(config.connect_timeout);
-            let options = format!(
-                "{} -c jit=off -c statement_timeout=0 -c lock_timeout={}",
-                pg.get_options().unwrap_or_default(),
-                query_timeout.as_millis()
-            );
-            pg.options(options.trim_start());
-            let manager = deadpool_postgres::Manager::from_config(
+            let pool = crate::conn::session_pool(
                 pg,
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
-            let pool = Pool::builder(manager)
-                .max_size(config.pool_size)
-                .runtime(Runtime::Tokio1)
-                .create_timeout(Some(config.connect_timeout))
-                .recycle_timeout(Some(config.connect_timeout))
-                .build()
-                .map_err(|e| Error::Config {
-                    field: "standby_urls",
-                    reason: e.to_string(),
-                })?;
+                query_timeout,
+                config.pool_size,
+                Some(config.connect_timeout),
+                "standby_urls",
+            )?;
             nodes.push(Node {
                 name,
                 pool,

@@ -8,12 +8,12 @@ use dcb_core::{
     validate_query, AppendCondition, CommandFilter, CommandRecord, ConflictInfo, Cursor, Error,
     Event, Limits, Query, ReadOptions, Tag,
 };
-use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 /// For statements whose best plan depends on their values: reads with a limit or cursor
 /// bounds, or with type-only items, and conditions with type-only items. Prepared statements
@@ -184,32 +184,16 @@ impl PostgresEventStore {
             reason: format!("not a valid PostgreSQL connection string: {e}"),
         })?;
         let listen_config = pg_config.clone();
-        let mut pg_config = pg_config;
         // The default lock timeout of the store's own sessions is the append timeout: an
         // unconditional append is then one autocommit statement. Everything else sets its own
-        // timeouts in its transaction. No statement timeout (see `begin`). Appended last, so
-        // they win over the URL's. No JIT either (see NO_JIT).
-        let options = format!(
-            "{} -c jit=off -c statement_timeout=0 -c lock_timeout={}",
-            pg_config.get_options().unwrap_or_default(),
-            config.append_timeout.as_millis()
-        );
-        pg_config.options(options.trim_start());
-        let manager = deadpool_postgres::Manager::from_config(
+        // timeouts in its transaction.
+        let pool = crate::conn::session_pool(
             pg_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::Config {
-                field: "pool_size",
-                reason: e.to_string(),
-            })?;
+            config.append_timeout,
+            config.pool_size,
+            None,
+            "pool_size",
+        )?;
         let store = Self::build(pool, config, true, standbys).await?;
         store.inner.changes.set_listen_config(listen_config);
         Ok(store)
@@ -850,7 +834,7 @@ mod tests {
         let schema = dcb_testkit::pg::TestSchema::new().await;
         let mut config: tokio_postgres::Config = schema.url.parse().expect("url");
         config.options(options);
-        let manager = deadpool_postgres::Manager::new(config, NoTls);
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
         Pool::builder(manager).max_size(1).build().expect("pool")
     }
 

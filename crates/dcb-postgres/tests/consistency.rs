@@ -8,32 +8,10 @@ use dcb_core::{
 };
 use dcb_postgres::StoreConfig;
 use std::time::Duration;
-use support::{install_brake, test_store, TestStore};
+use support::{install_brake, test_store, wait_until_stuck};
 
 fn event(t: &str, key: &str, id: &str) -> NewEvent {
     NewEvent::builder(t).tag(key, id).build().expect("event")
-}
-
-/// Waits until some backend waits on brake lock `key` (each test has its own key: tests of one
-/// binary run in parallel against one database, where advisory locks are shared).
-async fn wait_until_stuck(ts: &TestStore, key: i64) {
-    let admin = ts.admin().await;
-    for _ in 0..100 {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1::int8::oid \
-                 AND NOT granted",
-                &[&key],
-            )
-            .await
-            .expect("pg_locks")
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the Slow writer never got stuck on the brake");
 }
 
 fn types(events: &[Event]) -> Vec<&str> {
@@ -49,7 +27,7 @@ async fn out_of_order_commit_is_never_skipped_by_a_cursor_following_reader() {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "stream", "s")]).await })
     };
-    wait_until_stuck(&ts, 4251).await;
+    wait_until_stuck(&ts.schema.url, 4251).await;
     // Writer B starts later (higher transaction id) and commits first.
     let b = ts
         .append(vec![event("Fast", "stream", "s")])
@@ -171,7 +149,7 @@ async fn conditional_append_waits_for_an_in_flight_matching_writer_and_then_fail
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "account", "a1")]).await })
     };
-    wait_until_stuck(&ts, 4252).await;
+    wait_until_stuck(&ts.schema.url, 4252).await;
     let conditional = {
         let store = ts.store.clone();
         let condition = decision.condition.clone();
@@ -204,7 +182,7 @@ async fn disjoint_boundary_is_not_blocked_by_an_in_flight_writer() {
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(vec![event("Slow", "account", "a1")]).await })
     };
-    wait_until_stuck(&ts, 4253).await;
+    wait_until_stuck(&ts.schema.url, 4253).await;
     let other = Query::from(QueryItem::new().types(["Withdrawn"]).tag("account", "a2"));
     let decision = tokio::time::timeout(
         Duration::from_secs(5),
@@ -242,7 +220,7 @@ async fn decision_waits_for_a_large_batch(max_lock_keys: usize, brake_key: i64) 
         let store = ts.store.clone();
         tokio::spawn(async move { store.append(batch).await })
     };
-    wait_until_stuck(&ts, brake_key).await;
+    wait_until_stuck(&ts.schema.url, brake_key).await;
     let other = Query::from(QueryItem::new().types(["Withdrawn"]).tag("account", "a2"));
     let read = {
         let store = ts.store.clone();

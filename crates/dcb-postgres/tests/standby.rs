@@ -4,6 +4,8 @@
 //!
 //! The primary and the standby are started from the local PostgreSQL server binaries
 //! (`dcb_testkit::pg::replicated_pair`); without them every test prints a notice and passes.
+mod support;
+
 use dcb_core::{
     Cursor, Error, Event, EventReader, EventReaderExt, EventStore, NewEvent, Query, QueryItem,
     ReadOptions, StandbyError, StandbyProblem, StateProjector, SubscribeExt, SubscribeOptions,
@@ -101,43 +103,11 @@ impl Fixture {
     /// Holds every insert of a `Slow` event on the primary in its transaction (which already
     /// has its id and its row written) while the returned connection holds lock `lock`.
     async fn install_brake(&self, lock: i64) -> tokio_postgres::Client {
-        let admin = self.primary().await;
-        admin
-            .batch_execute(&format!(
-                "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-                 BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock({lock}); END IF; RETURN NEW; END $$; \
-                 CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
-                f = self.table("brake"),
-                t = self.table("events"),
-            ))
-            .await
-            .expect("install brake");
-        let brake = self.primary().await;
-        brake
-            .batch_execute(&format!("SELECT pg_advisory_lock({lock})"))
-            .await
-            .expect("hold brake");
-        brake
+        support::install_brake_at(&self.primary_url, &self.schema.schema, lock).await
     }
 
     async fn wait_until_stuck(&self, lock: i64) {
-        let admin = self.primary().await;
-        for _ in 0..250 {
-            let n: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-                     AND objid = $1::int8::oid AND NOT granted",
-                    &[&lock],
-                )
-                .await
-                .expect("pg_locks")
-                .get(0);
-            if n > 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the Slow writer never got stuck on the brake");
+        support::wait_until_stuck(&self.primary_url, lock).await
     }
 }
 

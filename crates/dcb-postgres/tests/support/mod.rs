@@ -37,23 +37,56 @@ impl TestStore {
 /// inserting transaction got its id: a writer stuck mid-append, as long as the returned
 /// connection holds the lock (release it with `pg_advisory_unlock(lock)` or by dropping it).
 pub async fn install_brake(ts: &TestStore, lock: i64) -> tokio_postgres::Client {
-    let admin = ts.admin().await;
-    admin
+    install_brake_at(&ts.schema.url, &ts.schema.schema, lock).await
+}
+
+/// [`install_brake`] on the store in `schema` of the server at `url` (a primary of a
+/// replicated pair, say).
+pub async fn install_brake_at(url: &str, schema: &str, lock: i64) -> tokio_postgres::Client {
+    let connect = || async {
+        dcb_testkit::pg::connect(url)
+            .await
+            .expect("admin connection")
+    };
+    connect()
+        .await
         .batch_execute(&format!(
-            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+            "CREATE FUNCTION \"{schema}\".brake() RETURNS trigger LANGUAGE plpgsql AS $$ \
              BEGIN IF NEW.type = 'Slow' THEN PERFORM pg_advisory_xact_lock({lock}); END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER brake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();",
-            f = ts.table("brake"),
-            t = ts.table("events"),
+             CREATE TRIGGER brake AFTER INSERT ON \"{schema}\".events FOR EACH ROW EXECUTE FUNCTION \"{schema}\".brake();",
         ))
         .await
         .expect("install brake");
-    let brake = ts.admin().await;
+    let brake = connect().await;
     brake
         .batch_execute(&format!("SELECT pg_advisory_lock({lock})"))
         .await
         .expect("hold brake");
     brake
+}
+
+/// Waits until a writer waits for the brake's advisory lock `lock` on the server at `url`
+/// (about 5 s at most).
+pub async fn wait_until_stuck(url: &str, lock: i64) {
+    let admin = dcb_testkit::pg::connect(url)
+        .await
+        .expect("admin connection");
+    for _ in 0..250 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                 AND objid = $1::int8::oid AND NOT granted",
+                &[&lock],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the Slow writer never got stuck on the brake");
 }
 
 /// A store in a fresh schema built by `from_pool` on a pool the test made, whose sessions keep

@@ -151,40 +151,19 @@ impl LocalCluster {
             ));
         }
 
-        let pg_ctl = bin_dir.join("pg_ctl");
-        let log_file = self.root.join("server.log");
         let mut last_error = String::new();
         // A free port may be taken between choosing and binding it: retry.
         for _ in 0..3 {
             let port = free_port()?;
             self.write_settings(port, &socket_dir)?;
-            let out = run(
-                run_as,
-                &self.root,
-                &pg_ctl,
-                &[
-                    "-D".into(),
-                    self.data_dir.clone().into(),
-                    "-l".into(),
-                    log_file.clone().into(),
-                    "-w".into(),
-                    "-t".into(),
-                    "60".into(),
-                    "start".into(),
-                ],
-            )?;
-            if out.status.success() {
-                self.port = port;
-                self.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-                return Ok(());
+            match pg_ctl_start(run_as, &self.root, bin_dir, &self.data_dir) {
+                Ok(()) => {
+                    self.port = port;
+                    self.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+                    return Ok(());
+                }
+                Err(error) => last_error = error,
             }
-            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-            last_error = format!(
-                "`pg_ctl start` failed ({}): {}\nserver log:\n{}",
-                out.status,
-                output_tail(&out),
-                tail(&log, 2000)
-            );
             // Make sure a half-started server is gone before retrying.
             cleanup::stop_postmaster(&self.data_dir)?;
         }
@@ -377,6 +356,42 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
         )
     };
     (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+}
+
+/// `pg_ctl start` of the cluster in `data_dir`, logging to `root/server.log`, waiting up to
+/// 60 s; on failure, what pg_ctl said and the end of the server log.
+pub(super) fn pg_ctl_start(
+    run_as: &RunAs,
+    root: &Path,
+    bin_dir: &Path,
+    data_dir: &Path,
+) -> Result<(), String> {
+    let log_file = root.join("server.log");
+    let out = run(
+        run_as,
+        root,
+        &bin_dir.join("pg_ctl"),
+        &[
+            "-D".into(),
+            data_dir.into(),
+            "-l".into(),
+            log_file.clone().into(),
+            "-w".into(),
+            "-t".into(),
+            "60".into(),
+            "start".into(),
+        ],
+    )?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    Err(format!(
+        "`pg_ctl start` failed ({}): {}\nserver log:\n{}",
+        out.status,
+        output_tail(&out),
+        tail(&log, 2000)
+    ))
 }
 
 /// Runs `program args` as `run_as`, in `cwd` (a directory the user can read:

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::cleanup::{self, Action};
-use super::local::{create_root_dir, free_port, output_tail, run, tail, RunAs};
+use super::local::{create_root_dir, free_port, output_tail, pg_ctl_start, run, RunAs};
 use super::{LocalCluster, ProvisionError};
 
 /// A hot standby streaming from a [`LocalCluster`] through its own physical replication slot,
@@ -163,33 +163,8 @@ impl LocalStandby {
     }
 
     fn pg_ctl_start(&self) -> Result<(), String> {
-        let pg_ctl = self.bin_dir.join("pg_ctl");
-        let log_file = self.root.join("server.log");
-        let out = run(
-            &self.run_as,
-            &self.root,
-            &pg_ctl,
-            &[
-                "-D".into(),
-                self.data_dir.clone().into(),
-                "-l".into(),
-                log_file.clone().into(),
-                "-w".into(),
-                "-t".into(),
-                "60".into(),
-                "start".into(),
-            ],
-        )?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-        Err(format!(
-            "`pg_ctl start` of the standby failed ({}): {}\nserver log:\n{}",
-            out.status,
-            output_tail(&out),
-            tail(&log, 2000)
-        ))
+        pg_ctl_start(&self.run_as, &self.root, &self.bin_dir, &self.data_dir)
+            .map_err(|error| format!("the standby: {error}"))
     }
 
     /// Connection URL of the standby's `postgres` database as superuser `postgres`.
