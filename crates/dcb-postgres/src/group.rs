@@ -232,14 +232,13 @@ impl PostgresEventStore {
         group: &[Call],
         all_or_nothing: bool,
     ) -> Result<Vec<Result<Cursor, Error>>, Error> {
-        let (lock, stmt) = self.group_statement(group, all_or_nothing);
         let any_condition = group.iter().any(|p| p.1.is_some());
-        // A group's locks are always taken in their own statement (never the one-statement
-        // path), with or without conditions.
-        let protocol = match self.protocol(any_condition) {
-            Protocol::OneStatement => Protocol::Transaction,
-            other => other,
-        };
+        // Without a condition, the group is one autocommit statement that takes its locks
+        // first (as a single unconditional append): nothing to check, so no snapshot needs to
+        // follow the lock wait.
+        let protocol = self.protocol(any_condition);
+        let one_statement = protocol == Protocol::OneStatement;
+        let (lock, stmt) = self.group_statement(group, all_or_nothing, one_statement);
         let begin = self.begin_append_for(group.iter().filter_map(|p| p.1.as_ref()));
         let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
         let results = self.group_results(&rows, group, all_or_nothing)?;
@@ -249,12 +248,14 @@ impl PostgresEventStore {
         Ok(results)
     }
 
-    /// The lock parameters (taken first, in a statement of their own) and the checking insert
-    /// of `group`: the keys of every call, merged and sorted (escalated past the group limit).
+    /// The lock parameters (taken first, in a statement of their own, or with `one_statement`
+    /// by the insert itself: only for a group without conditions) and the checking insert of
+    /// `group`: the keys of every call, merged and sorted (escalated past the group limit).
     pub(crate) fn group_statement(
         &self,
         group: &[Call],
         all_or_nothing: bool,
+        one_statement: bool,
     ) -> ((Vec<i64>, Vec<bool>), sql::Statement) {
         let inner = &self.inner;
         let mut locks = LockSet::default();
@@ -277,10 +278,10 @@ impl PostgresEventStore {
                 condition: p.1.as_ref(),
             })
             .collect();
-        (
-            locks.into_params(),
-            sql::append_group(&inner.schema, &parts, all_or_nothing),
-        )
+        let lock = locks.into_params();
+        let inline = (one_statement && group.iter().all(|p| p.1.is_none())).then(|| lock.clone());
+        let stmt = sql::append_group(&inner.schema, &parts, all_or_nothing, inline);
+        (lock, stmt)
     }
 
     /// Each call's result from the rows of [`group_statement`](Self::group_statement)'s insert.
@@ -335,6 +336,8 @@ impl PostgresEventStore {
                 None,
             ));
         }
+        // Positions are drawn in insert order, which is call order.
+        written.sort_unstable();
         let mut next = written.into_iter();
         Ok(group
             .iter()

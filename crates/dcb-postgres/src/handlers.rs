@@ -1470,7 +1470,7 @@ impl Runner {
         calls: &[Call],
     ) -> Result<(), Failure> {
         let store = &self.store;
-        let (lock, stmt) = store.group_statement(calls, true);
+        let (lock, stmt) = store.group_statement(calls, true, false);
         let (keys, exclusive) = &lock;
         let timeout = store.inner.config.append_timeout.as_millis().max(1);
         let failed = |what: &str, e: tokio_postgres::Error| {

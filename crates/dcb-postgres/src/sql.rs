@@ -534,13 +534,22 @@ pub(crate) struct GroupPart<'a> {
 ///
 /// With `all_or_nothing` (a multi-command append), no event is inserted if any part's condition
 /// failed.
+///
+/// With `lock` (only for a group without any condition, see [`AppendParts::lock`]), the
+/// statement takes the group's advisory locks itself, before its first row is inserted (an init
+/// plan guards the insert), and is the whole append: one autocommit statement.
 pub(crate) fn append_group(
     schema: &str,
     parts: &[GroupPart<'_>],
     all_or_nothing: bool,
+    lock: Option<(Vec<i64>, Vec<bool>)>,
 ) -> Statement {
     let mut stmt = Statement::default();
     let mut ctes = Vec::new();
+    if let Some((keys, exclusive)) = lock {
+        debug_assert!(parts.iter().all(|p| p.condition.is_none()));
+        return unconditional_group(schema, parts, keys, exclusive);
+    }
     let mut conflicts = Vec::new();
     for (r, part) in parts.iter().enumerate() {
         let Some(condition) = part.condition else {
@@ -600,6 +609,39 @@ pub(crate) fn append_group(
          UNION ALL (SELECT 'event'::text, NULL::int4, transaction_id, position FROM inserted \
          ORDER BY position)",
         ctes.join(", ")
+    );
+    stmt
+}
+
+/// [`append_group`] of a group without conditions, locks included: the insert is the
+/// statement. Rows: `('event', NULL, transaction_id, position)` per inserted event.
+fn unconditional_group(
+    schema: &str,
+    parts: &[GroupPart<'_>],
+    keys: Vec<i64>,
+    exclusive: Vec<bool>,
+) -> Statement {
+    let mut stmt = Statement::default();
+    let (keys, exclusive) = (stmt.bind(keys), stmt.bind(exclusive));
+    let events = parts.iter().flat_map(|p| p.events);
+    let c = columns(events.cloned().collect());
+    let types = stmt.bind(c.types);
+    let tags = stmt.bind(c.tags);
+    let data = stmt.bind(c.data);
+    let metadata = stmt.bind(c.metadata);
+    let occurred_at = stmt.bind(c.occurred_at);
+    // The guard is an init plan: evaluated, so every lock granted, before the first row is
+    // inserted, i.e. before the transaction gets its id.
+    stmt.sql = format!(
+        "WITH locked AS MATERIALIZED ({locks}) \
+         INSERT INTO {schema}.events (type, tags, data, metadata, occurred_at) \
+         SELECT u.type, u.tags::text[], u.data, u.metadata, coalesce(u.occurred_at, now()) \
+         FROM unnest({types}::text[], {tags}::text[], {data}::jsonb[], {metadata}::jsonb[], \
+                     {occurred_at}::timestamptz[]) \
+              WITH ORDINALITY AS u(type, tags, data, metadata, occurred_at, ord) \
+         WHERE (SELECT count(*) FROM locked) >= 0 ORDER BY u.ord \
+         RETURNING 'event'::text, NULL::int4, transaction_id, position",
+        locks = lock_rows(&keys, &exclusive),
     );
     stmt
 }
