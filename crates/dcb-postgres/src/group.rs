@@ -159,6 +159,12 @@ impl PostgresEventStore {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
+            // Let the callers just answered run (on this worker too) before taking the next
+            // group: under load most of them append again at once, and join it instead of
+            // waiting behind a group of one (measured at 16 clients: 12.4-13.5 k -> 14.8-19.1 k
+            // events/s). Not a wait for company: a lone caller's flusher finds the queue empty
+            // and ends.
+            tokio::task::yield_now().await;
         }
     }
 
