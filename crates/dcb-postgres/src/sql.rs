@@ -519,7 +519,7 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
 
 /// One append of a group commit: its events and its condition.
 pub(crate) struct GroupPart<'a> {
-    pub(crate) events: &'a [NewEvent],
+    pub(crate) events: Vec<NewEvent>,
     pub(crate) condition: Option<&'a dcb_core::AppendCondition>,
 }
 
@@ -540,7 +540,7 @@ pub(crate) struct GroupPart<'a> {
 /// plan guards the insert), and is the whole append: one autocommit statement.
 pub(crate) fn append_group(
     schema: &str,
-    parts: &[GroupPart<'_>],
+    parts: Vec<GroupPart<'_>>,
     all_or_nothing: bool,
     lock: Option<(Vec<i64>, Vec<bool>)>,
 ) -> Statement {
@@ -562,19 +562,14 @@ pub(crate) fn append_group(
             hits.join(" UNION ALL ")
         ));
     }
-    let (mut types, mut tags, mut data, mut metadata, mut part_of) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut occurred_at = Vec::new();
-    for (r, part) in parts.iter().enumerate() {
-        for event in part.events {
-            types.push(event.event_type.clone());
-            tags.push(tags_literal(&event.tags));
-            data.push(event.data.clone());
-            metadata.push(event.metadata.clone());
-            occurred_at.push(event.occurred_at);
-            part_of.push(i32::try_from(r).unwrap_or(i32::MAX));
-        }
-    }
+    let part_of: Vec<i32> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(r, part)| {
+            std::iter::repeat_n(i32::try_from(r).unwrap_or(i32::MAX), part.events.len())
+        })
+        .collect();
+    let c = columns(parts.into_iter().flat_map(|p| p.events).collect());
     let conflict_rows = if conflicts.is_empty() {
         "SELECT NULL::int4 AS part, NULL::xid8 AS transaction_id, NULL::int8 AS position WHERE FALSE"
             .to_string()
@@ -583,13 +578,13 @@ pub(crate) fn append_group(
     };
     ctes.push(format!("conflict AS MATERIALIZED ({conflict_rows})"));
     let (types, tags, data, metadata, part_of) = (
-        stmt.bind(types),
-        stmt.bind(tags),
-        stmt.bind(data),
-        stmt.bind(metadata),
+        stmt.bind(c.types),
+        stmt.bind(c.tags),
+        stmt.bind(c.data),
+        stmt.bind(c.metadata),
         stmt.bind(part_of),
     );
-    let occurred_at = stmt.bind(occurred_at);
+    let occurred_at = stmt.bind(c.occurred_at);
     ctes.push(format!(
         "inserted AS (INSERT INTO {schema}.events (type, tags, data, metadata, occurred_at) \
          SELECT u.type, u.tags::text[], u.data, u.metadata, coalesce(u.occurred_at, now()) \
@@ -617,14 +612,13 @@ pub(crate) fn append_group(
 /// statement. Rows: `('event', NULL, transaction_id, position)` per inserted event.
 fn unconditional_group(
     schema: &str,
-    parts: &[GroupPart<'_>],
+    parts: Vec<GroupPart<'_>>,
     keys: Vec<i64>,
     exclusive: Vec<bool>,
 ) -> Statement {
     let mut stmt = Statement::default();
     let (keys, exclusive) = (stmt.bind(keys), stmt.bind(exclusive));
-    let events = parts.iter().flat_map(|p| p.events);
-    let c = columns(events.cloned().collect());
+    let c = columns(parts.into_iter().flat_map(|p| p.events).collect());
     let types = stmt.bind(c.types);
     let tags = stmt.bind(c.tags);
     let data = stmt.bind(c.data);
