@@ -266,44 +266,80 @@ pub(crate) fn same_backend_guard(pid: i32) -> String {
 /// events in the boundary).
 const RECENT_WINDOW: i64 = 64;
 
-/// The events right after a condition's cursor: the CTE's name and the cursor bound's SQL.
+/// A group's conditions share one window, from the earliest of their cursors: their cursors
+/// are close (the callers appended recently), so one range scan replaces one per call.
+const GROUP_RECENT_WINDOW: i64 = 4 * RECENT_WINDOW;
+
+/// The events right after a cursor, as a CTE: its name, its size, the cursor and the cursor
+/// bound's SQL.
 struct RecentWindow {
     name: String,
+    size: i64,
+    after: Cursor,
     bound: String,
+}
+
+/// Whether `condition` has a cursor and a tagged item (whose probe can use a window).
+fn windowed(condition: &dcb_core::AppendCondition) -> bool {
+    condition.after.is_some()
+        && condition
+            .fail_if_events_match
+            .items
+            .iter()
+            .any(|i| !i.tags.is_empty())
+}
+
+/// Pushes the CTE `name` onto `ctes`: the first `size` events after `after`, in cursor order.
+fn recent_window(
+    stmt: &mut Statement,
+    schema: &str,
+    name: &str,
+    after: Cursor,
+    size: i64,
+    ctes: &mut Vec<String>,
+) -> RecentWindow {
+    let bound = cursor_bound(stmt, ">", after);
+    ctes.push(format!(
+        "{name} AS MATERIALIZED (SELECT transaction_id, position, type, tags \
+         FROM {schema}.events WHERE {bound} ORDER BY transaction_id, position LIMIT {size})"
+    ));
+    RecentWindow {
+        name: name.to_string(),
+        size,
+        after,
+        bound,
+    }
 }
 
 /// The probes of `condition` as CTEs named `{name}_{i}` (pushed onto `ctes`), and one
 /// `(SELECT … LIMIT 1)` per item that yields a matching event after the cursor, if any.
+/// `recent` must start at or before the condition's cursor; without it, a windowed condition
+/// gets a window of its own.
 fn condition_hits(
     stmt: &mut Statement,
     schema: &str,
     condition: &dcb_core::AppendCondition,
     name: &str,
+    recent: Option<&RecentWindow>,
     ctes: &mut Vec<String>,
 ) -> Vec<String> {
-    let items = &condition.fail_if_events_match.items;
-    // One window per condition, shared by its tagged items.
-    let recent = match condition.after {
-        Some(after) if items.iter().any(|i| !i.tags.is_empty()) => {
-            let bound = cursor_bound(stmt, ">", after);
+    let own;
+    let recent = match (condition.after, recent) {
+        (Some(_), Some(shared)) if windowed(condition) => Some(shared),
+        (Some(after), None) if windowed(condition) => {
             let window = format!("{name}_recent");
-            ctes.push(format!(
-                "{window} AS MATERIALIZED (SELECT transaction_id, position, type, tags \
-                 FROM {schema}.events WHERE {bound} ORDER BY transaction_id, position \
-                 LIMIT {RECENT_WINDOW})"
-            ));
-            Some(RecentWindow {
-                name: window,
-                bound,
-            })
+            own = recent_window(stmt, schema, &window, after, RECENT_WINDOW, ctes);
+            Some(&own)
         }
         _ => None,
     };
-    items
+    condition
+        .fail_if_events_match
+        .items
         .iter()
         .enumerate()
         .map(|(i, item)| {
-            let (probe, filter) = probe(stmt, schema, item, condition.after, recent.as_ref());
+            let (probe, filter) = probe(stmt, schema, item, condition.after, recent);
             ctes.push(format!("{name}_{i} AS MATERIALIZED ({probe})"));
             format!("(SELECT * FROM {name}_{i}{filter} LIMIT 1)")
         })
@@ -336,13 +372,21 @@ fn probe(
     let select = format!("SELECT transaction_id, position FROM {schema}.events");
     let predicate =
         (!item.is_match_all()).then(|| items_predicate(stmt, &Query::from(item.clone()), true));
-    if let (Some(predicate), Some(window), false) = (&predicate, recent, item.tags.is_empty()) {
-        let RecentWindow { name, bound } = window;
+    if let (Some(predicate), Some(window), Some(after), false) =
+        (&predicate, recent, after, item.tags.is_empty())
+    {
+        let RecentWindow { name, size, .. } = window;
+        // The window may start before this condition's cursor (shared by a group).
+        let bound = if window.after == after {
+            window.bound.clone()
+        } else {
+            cursor_bound(stmt, ">", after)
+        };
         return (
             format!(
                 "SELECT transaction_id, position FROM {name} WHERE {predicate} \
                  UNION ALL {select} WHERE {predicate} \
-                 AND (SELECT count(*) FROM {name}) >= {RECENT_WINDOW}"
+                 AND (SELECT count(*) FROM {name}) >= {size}"
             ),
             format!(" WHERE {bound}"),
         );
@@ -392,7 +436,7 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
     }
 
     if let Some(condition) = parts.condition {
-        let hits = condition_hits(&mut stmt, schema, condition, "probe", &mut ctes);
+        let hits = condition_hits(&mut stmt, schema, condition, "probe", None, &mut ctes);
         ctes.push(format!(
             "conflict AS MATERIALIZED (SELECT * FROM ({}) AS hits LIMIT 1)",
             hits.join(" UNION ALL ")
@@ -550,13 +594,36 @@ pub(crate) fn append_group(
         debug_assert!(parts.iter().all(|p| p.condition.is_none()));
         return unconditional_group(schema, parts, keys, exclusive);
     }
+    let earliest = parts
+        .iter()
+        .filter_map(|p| p.condition)
+        .filter(|c| windowed(c))
+        .filter_map(|c| c.after)
+        .min();
+    let recent = earliest.map(|after| {
+        recent_window(
+            &mut stmt,
+            schema,
+            "recent",
+            after,
+            GROUP_RECENT_WINDOW,
+            &mut ctes,
+        )
+    });
     let mut conflicts = Vec::new();
     for (r, part) in parts.iter().enumerate() {
         let Some(condition) = part.condition else {
             continue;
         };
         let name = format!("probe{r}");
-        let hits = condition_hits(&mut stmt, schema, condition, &name, &mut ctes);
+        let hits = condition_hits(
+            &mut stmt,
+            schema,
+            condition,
+            &name,
+            recent.as_ref(),
+            &mut ctes,
+        );
         conflicts.push(format!(
             "(SELECT {r} AS part, transaction_id, position FROM ({}) AS hits LIMIT 1)",
             hits.join(" UNION ALL ")
