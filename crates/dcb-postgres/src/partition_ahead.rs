@@ -159,7 +159,8 @@ impl PostgresEventStore {
                     // Also without a spare: the partitions (and the news that the store is
                     // partitioned, for a process that connected before it was) are there for
                     // the next call.
-                    let recovered = self.recover_missing_partition(count).await;
+                    // Boxed: rare, and its future would enlarge every append's.
+                    let recovered = Box::pin(self.recover_missing_partition(count)).await;
                     match spare {
                         Some(spare) if recovered => {
                             attempt += 1;
