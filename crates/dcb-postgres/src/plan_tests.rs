@@ -7,7 +7,7 @@
 //! as generated, under the settings of the transaction that runs it, and inspects its plan.
 //! (The primary-key AND only appears at millions of rows; `sql`'s unit tests pin the statement
 //! shape that avoids it.)
-use crate::sql::{self, AppendParts};
+use crate::sql::{self, AppendParts, GroupPart};
 use dcb_core::{AppendCondition, Cursor, NewEvent, Query, QueryItem, ReadOptions, Tag};
 use dcb_testkit::pg::TestSchema;
 use tokio_postgres::Client;
@@ -280,4 +280,79 @@ async fn assert_index_driven(client: &Client, quoted: &str, populated: &[String]
         .lines()
         .any(|l| l.trim_start().trim_start_matches("->  ") == "Sort");
     assert!(!sorts, "{p}");
+}
+
+/// A group's tagged condition items are probed by one join, each through the tag index (no
+/// sequential scan, no index AND), at scale and on a generic plan, without relying on the
+/// append transaction's `enable_seqscan = off`; the shared window reads the primary key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_probes_stay_index_driven_at_scale() {
+    let (_schema, client, quoted) = store_with_rows().await;
+    let tagged = |course: &str| {
+        Query::from(
+            QueryItem::new()
+                .types(["StudentEnrolled"])
+                .tag("course_id", course),
+        )
+    };
+    let after = Some(Cursor::new(1, 1));
+    let with_cursor = AppendCondition::new(tagged("c7")).with_after(after);
+    let without_cursor = AppendCondition::new(tagged("c8"));
+    let mixed = AppendCondition::new(Query::from_items([
+        QueryItem::new().types(["CourseDefined"]),
+        QueryItem::new().tag("course_id", "c9"),
+    ]))
+    .with_after(after);
+    let events = |course: &str| {
+        vec![NewEvent::new(
+            "StudentEnrolled",
+            vec![Tag::new("course_id", course)],
+            serde_json::json!({}),
+        )]
+    };
+    let parts = vec![
+        GroupPart {
+            events: events("c7"),
+            condition: Some(&with_cursor),
+        },
+        GroupPart {
+            events: events("c8"),
+            condition: Some(&without_cursor),
+        },
+        GroupPart {
+            events: events("c9"),
+            condition: Some(&mixed),
+        },
+    ];
+    let stmt = sql::append_group(&quoted, parts, false, None);
+    client
+        .batch_execute(
+            "SET plan_cache_mode = force_generic_plan; SET jit = off; \
+             SET max_parallel_workers_per_gather = 0",
+        )
+        .await
+        .expect("settings");
+    let p = client
+        .query(
+            &format!("EXPLAIN (COSTS OFF) {}", stmt.sql),
+            &stmt.param_refs(),
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!seq_scans(&p, "events"), "{p}");
+    assert!(!p.contains("BitmapAnd"), "{p}");
+    assert!(p.contains("_tags_idx"), "{p}");
+    assert!(
+        p.contains("_pkey"),
+        "the shared window reads the primary key:\n{p}"
+    );
+    // The type-only item keeps its own probe on the type index.
+    assert!(
+        p.contains("_type_idx") || p.contains("type_transaction_id_position_idx"),
+        "{p}"
+    );
 }

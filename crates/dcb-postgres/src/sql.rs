@@ -176,16 +176,10 @@ fn tags_literal(tags: &[Tag]) -> String {
         if i > 0 {
             literal.push(',');
         }
-        literal.push('"');
-        for part in [tag.key.as_str(), ":", tag.value.as_str()] {
-            for c in part.chars() {
-                if c == '"' || c == '\\' {
-                    literal.push('\\');
-                }
-                literal.push(c);
-            }
-        }
-        literal.push('"');
+        push_quoted(
+            &mut literal,
+            tag.key.chars().chain([':']).chain(tag.value.chars()),
+        );
     }
     literal.push('}');
     literal
@@ -313,26 +307,28 @@ fn recent_window(
 
 /// The probes of `condition` as CTEs named `{name}_{i}` (pushed onto `ctes`), and one
 /// `(SELECT … LIMIT 1)` per item that yields a matching event after the cursor, if any.
-/// `recent` must start at or before the condition's cursor; without it, a windowed condition
-/// gets a window of its own.
 fn condition_hits(
     stmt: &mut Statement,
     schema: &str,
     condition: &dcb_core::AppendCondition,
     name: &str,
-    recent: Option<&RecentWindow>,
     ctes: &mut Vec<String>,
 ) -> Vec<String> {
-    let own;
-    let recent = match (condition.after, recent) {
-        (Some(_), Some(shared)) if windowed(condition) => Some(shared),
-        (Some(after), None) if windowed(condition) => {
+    let recent = match condition.after {
+        Some(after) if windowed(condition) => {
             let window = format!("{name}_recent");
-            own = recent_window(stmt, schema, &window, after, RECENT_WINDOW, ctes);
-            Some(&own)
+            Some(recent_window(
+                stmt,
+                schema,
+                &window,
+                after,
+                RECENT_WINDOW,
+                ctes,
+            ))
         }
         _ => None,
     };
+    let recent = recent.as_ref();
     condition
         .fail_if_events_match
         .items
@@ -436,7 +432,7 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
     }
 
     if let Some(condition) = parts.condition {
-        let hits = condition_hits(&mut stmt, schema, condition, "probe", None, &mut ctes);
+        let hits = condition_hits(&mut stmt, schema, condition, "probe", &mut ctes);
         ctes.push(format!(
             "conflict AS MATERIALIZED (SELECT * FROM ({}) AS hits LIMIT 1)",
             hits.join(" UNION ALL ")
@@ -611,23 +607,34 @@ pub(crate) fn append_group(
         )
     });
     let mut conflicts = Vec::new();
+    let mut tagged = TaggedItems::default();
     for (r, part) in parts.iter().enumerate() {
         let Some(condition) = part.condition else {
             continue;
         };
-        let name = format!("probe{r}");
-        let hits = condition_hits(
-            &mut stmt,
-            schema,
-            condition,
-            &name,
-            recent.as_ref(),
-            &mut ctes,
-        );
-        conflicts.push(format!(
-            "(SELECT {r} AS part, transaction_id, position FROM ({}) AS hits LIMIT 1)",
-            hits.join(" UNION ALL ")
-        ));
+        let part_number = i32::try_from(r).unwrap_or(i32::MAX);
+        let mut hits = Vec::new();
+        for (i, item) in condition.fail_if_events_match.items.iter().enumerate() {
+            if item.tags.is_empty() {
+                // Type-only and match-all items: their own index-driven probe.
+                let (probe, filter) = probe(&mut stmt, schema, item, condition.after, None);
+                ctes.push(format!("probe{r}_{i} AS MATERIALIZED ({probe})"));
+                hits.push(format!("(SELECT * FROM probe{r}_{i}{filter} LIMIT 1)"));
+            } else {
+                tagged.push(part_number, item, condition.after);
+            }
+        }
+        if !hits.is_empty() {
+            conflicts.push(format!(
+                "(SELECT {r} AS part, transaction_id, position FROM ({}) AS hits LIMIT 1)",
+                hits.join(" UNION ALL ")
+            ));
+        }
+    }
+    if !tagged.parts.is_empty() {
+        let body = tagged.probe(&mut stmt, schema, recent.as_ref());
+        ctes.push(format!("tagged_hits AS MATERIALIZED ({body})"));
+        conflicts.push("(SELECT part, transaction_id, position FROM tagged_hits)".to_string());
     }
     let part_of: Vec<i32> = parts
         .iter()
@@ -673,6 +680,101 @@ pub(crate) fn append_group(
         ctes.join(", ")
     );
     stmt
+}
+
+/// The tagged condition items of a group, one row each, probed together by one join instead
+/// of one CTE per item: the statement stays small however many calls the group has.
+#[derive(Default)]
+struct TaggedItems {
+    parts: Vec<i32>,
+    tags: Vec<String>,
+    types: Vec<Option<String>>,
+    after_transaction: Vec<Option<Xid8>>,
+    after_position: Vec<Option<i64>>,
+}
+
+impl TaggedItems {
+    fn push(&mut self, part: i32, item: &dcb_core::QueryItem, after: Option<Cursor>) {
+        self.parts.push(part);
+        self.tags.push(tags_literal(&item.tags));
+        self.types
+            .push((!item.types.is_empty()).then(|| text_array_literal(&item.types)));
+        self.after_transaction
+            .push(after.map(|a| Xid8(a.transaction_id)));
+        self.after_position.push(after.map(|a| a.position));
+    }
+
+    /// One row `(part, transaction_id, position)` per item with a matching event after its
+    /// cursor. Each item probes the tag index (the tag containment is the index condition of a
+    /// parameterized bitmap scan; the type test is kept off the type index, as in
+    /// [`items_predicate`]); an item with a cursor first filters `recent` (which starts at or
+    /// before every cursor of the group) and probes the index only if the window is full.
+    fn probe(self, stmt: &mut Statement, schema: &str, recent: Option<&RecentWindow>) -> String {
+        let parts = stmt.bind(self.parts);
+        let tags = stmt.bind(self.tags);
+        let types = stmt.bind(self.types);
+        let after_tx = stmt.bind(self.after_transaction);
+        let after_pos = stmt.bind(self.after_position);
+        let matches = |alias: &str, type_test: &str| {
+            format!(
+                "{alias}.tags @> c.tags::text[] \
+                 AND (c.types IS NULL OR {type_test} = ANY (c.types::text[])) \
+                 AND (c.atx IS NULL OR ({alias}.transaction_id, {alias}.position) > (c.atx, c.apos))"
+            )
+        };
+        let indexed = |gate: &str| {
+            format!(
+                "SELECT e.transaction_id, e.position FROM {schema}.events e \
+                 WHERE {gate}{} LIMIT 1",
+                matches("e", "(e.type || '')")
+            )
+        };
+        let lateral = match recent {
+            Some(RecentWindow { name, size, .. }) => format!(
+                "(SELECT r.transaction_id, r.position FROM {name} r \
+                  WHERE c.atx IS NOT NULL AND {} LIMIT 1) \
+                 UNION ALL ({}) LIMIT 1",
+                matches("r", "r.type"),
+                indexed(&format!(
+                    "(c.atx IS NULL OR (SELECT count(*) FROM {name}) >= {size}) AND "
+                )),
+            ),
+            None => indexed(""),
+        };
+        format!(
+            "SELECT c.part, h.transaction_id, h.position \
+             FROM unnest({parts}::int4[], {tags}::text[], {types}::text[], {after_tx}::xid8[], \
+                         {after_pos}::int8[]) AS c(part, tags, types, atx, apos) \
+             CROSS JOIN LATERAL ({lateral}) AS h"
+        )
+    }
+}
+
+/// A text array literal of `elements`, each quoted (see [`tags_literal`]).
+fn text_array_literal(elements: &[String]) -> String {
+    let mut literal =
+        String::with_capacity(2 + elements.iter().map(|e| e.len() + 3).sum::<usize>());
+    literal.push('{');
+    for (i, element) in elements.iter().enumerate() {
+        if i > 0 {
+            literal.push(',');
+        }
+        push_quoted(&mut literal, element.chars());
+    }
+    literal.push('}');
+    literal
+}
+
+/// Appends `chars` as one quoted array element: `"`, with `"` and `\` escaped.
+fn push_quoted(literal: &mut String, chars: impl Iterator<Item = char>) {
+    literal.push('"');
+    for c in chars {
+        if c == '"' || c == '\\' {
+            literal.push('\\');
+        }
+        literal.push(c);
+    }
+    literal.push('"');
 }
 
 /// [`append_group`] of a group without conditions, locks included: the insert is the
