@@ -63,6 +63,11 @@ pub(crate) enum Protocol {
 }
 
 impl PostgresEventStore {
+    /// Whether condition probes may read the recent window (see [`sql::AppendParts::windows`]).
+    pub(crate) fn recent_windows(&self) -> bool {
+        self.inner.config.append_isolation != IsolationLevel::Serializable
+    }
+
     pub(crate) fn protocol(&self, checks: bool) -> Protocol {
         let inner = &self.inner;
         match (checks, inner.config.append_isolation) {
@@ -93,6 +98,7 @@ impl PostgresEventStore {
             condition,
             command,
             lock: (protocol == Protocol::OneStatement).then(|| lock.clone()),
+            windows: self.recent_windows(),
         };
         let stmt = sql::append(&inner.schema, events, parts);
         let begin = self.begin_append(condition);

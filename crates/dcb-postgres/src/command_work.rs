@@ -103,6 +103,7 @@ impl PostgresEventStore {
             condition: checked,
             command: Some(command),
             lock: None,
+            windows: self.recent_windows(),
         };
         let stmt = sql::append(&self.inner.schema, events, parts);
         let timeout = self.inner.config.append_timeout;

@@ -298,7 +298,13 @@ impl PostgresEventStore {
                 condition: condition.as_ref(),
             })
             .collect();
-        let stmt = sql::append_group(&inner.schema, parts, all_or_nothing, inline);
+        let stmt = sql::append_group(
+            &inner.schema,
+            parts,
+            all_or_nothing,
+            inline,
+            self.recent_windows(),
+        );
         (lock, stmt, shapes)
     }
 

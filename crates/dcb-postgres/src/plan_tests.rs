@@ -95,6 +95,7 @@ fn conditional_append(schema: &str, condition: &AppendCondition, event: NewEvent
         condition: Some(condition),
         command: None,
         lock: None,
+        windows: true,
     };
     sql::append(schema, vec![event], parts).sql
 }
@@ -324,7 +325,7 @@ async fn group_probes_stay_index_driven_at_scale() {
             condition: Some(&mixed),
         },
     ];
-    let stmt = sql::append_group(&quoted, parts, false, None);
+    let stmt = sql::append_group(&quoted, parts, false, None, true);
     client
         .batch_execute(
             "SET plan_cache_mode = force_generic_plan; SET jit = off; \

@@ -211,6 +211,10 @@ pub(crate) struct AppendParts<'a> {
     /// for appends without a condition: a condition must be checked by a LATER statement than
     /// the one that waited for its locks (its snapshot would predate the wait).
     pub(crate) lock: Option<(Vec<i64>, Vec<bool>)>,
+    /// Whether tagged probes with a cursor may read the recent window first. Not under
+    /// SERIALIZABLE: the window reads the log's tail, so every concurrent append would be a
+    /// read-write conflict and most of them would fail to serialize.
+    pub(crate) windows: bool,
 }
 
 /// The advisory locks `(keys, exclusive)` in array order: one row per key, each taken as the
@@ -312,10 +316,11 @@ fn condition_hits(
     schema: &str,
     condition: &dcb_core::AppendCondition,
     name: &str,
+    windows: bool,
     ctes: &mut Vec<String>,
 ) -> Vec<String> {
     let recent = match condition.after {
-        Some(after) if windowed(condition) => {
+        Some(after) if windows && windowed(condition) => {
             let window = format!("{name}_recent");
             Some(recent_window(
                 stmt,
@@ -432,7 +437,14 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
     }
 
     if let Some(condition) = parts.condition {
-        let hits = condition_hits(&mut stmt, schema, condition, "probe", &mut ctes);
+        let hits = condition_hits(
+            &mut stmt,
+            schema,
+            condition,
+            "probe",
+            parts.windows,
+            &mut ctes,
+        );
         ctes.push(format!(
             "conflict AS MATERIALIZED (SELECT * FROM ({}) AS hits LIMIT 1)",
             hits.join(" UNION ALL ")
@@ -583,6 +595,7 @@ pub(crate) fn append_group(
     parts: Vec<GroupPart<'_>>,
     all_or_nothing: bool,
     lock: Option<(Vec<i64>, Vec<bool>)>,
+    windows: bool,
 ) -> Statement {
     let mut stmt = Statement::default();
     let mut ctes = Vec::new();
@@ -592,6 +605,7 @@ pub(crate) fn append_group(
     }
     let earliest = parts
         .iter()
+        .filter(|_| windows)
         .filter_map(|p| p.condition)
         .filter(|c| windowed(c))
         .filter_map(|c| c.after)
@@ -854,6 +868,7 @@ mod tests {
                 condition: Some(&cond),
                 command: None,
                 lock: None,
+                windows: true,
             },
         );
         // The tagged item reads the events after the cursor in cursor order, up to the window.
@@ -911,6 +926,7 @@ mod tests {
                 condition: None,
                 command: None,
                 lock: Some((vec![1, 2], vec![false, true])),
+                windows: true,
             },
         );
         assert!(stmt
@@ -930,10 +946,38 @@ mod tests {
             condition: None,
             command: None,
             lock: None,
+            windows: true,
         };
         let stmt = append("s", vec![e(), e()], parts);
         assert!(stmt.sql.contains("WITH ORDINALITY"), "{}", stmt.sql);
         assert!(stmt.sql.contains("ORDER BY u.ord"), "{}", stmt.sql);
+    }
+
+    #[test]
+    fn probes_read_no_window_when_told_not_to() {
+        let cond = AppendCondition::new(Query::from(QueryItem::new().tag("k", "v")))
+            .with_after(Some(Cursor::new(5, 6)));
+        let e = || NewEvent::new("A", vec![], serde_json::json!({}));
+        let parts = |windows| AppendParts {
+            condition: Some(&cond),
+            command: None,
+            lock: None,
+            windows,
+        };
+        assert!(append("s", vec![e()], parts(true))
+            .sql
+            .contains("probe_recent"));
+        let serializable = append("s", vec![e()], parts(false)).sql;
+        assert!(!serializable.contains("_recent"), "{serializable}");
+        let group = |windows| {
+            let part = GroupPart {
+                events: vec![e()],
+                condition: Some(&cond),
+            };
+            append_group("s", vec![part], false, None, windows).sql
+        };
+        assert!(group(true).contains("recent AS MATERIALIZED"));
+        assert!(!group(false).contains("recent"), "{}", group(false));
     }
 
     #[test]

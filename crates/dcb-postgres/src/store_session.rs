@@ -305,6 +305,8 @@ impl StoreSession {
                 condition,
                 command: None,
                 lock: None,
+                // Sessions run under READ COMMITTED.
+                windows: true,
             },
         );
         self.state = State::Failed;
