@@ -63,6 +63,7 @@ mod partition_ahead;
 #[cfg(test)]
 mod plan_tests;
 mod replica;
+mod server_error;
 mod session;
 mod sql;
 mod standby;
@@ -84,6 +85,7 @@ pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
 pub use partition::{PartitionConfig, PartitionError, PartitionInfo};
 pub use replica::{ReadFrom, ReplicaConfig, StandbyFallback};
+pub use server_error::ServerError;
 pub use store::PostgresEventStore;
 pub use store_session::StoreSession;
 /// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.

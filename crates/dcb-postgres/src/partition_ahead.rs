@@ -18,10 +18,12 @@ use crate::partition::{
     create_partition_sql, is_partitioned, last_position, list, stored_config, PartitionError,
     Stored, MAINTENANCE_LOCK,
 };
+use crate::server_error::ServerError;
 use crate::store::PostgresEventStore;
 use dcb_core::{AppendCommand, AppendCondition, Cursor, Error, NewEvent};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
+use tokio_postgres::error::SqlState;
 
 /// How many times an append that found no partition creates partitions and runs again.
 pub(crate) const MISSING_PARTITION_RETRIES: usize = 3;
@@ -74,16 +76,42 @@ impl Ahead {
     }
 }
 
-/// Whether `error` is PostgreSQL's "no partition of relation … found for row" (SQLSTATE
-/// 23514), reported before the commit: nothing was written. Read from the message, which keeps
-/// the server's text and code also where the error was shared by the calls of a group.
-pub(crate) fn is_missing_partition(error: &dcb_core::Error) -> bool {
-    matches!(
-        error,
-        dcb_core::Error::Storage { message, outcome_unknown: false, .. }
-            if message.starts_with("no partition of relation")
-                && message.contains("(SQLSTATE 23514)")
-    )
+/// Whether `error` is PostgreSQL's "no partition of relation … found for row" for the log of
+/// the store in `schema`, reported before the commit: nothing was written.
+///
+/// Told by the server's structured report ([`ServerError`]), never by its message, which
+/// follows `lc_messages`: SQLSTATE 23514 (check_violation) on the `events` or `commands` table
+/// of `schema` (or one of their partitions, the parent of a sub-partitioned range) **without a
+/// constraint name**. A violated CHECK constraint carries its name; a row that no partition
+/// accepts carries none. The report survives the sharing of a group commit's failure.
+pub(crate) fn is_missing_partition(error: &dcb_core::Error, schema: &str) -> bool {
+    let dcb_core::Error::Storage {
+        outcome_unknown: false,
+        source: Some(source),
+        ..
+    } = error
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<ServerError>()
+        .is_some_and(|server| names_missing_partition(server, schema))
+}
+
+/// The classification of [`is_missing_partition`], on the server's fields.
+fn names_missing_partition(server: &ServerError, schema: &str) -> bool {
+    let of_the_log = |table: &str| {
+        ["events", "commands"].iter().any(|log| {
+            table == *log
+                || table
+                    .strip_prefix(log)
+                    .is_some_and(|rest| rest.starts_with('_'))
+        })
+    };
+    server.code() == SqlState::CHECK_VIOLATION.code()
+        && server.constraint().is_none()
+        && server.schema() == Some(schema)
+        && server.table().is_some_and(of_the_log)
 }
 
 impl PostgresEventStore {
@@ -155,7 +183,7 @@ impl PostgresEventStore {
         loop {
             let spare = (partitioned && attempt < MISSING_PARTITION_RETRIES).then(|| input.clone());
             match append(input).await {
-                Err(err) if is_missing_partition(&err) => {
+                Err(err) if is_missing_partition(&err, &self.inner.config.schema) => {
                     // Also without a spare: the partitions (and the news that the store is
                     // partitioned, for a process that connected before it was) are there for
                     // the next call.
@@ -305,5 +333,81 @@ fn into_store(error: PartitionError) -> dcb_core::Error {
             outcome_unknown: false,
             source: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(server: ServerError) -> Error {
+        Error::Storage {
+            operation: "append",
+            // Deliberately not the server's English text: the message plays no part.
+            message: "keine Partition von Relation gefunden".into(),
+            outcome_unknown: false,
+            source: Some(Box::new(server)),
+        }
+    }
+
+    #[test]
+    fn a_row_no_partition_accepts_is_a_missing_partition_whatever_the_message() {
+        let missing = ServerError::from_fields("23514", Some("shop"), Some("events"), None);
+        assert!(is_missing_partition(&storage(missing), "shop"));
+        let commands = ServerError::from_fields("23514", Some("shop"), Some("commands"), None);
+        assert!(is_missing_partition(&storage(commands), "shop"));
+        // A sub-partitioned range: the partition that found no sub-partition is named.
+        let sub = ServerError::from_fields("23514", Some("shop"), Some("events_p100"), None);
+        assert!(is_missing_partition(&storage(sub), "shop"));
+    }
+
+    #[test]
+    fn a_named_check_constraint_is_not_a_missing_partition() {
+        let check = ServerError::from_fields(
+            "23514",
+            Some("shop"),
+            Some("events"),
+            Some("events_type_check"),
+        );
+        assert!(!is_missing_partition(&storage(check), "shop"));
+        let bound = ServerError::from_fields(
+            "23514",
+            Some("shop"),
+            Some("events"),
+            Some("events_partition_bound"),
+        );
+        assert!(!is_missing_partition(&storage(bound), "shop"));
+    }
+
+    #[test]
+    fn other_codes_tables_schemas_and_uncertain_outcomes_are_not_a_missing_partition() {
+        let unique = ServerError::from_fields("23505", Some("shop"), Some("events"), None);
+        assert!(!is_missing_partition(&storage(unique), "shop"));
+        let other_schema = ServerError::from_fields("23514", Some("other"), Some("events"), None);
+        assert!(!is_missing_partition(&storage(other_schema), "shop"));
+        let other_table = ServerError::from_fields("23514", Some("shop"), Some("eventsx"), None);
+        assert!(!is_missing_partition(&storage(other_table), "shop"));
+        let outbox = ServerError::from_fields("23514", Some("shop"), Some("outbox"), None);
+        assert!(!is_missing_partition(&storage(outbox), "shop"));
+        let unknown = Error::Storage {
+            operation: "command",
+            message: String::new(),
+            outcome_unknown: true,
+            source: Some(Box::new(ServerError::from_fields(
+                "23514",
+                Some("shop"),
+                Some("events"),
+                None,
+            ))),
+        };
+        assert!(!is_missing_partition(&unknown, "shop"));
+        // The English text alone, with no server report, is not enough.
+        let text_only = Error::Storage {
+            operation: "append",
+            message: "no partition of relation \"events\" found for row (SQLSTATE 23514)".into(),
+            outcome_unknown: false,
+            source: None,
+        };
+        assert!(!is_missing_partition(&text_only, "shop"));
     }
 }

@@ -101,7 +101,7 @@ impl CommandSession for PgCommandSession {
         if let Err(err) = &committed {
             // Nothing was written; the partition is created now, so executing the command
             // again succeeds.
-            if crate::partition_ahead::is_missing_partition(err) {
+            if crate::partition_ahead::is_missing_partition(err, &self.store.inner.config.schema) {
                 self.store.recover_missing_partition(1).await;
             }
         }
