@@ -83,9 +83,10 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PartitionCommand {
-    /// Range-partitions the events table by position (without copying: the existing table
-    /// becomes the first partition), or updates the configuration of a partitioned one; then
-    /// creates the partitions ahead and lists them.
+    /// Range-partitions the events table by position and the commands table by transaction
+    /// id, in one switch (without copying: the existing tables become the first partitions),
+    /// or updates the configuration of a partitioned store; then creates the partitions ahead
+    /// and lists them.
     Enable {
         /// Positions per partition (keep partitions large: decisions probe every partition).
         #[arg(long)]
@@ -105,7 +106,8 @@ enum PartitionCommand {
         #[arg(long, default_value_t = 0)]
         extra: i64,
     },
-    /// Lists the partitions by position: bounds, estimated rows, size.
+    /// Lists the partitions: the log's by position, the commands table's by transaction id
+    /// (bounds, estimated rows, size).
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -113,6 +115,8 @@ enum PartitionCommand {
     },
     /// Detaches an old partition (DETACH PARTITION ... CONCURRENTLY): its events leave every
     /// read and every condition check. The partition being written and later ones are refused.
+    /// A commands partition (commands_x...) takes its commands out of `crablet commands`; their
+    /// ids stay recorded, so retries are still duplicates.
     Detach {
         /// The partition's name, as `crablet partition list` prints it.
         name: String,

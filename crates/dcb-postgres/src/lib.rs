@@ -22,7 +22,8 @@
 //!   in a transaction that also advances their checkpoint: exactly once per event, one instance
 //!   at a time, with [`PostgresEventStore::wait_until_processed`] for reading your own writes.
 //! - **A partitioned log** (opt-in, [`PostgresEventStore::partition`]): `events`
-//!   range-partitioned by position without copying a row, partitions created ahead by the
+//!   range-partitioned by position (and `commands` by transaction id, its idempotency keys kept
+//!   in the unpartitioned `command_ids`) without copying a row, partitions created ahead by the
 //!   store, old ones detached for archiving (`docs/scale-out.md`, "A partitioned log").
 //!
 //! The full argument is in `docs/design.md`.

@@ -15,8 +15,9 @@
 //! partitions and the sequence after taking it, so processes that race create each range once.
 use crate::conn::{db_error, Conn};
 use crate::partition::{
-    create_partition_sql, is_partitioned, last_position, list, stored_config, PartitionError,
-    Stored, MAINTENANCE_LOCK,
+    create_command_partition_sql, create_partition_sql, is_partitioned, is_table_partitioned,
+    last_position, list, list_of, next_xid, stored_config, PartitionError, Stored,
+    MAINTENANCE_LOCK,
 };
 use crate::server_error::ServerError;
 use crate::store::PostgresEventStore;
@@ -33,6 +34,8 @@ pub(crate) const MISSING_PARTITION_RETRIES: usize = 3;
 pub(crate) struct Ahead {
     config: Mutex<Option<Stored>>,
     horizon: AtomicI64,
+    /// The first transaction id no commands partition holds (`i64::MAX`: nothing to watch).
+    command_horizon: AtomicI64,
     running: AtomicBool,
 }
 
@@ -41,6 +44,7 @@ impl Default for Ahead {
         Self {
             config: Mutex::new(None),
             horizon: AtomicI64::new(i64::MAX),
+            command_horizon: AtomicI64::new(i64::MAX),
             running: AtomicBool::new(false),
         }
     }
@@ -53,6 +57,7 @@ impl Ahead {
         }
         if stored.is_none() {
             self.horizon.store(i64::MAX, Ordering::Release);
+            self.command_horizon.store(i64::MAX, Ordering::Release);
         }
     }
 
@@ -64,15 +69,22 @@ impl Ahead {
         self.stored().is_some()
     }
 
-    /// Whether an append that reached `position` leaves fewer empty ranges than configured.
-    fn wants_more(&self, position: i64) -> bool {
-        let horizon = self.horizon.load(Ordering::Acquire);
-        if horizon == i64::MAX {
+    /// Whether a write that reached `position` (of the log) in transaction `xid` leaves fewer
+    /// empty ranges than configured, in the log or in the commands table.
+    fn wants_more(&self, position: Option<i64>, xid: u64) -> bool {
+        let Some(stored) = self.stored() else {
             return false;
-        }
-        self.stored().is_some_and(|s| {
-            position.saturating_add(s.range.saturating_mul(i64::from(s.ahead))) >= horizon
-        })
+        };
+        let margin = stored.range.saturating_mul(i64::from(stored.ahead));
+        let short = |reached: i64, horizon: &AtomicI64| {
+            let horizon = horizon.load(Ordering::Acquire);
+            horizon != i64::MAX && reached.saturating_add(margin) >= horizon
+        };
+        position.is_some_and(|p| short(p, &self.horizon))
+            || short(
+                i64::try_from(xid).unwrap_or(i64::MAX),
+                &self.command_horizon,
+            )
     }
 }
 
@@ -136,7 +148,7 @@ impl PostgresEventStore {
                 self.append_checked(events, condition)
             })
             .await?;
-        self.appended_up_to(cursor.position);
+        self.appended_up_to(Some(cursor.position), cursor.transaction_id);
         Ok(cursor)
     }
 
@@ -158,8 +170,8 @@ impl PostgresEventStore {
                 self.append_commands(commands)
             })
             .await?;
-        if let Some(last) = cursors.iter().map(|c| c.position).max() {
-            self.appended_up_to(last);
+        if let Some(last) = cursors.iter().max_by_key(|c| c.position) {
+            self.appended_up_to(Some(last.position), last.transaction_id);
         }
         Ok(cursors)
     }
@@ -213,15 +225,24 @@ impl PostgresEventStore {
                 .map_err(into_store)?;
             let horizon = partitions.iter().map(|p| p.to).max().unwrap_or(i64::MAX);
             self.inner.ahead.horizon.store(horizon, Ordering::Release);
+            let commands = list_of(conn.object(), &self.inner.config.schema, "commands")
+                .await
+                .map_err(into_store)?;
+            let horizon = commands.iter().map(|p| p.to).max().unwrap_or(i64::MAX);
+            self.inner
+                .ahead
+                .command_horizon
+                .store(horizon, Ordering::Release);
         }
         Ok(())
     }
 
-    /// After an append that reached `position`: creates the next partitions in the
-    /// background when the margin runs short. One task at a time per store.
-    pub(crate) fn appended_up_to(&self, position: i64) {
+    /// After a write that reached `position` of the log (if it appended events) in
+    /// transaction `xid`: creates the next partitions (of the log and of the commands table)
+    /// in the background when a margin runs short. One task at a time per store.
+    pub(crate) fn appended_up_to(&self, position: Option<i64>, xid: u64) {
         let ahead = &self.inner.ahead;
-        if !ahead.wants_more(position) || ahead.running.swap(true, Ordering::AcqRel) {
+        if !ahead.wants_more(position, xid) || ahead.running.swap(true, Ordering::AcqRel) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -240,8 +261,26 @@ impl PostgresEventStore {
     /// After an append that failed for want of a partition: creates partitions for at least
     /// `events` more positions (and the configured margin). Whether the append may run again.
     pub(crate) async fn recover_missing_partition(&self, events: usize) -> bool {
+        self.recover_missing_partition_on(None, events).await
+    }
+
+    /// [`recover_missing_partition`](Self::recover_missing_partition) on `conn` (a command
+    /// session's, outside its transaction), or on a pooled connection.
+    pub(crate) async fn recover_missing_partition_on(
+        &self,
+        conn: Option<&Conn>,
+        events: usize,
+    ) -> bool {
         let extra = i64::try_from(events).unwrap_or(i64::MAX);
-        match self.create_partitions_ahead(extra).await {
+        let created = match conn {
+            // A session whose connection the failed commit left unusable: a pooled one.
+            Some(conn) => match self.create_partitions_ahead_on(conn, extra).await {
+                Err(PartitionError::Store(_)) => self.create_partitions_ahead(extra).await,
+                other => other,
+            },
+            None => self.create_partitions_ahead(extra).await,
+        };
+        match created {
             Ok(_) => true,
             Err(error) => {
                 tracing::warn!(%error, "an append found no partition, and none could be created");
@@ -264,11 +303,22 @@ impl PostgresEventStore {
     /// ```
     #[tracing::instrument(name = "pg.create_partitions_ahead", skip(self), fields(schema = %self.inner.config.schema))]
     pub async fn create_partitions_ahead(&self, extra: i64) -> Result<Vec<String>, PartitionError> {
+        let conn = Conn::get(&self.inner.pool, "create_partitions_ahead").await?;
+        self.create_partitions_ahead_on(&conn, extra).await
+    }
+
+    /// [`create_partitions_ahead`](Self::create_partitions_ahead) on `conn`, which must be
+    /// outside a transaction: a command session recovers on its own connection, so that
+    /// sessions holding every pooled connection never wait for one more.
+    pub(crate) async fn create_partitions_ahead_on(
+        &self,
+        conn: &Conn,
+        extra: i64,
+    ) -> Result<Vec<String>, PartitionError> {
         let operation = "create_partitions_ahead";
         let schema = &self.inner.config.schema;
         let quoted = &self.inner.schema;
         let e = |err| PartitionError::Store(db_error(operation, err, false));
-        let conn = Conn::get(&self.inner.pool, operation).await?;
         conn.begin_exchange(operation)?;
         let client = conn.object();
         // Waits as long as an ATTACH must (a concurrent DETACH … CONCURRENTLY holds its lock
@@ -313,10 +363,35 @@ impl PostgresEventStore {
             created.push(crate::partition::partition_name(horizon));
             horizon = to;
         }
+        // The commands table, by transaction id: every transaction that starts writing from
+        // now on gets `next_xid` or a higher one.
+        let mut command_horizon = i64::MAX;
+        if is_table_partitioned(client, schema, "commands").await? {
+            command_horizon = list_of(client, schema, "commands")
+                .await?
+                .iter()
+                .map(|p| p.to)
+                .max()
+                .unwrap_or(1);
+            let needed = next_xid(client)
+                .await?
+                .saturating_add(extra.max(0))
+                .saturating_add(stored.range.saturating_mul(i64::from(stored.ahead)));
+            while command_horizon <= needed && command_horizon < i64::MAX {
+                let to = command_horizon.saturating_add(stored.range);
+                ddl.push_str(&create_command_partition_sql(quoted, command_horizon, to));
+                created.push(crate::partition::command_partition_name(command_horizon));
+                command_horizon = to;
+            }
+        }
         ddl.push_str("COMMIT");
         client.batch_execute(&ddl).await.map_err(e)?;
         conn.end_exchange();
         self.inner.ahead.horizon.store(horizon, Ordering::Release);
+        self.inner
+            .ahead
+            .command_horizon
+            .store(command_horizon, Ordering::Release);
         if !created.is_empty() {
             tracing::info!(schema, ?created, horizon, "created partitions ahead");
         }

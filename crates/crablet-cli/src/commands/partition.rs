@@ -1,5 +1,5 @@
-//! `crablet partition`: turn the event log into range partitions, create partitions ahead,
-//! list them, detach old ones for archiving.
+//! `crablet partition`: turn the event log (and the commands table) into range partitions,
+//! create partitions ahead, list them, detach old ones for archiving.
 use crate::connect::Target;
 use crate::error::CliResult;
 use dcb_postgres::{PartitionConfig, PartitionInfo};
@@ -14,10 +14,13 @@ pub async fn enable(target: &Target, range: i64, ahead: i32, headroom: Option<i6
     }
     let partitions = store.partition(config).await?;
     println!(
-        "schema {:?}: events partitioned in ranges of {range} positions, {ahead} ahead",
+        "schema {:?}: events partitioned in ranges of {range} positions, commands in ranges \
+         of {range} transaction ids, {ahead} ahead",
         target.schema
     );
     print_partitions(&partitions);
+    println!("commands, by transaction id:");
+    print_partitions(&store.command_partitions().await?);
     Ok(())
 }
 
@@ -34,15 +37,21 @@ pub async fn create_ahead(target: &Target, extra: i64) -> CliResult {
     Ok(())
 }
 
-/// Lists the partitions, by position.
+/// Lists the partitions of the log, by position, then those of the commands table, by
+/// transaction id.
 pub async fn list(target: &Target, json: bool) -> CliResult {
     let store = target.connect().await?;
     let partitions = store.partitions().await?;
+    let commands = store.command_partitions().await?;
     if json {
-        let rows: Vec<serde_json::Value> = partitions
+        let tagged = partitions
             .iter()
-            .map(|p| {
+            .map(|p| ("events", p))
+            .chain(commands.iter().map(|p| ("commands", p)));
+        let rows: Vec<serde_json::Value> = tagged
+            .map(|(table, p)| {
                 serde_json::json!({
+                    "table": table,
                     "name": p.name,
                     "from": p.from,
                     "to": p.to,
@@ -57,6 +66,10 @@ pub async fn list(target: &Target, json: bool) -> CliResult {
         println!("schema {:?}: events is not partitioned", target.schema);
     } else {
         print_partitions(&partitions);
+        if !commands.is_empty() {
+            println!("commands, by transaction id:");
+            print_partitions(&commands);
+        }
     }
     Ok(())
 }
