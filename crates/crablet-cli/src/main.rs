@@ -14,7 +14,7 @@ use args::{parse_cursor, FilterArgs};
 use clap::{error::ErrorKind, Parser, Subcommand, ValueEnum};
 use connect::Target;
 use dcb_core::Cursor;
-use dcb_postgres::StoreConfig;
+use dcb_postgres::{ReadFrom, StoreConfig};
 use error::CliError;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +44,19 @@ struct Cli {
     /// The PostgreSQL schema holding the store's tables.
     #[arg(long, global = true, default_value_t = StoreConfig::default().schema, display_order = 901)]
     schema: String,
+    /// A hot standby of the database (a streaming replica), for the read commands with
+    /// --read-from standby; repeat it for several (reads go to them in turn).
+    #[arg(
+        long = "standby",
+        value_name = "URL",
+        global = true,
+        display_order = 902
+    )]
+    standbys: Vec<String>,
+    /// Where `events` and `export` read: the primary, or a standby (needs --standby; a read no
+    /// standby can serve runs on the primary). Writes and every other command use the primary.
+    #[arg(long, value_enum, global = true, default_value_t = ReadFromArg::Primary, display_order = 903)]
+    read_from: ReadFromArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -167,6 +180,14 @@ struct EventsArgs {
     /// Do not truncate long tags and JSON to fit the terminal (table format).
     #[arg(long)]
     no_truncate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReadFromArg {
+    /// The primary: exact, never behind.
+    Primary,
+    /// A hot standby: behind the primary by its replay lag (docs/scale-out.md).
+    Standby,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -310,6 +331,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let target = Target {
         url: cli.database_url,
         schema: cli.schema,
+        standbys: cli.standbys,
+        read_from: match cli.read_from {
+            ReadFromArg::Primary => ReadFrom::Primary,
+            ReadFromArg::Standby => ReadFrom::Standby,
+        },
     };
     match cli.command {
         Command::Migrate => commands::migrate::run(&target).await,
