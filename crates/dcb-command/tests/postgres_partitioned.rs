@@ -376,3 +376,116 @@ async fn migration_6_records_the_ids_of_a_version_5_store() {
     assert_eq!(replay.record.data, json!("acc-old"));
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_whose_events_alone_were_partitioned_gets_its_commands_partitioned_next() {
+    let schema = TestSchema::new().await;
+    let quoted = format!("\"{}\"", schema.schema);
+    let store = Arc::new(connect(&schema).await);
+    let executor = CommandExecutor::new(store.clone() as Arc<dyn EventStore>);
+    let handler = handler_fn(|command: &Command<String>, _reader| {
+        Box::pin(async move {
+            let opened = NewEvent::builder("AccountOpened")
+                .tag("account", command.payload.as_str())
+                .build()?;
+            Ok::<_, HandlerError>(Decision::append([opened]))
+        })
+    });
+    for i in 0..10 {
+        executor
+            .execute(
+                Command::new("OpenAccount", format!("acc-{i}")).with_id(format!("open-{i}")),
+                &handler,
+            )
+            .await
+            .expect("execute");
+    }
+    // What the previous version's conversion left: events partitioned, commands not.
+    let admin = dcb_testkit::pg::connect(&schema.url).await.expect("admin");
+    admin
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {quoted}.events IN ACCESS EXCLUSIVE MODE; \
+             ALTER TABLE {quoted}.events ALTER COLUMN position DROP IDENTITY; \
+             ALTER TABLE {quoted}.events RENAME TO events_p0; \
+             ALTER INDEX {quoted}.events_pkey RENAME TO events_p0_pkey; \
+             ALTER INDEX {quoted}.events_tags_idx RENAME TO events_p0_tags_idx; \
+             ALTER INDEX {quoted}.events_type_idx RENAME TO events_p0_type_idx; \
+             CREATE TABLE {quoted}.events (LIKE {quoted}.events_p0 INCLUDING DEFAULTS \
+                INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION) \
+                PARTITION BY RANGE (position); \
+             ALTER TABLE {quoted}.events ALTER COLUMN position \
+                ADD GENERATED ALWAYS AS IDENTITY (START WITH 11); \
+             ALTER TABLE {quoted}.events ADD PRIMARY KEY (transaction_id, position); \
+             CREATE INDEX events_tags_idx ON {quoted}.events USING gin (tags) \
+                WITH (fastupdate = off); \
+             CREATE INDEX events_type_idx ON {quoted}.events (type, transaction_id, position); \
+             ALTER TABLE {quoted}.events ATTACH PARTITION {quoted}.events_p0 \
+                FOR VALUES FROM (MINVALUE) TO (1000); \
+             CREATE TABLE {quoted}.partitioning (\
+                singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
+                range_size bigint NOT NULL CHECK (range_size > 0), \
+                ahead integer NOT NULL CHECK (ahead > 0)); \
+             INSERT INTO {quoted}.partitioning (range_size, ahead) VALUES (1000, 1); \
+             COMMIT"
+        ))
+        .await
+        .expect("partition the events alone");
+    drop(executor);
+    drop(store);
+    let store = Arc::new(connect(&schema).await);
+    assert!(store.is_partitioned().await.expect("partitioned"));
+    assert!(store
+        .command_partitions()
+        .await
+        .expect("partitions")
+        .is_empty());
+    let before = store
+        .commands(&CommandFilter::default())
+        .await
+        .expect("commands");
+
+    // `partition` on it converts the commands table, keeping every row.
+    store
+        .partition(PartitionConfig::new(1000).ahead(1))
+        .await
+        .expect("partition again");
+    let commands = store.command_partitions().await.expect("partitions");
+    assert_eq!(commands[0].name, "commands_x0", "{commands:?}");
+    assert_eq!(
+        store
+            .commands(&CommandFilter::default())
+            .await
+            .expect("commands"),
+        before
+    );
+    let events = store.partitions().await.expect("partitions");
+    assert_eq!(events[0].name, "events_p0");
+    assert_eq!(events[0].to, 1000);
+    let executor = CommandExecutor::new(store.clone() as Arc<dyn EventStore>);
+    let replay = executor
+        .execute(
+            Command::new("OpenAccount", "acc-3".to_string()).with_id("open-3"),
+            &handler,
+        )
+        .await
+        .expect("replay");
+    assert!(replay.replayed);
+    let fresh = executor
+        .execute(
+            Command::new("OpenAccount", "acc-new".to_string()).with_id("open-new"),
+            &handler,
+        )
+        .await
+        .expect("new");
+    assert!(!fresh.replayed);
+    let unique: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'commands_command_id_key' \
+             AND connamespace = to_regnamespace($1)",
+            &[&schema.schema],
+        )
+        .await
+        .expect("constraints")
+        .get(0);
+    assert_eq!(unique, 0, "the per-table unique constraint is gone");
+}
