@@ -111,6 +111,10 @@ enum PartitionCommand {
         /// bound (default: one range).
         #[arg(long)]
         headroom: Option<i64>,
+        /// Transaction ids per commands partition (default: --range, at least 1000000; every
+        /// writing transaction of the cluster draws one).
+        #[arg(long, value_name = "XIDS")]
+        command_range: Option<i64>,
     },
     /// Creates the partitions missing for EXTRA more positions plus the configured margin
     /// (before a bulk import, or from cron; the store also does it as it grows).
@@ -388,7 +392,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 range,
                 ahead,
                 headroom,
-            } => commands::partition::enable(&target, range, ahead, headroom).await,
+                command_range,
+            } => commands::partition::enable(&target, range, ahead, headroom, command_range).await,
             PartitionCommand::CreateAhead { extra } => {
                 commands::partition::create_ahead(&target, extra).await
             }

@@ -37,14 +37,14 @@ async fn partitioned(range: i64) -> (PostgresEventStore, TestSchema) {
     let schema = TestSchema::new().await;
     let store = connect(&schema).await;
     store
-        .partition(PartitionConfig::new(range).ahead(1))
+        .partition(PartitionConfig::new(range).command_range(range).ahead(1))
         .await
         .expect("partition");
     (store, schema)
 }
 
-/// For the suite: ranges of 1000 transaction ids (the cluster's other tests draw ids too, so
-/// commands partitions are created as the suite runs).
+/// For the suite: ranges of 1000 positions and 1000 transaction ids (the cluster's other tests
+/// draw ids too, so commands partitions are created as the suite runs).
 async fn store() -> (Arc<dyn EventStore>, TestSchema) {
     let (store, schema) = partitioned(1000).await;
     (Arc::new(store), schema)
@@ -247,7 +247,7 @@ async fn the_conversion_keeps_every_command_row_and_its_idempotency() {
     assert_eq!(before.len(), 30);
 
     store
-        .partition(PartitionConfig::new(1000).ahead(1))
+        .partition(PartitionConfig::new(1000).command_range(1000).ahead(1))
         .await
         .expect("partition");
     let partitions = store.command_partitions().await.expect("partitions");
@@ -446,7 +446,7 @@ async fn a_store_whose_events_alone_were_partitioned_gets_its_commands_partition
 
     // `partition` on it converts the commands table, keeping every row.
     store
-        .partition(PartitionConfig::new(1000).ahead(1))
+        .partition(PartitionConfig::new(1000).command_range(1000).ahead(1))
         .await
         .expect("partition again");
     let commands = store.command_partitions().await.expect("partitions");

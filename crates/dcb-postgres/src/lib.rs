@@ -84,7 +84,7 @@ pub use handlers::{
 pub use health::{HandlerHealth, Health};
 pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
-pub use partition::{PartitionConfig, PartitionError, PartitionInfo};
+pub use partition::{PartitionConfig, PartitionError, PartitionInfo, MIN_DEFAULT_COMMAND_RANGE};
 pub use replica::{ReadFrom, ReplicaConfig, StandbyFallback};
 pub use server_error::ServerError;
 pub use store::PostgresEventStore;

@@ -38,6 +38,16 @@ pub struct PartitionConfig {
     range: i64,
     ahead: i32,
     headroom: Option<i64>,
+    command_range: Option<i64>,
+}
+
+/// The smallest default [`PartitionConfig::command_range_size`]: transaction ids are drawn by
+/// every writing transaction of the cluster, often far faster than positions, and commands
+/// partitions of a few ids would be created by the hundred.
+pub const MIN_DEFAULT_COMMAND_RANGE: i64 = 1_000_000;
+
+fn default_command_range(range: i64) -> i64 {
+    range.max(MIN_DEFAULT_COMMAND_RANGE)
 }
 
 impl PartitionConfig {
@@ -49,7 +59,24 @@ impl PartitionConfig {
             range,
             ahead: 2,
             headroom: None,
+            command_range: None,
         }
+    }
+
+    /// Commands partitions of `xids` transaction ids each (`commands_x<from>` holds
+    /// `[from, from + xids)`). Default: the log's range, at least
+    /// [`MIN_DEFAULT_COMMAND_RANGE`]. Every writing transaction of the cluster draws an id, so
+    /// a commands partition spans a time rather than a number of commands: size it by how many
+    /// transaction ids the cluster draws in the period you archive by.
+    pub fn command_range(mut self, xids: i64) -> Self {
+        self.command_range = Some(xids);
+        self
+    }
+
+    /// Transaction ids per commands partition.
+    pub fn command_range_size(&self) -> i64 {
+        self.command_range
+            .unwrap_or_else(|| default_command_range(self.range))
     }
 
     /// How many empty ranges beyond the current one are kept created (default 2). The store
@@ -88,6 +115,11 @@ impl PartitionConfig {
         if self.ahead < 1 {
             return Err(PartitionError::InvalidConfig {
                 reason: format!("ahead must be at least 1 range, not {}", self.ahead),
+            });
+        }
+        if self.command_range.is_some_and(|r| r < 1) {
+            return Err(PartitionError::InvalidConfig {
+                reason: "command_range must be at least 1 transaction id".into(),
             });
         }
         if self.headroom.is_some_and(|h| h < 1) {
@@ -183,6 +215,8 @@ pub enum PartitionError {
 pub(crate) struct Stored {
     pub(crate) range: i64,
     pub(crate) ahead: i32,
+    /// Transaction ids per commands partition.
+    pub(crate) command_range: i64,
 }
 
 fn err(operation: &'static str) -> impl Fn(tokio_postgres::Error) -> PartitionError {
@@ -269,16 +303,26 @@ pub(crate) async fn stored_config(
     if !exists {
         return Ok(None);
     }
+    // `command_range` is read through jsonb: a table stored by a version before it has no
+    // such column (the default applies).
     let row = client
         .query_opt(
-            &format!("SELECT range_size, ahead FROM {quoted}.partitioning"),
+            &format!(
+                "SELECT range_size, ahead, (to_jsonb(p) ->> 'command_range')::int8 \
+                 FROM {quoted}.partitioning p"
+            ),
             &[],
         )
         .await
         .map_err(|e| db_error("partition", e, false))?;
-    Ok(row.map(|row| Stored {
-        range: row.get(0),
-        ahead: row.get(1),
+    Ok(row.map(|row| {
+        let range: i64 = row.get(0);
+        let command_range: Option<i64> = row.get(2);
+        Stored {
+            range,
+            ahead: row.get(1),
+            command_range: command_range.unwrap_or_else(|| default_command_range(range)),
+        }
     }))
 }
 
@@ -508,10 +552,15 @@ impl PostgresEventStore {
                 singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
                 range_size bigint  NOT NULL CHECK (range_size > 0), \
                 ahead      integer NOT NULL CHECK (ahead > 0)); \
-             INSERT INTO {quoted}.partitioning (range_size, ahead) VALUES ({}, {}) \
+             ALTER TABLE {quoted}.partitioning ADD COLUMN IF NOT EXISTS \
+                command_range bigint CHECK (command_range > 0); \
+             INSERT INTO {quoted}.partitioning (range_size, ahead, command_range) \
+                VALUES ({}, {}, {}) \
              ON CONFLICT (singleton) DO UPDATE SET range_size = EXCLUDED.range_size, \
-                ahead = EXCLUDED.ahead;",
-            config.range, config.ahead
+                ahead = EXCLUDED.ahead, command_range = EXCLUDED.command_range;",
+            config.range,
+            config.ahead,
+            config.command_range_size()
         );
         let events_done = is_partitioned(client, schema).await?;
         let commands_done = is_table_partitioned(client, schema, "commands").await?;
@@ -550,15 +599,16 @@ impl PostgresEventStore {
             ]);
             Some(bound)
         };
-        // Transaction ids also grow with every other transaction of the cluster: the same
-        // headroom, counted in transaction ids.
+        // Transaction ids also grow with every other transaction of the cluster: one commands
+        // range of headroom.
+        let command_range = config.command_range_size();
         let command_bound = if commands_done {
             None
         } else {
             let next = next_xid(client).await?;
             let bound = align_up(
-                next.saturating_add(headroom).saturating_add(1),
-                config.range,
+                next.saturating_add(command_range).saturating_add(1),
+                command_range,
             );
             tracing::info!(
                 schema,
@@ -646,7 +696,7 @@ impl PostgresEventStore {
             ));
         }
         if let Some(command_bound) = command_bound {
-            switch.push_str(&command_switch_sql(quoted, command_bound, config.range));
+            switch.push_str(&command_switch_sql(quoted, command_bound, command_range));
             switch.push(' ');
         }
         client
@@ -851,6 +901,28 @@ mod tests {
             .conversion_headroom(0)
             .validate()
             .is_err());
+        assert!(PartitionConfig::new(10)
+            .command_range(0)
+            .validate()
+            .is_err());
         assert!(PartitionConfig::new(10).validate().is_ok());
+    }
+
+    #[test]
+    fn commands_ranges_default_to_the_log_s_with_a_floor() {
+        assert_eq!(
+            PartitionConfig::new(10).command_range_size(),
+            MIN_DEFAULT_COMMAND_RANGE
+        );
+        assert_eq!(
+            PartitionConfig::new(50_000_000).command_range_size(),
+            50_000_000
+        );
+        assert_eq!(
+            PartitionConfig::new(10)
+                .command_range(64)
+                .command_range_size(),
+            64
+        );
     }
 }

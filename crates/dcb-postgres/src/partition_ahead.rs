@@ -75,14 +75,15 @@ impl Ahead {
         let Some(stored) = self.stored() else {
             return false;
         };
-        let margin = stored.range.saturating_mul(i64::from(stored.ahead));
-        let short = |reached: i64, horizon: &AtomicI64| {
+        let short = |reached: i64, range: i64, horizon: &AtomicI64| {
             let horizon = horizon.load(Ordering::Acquire);
+            let margin = range.saturating_mul(i64::from(stored.ahead));
             horizon != i64::MAX && reached.saturating_add(margin) >= horizon
         };
-        position.is_some_and(|p| short(p, &self.horizon))
+        position.is_some_and(|p| short(p, stored.range, &self.horizon))
             || short(
                 i64::try_from(xid).unwrap_or(i64::MAX),
+                stored.command_range,
                 &self.command_horizon,
             )
     }
@@ -363,8 +364,8 @@ impl PostgresEventStore {
             created.push(crate::partition::partition_name(horizon));
             horizon = to;
         }
-        // The commands table, by transaction id: every transaction that starts writing from
-        // now on gets `next_xid` or a higher one.
+        // The commands table, by transaction id (ranges of `command_range`): every transaction
+        // that starts writing from now on gets `next_xid` or a higher one.
         let mut command_horizon = i64::MAX;
         if is_table_partitioned(client, schema, "commands").await? {
             command_horizon = list_of(client, schema, "commands")
@@ -373,12 +374,12 @@ impl PostgresEventStore {
                 .map(|p| p.to)
                 .max()
                 .unwrap_or(1);
+            // `extra` counts positions; a write takes one transaction id whatever its size.
             let needed = next_xid(client)
                 .await?
-                .saturating_add(extra.max(0))
-                .saturating_add(stored.range.saturating_mul(i64::from(stored.ahead)));
+                .saturating_add(stored.command_range.saturating_mul(i64::from(stored.ahead)));
             while command_horizon <= needed && command_horizon < i64::MAX {
-                let to = command_horizon.saturating_add(stored.range);
+                let to = command_horizon.saturating_add(stored.command_range);
                 ddl.push_str(&create_command_partition_sql(quoted, command_horizon, to));
                 created.push(crate::partition::command_partition_name(command_horizon));
                 command_horizon = to;

@@ -6,17 +6,27 @@ use dcb_postgres::{PartitionConfig, PartitionInfo};
 
 /// Partitions the store's events by position in ranges of `range` positions (or updates the
 /// configuration of a partitioned store), then lists the partitions.
-pub async fn enable(target: &Target, range: i64, ahead: i32, headroom: Option<i64>) -> CliResult {
+pub async fn enable(
+    target: &Target,
+    range: i64,
+    ahead: i32,
+    headroom: Option<i64>,
+    command_range: Option<i64>,
+) -> CliResult {
     let store = target.connect().await?;
     let mut config = PartitionConfig::new(range).ahead(ahead);
     if let Some(headroom) = headroom {
         config = config.conversion_headroom(headroom);
     }
+    if let Some(command_range) = command_range {
+        config = config.command_range(command_range);
+    }
     let partitions = store.partition(config).await?;
     println!(
         "schema {:?}: events partitioned in ranges of {range} positions, commands in ranges \
-         of {range} transaction ids, {ahead} ahead",
-        target.schema
+         of {} transaction ids, {ahead} ahead",
+        target.schema,
+        config.command_range_size()
     );
     print_partitions(&partitions);
     println!("commands, by transaction id:");
