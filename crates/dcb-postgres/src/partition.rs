@@ -482,6 +482,11 @@ impl PostgresEventStore {
     /// at the next position), attaches the old table as `[MINVALUE, B)` without a scan, and
     /// creates the partitions ahead. Safe to run from several processes at once.
     ///
+    /// The commands table is converted in the same steps and the same switch, by transaction
+    /// id (ranges of [`PartitionConfig::command_range`]); the command ids stay unique through
+    /// the unpartitioned `command_ids`. On a store whose events alone were partitioned (by an
+    /// earlier version), this converts the commands table.
+    ///
     /// ```no_run
     /// # async fn demo(store: dcb_postgres::PostgresEventStore) -> Result<(), dcb_postgres::PartitionError> {
     /// let partitions = store.partition(dcb_postgres::PartitionConfig::new(50_000_000)).await?;
