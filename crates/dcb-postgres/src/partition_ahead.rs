@@ -200,7 +200,11 @@ impl PostgresEventStore {
                     // Also without a spare: the partitions (and the news that the store is
                     // partitioned, for a process that connected before it was) are there for
                     // the next call.
-                    let recovered = self.recover_missing_partition(count).await;
+                    // Concurrent appenders draw positions between the creation and the run
+                    // again: each attempt covers four times the batch of the one before
+                    // (1, 4, 16 batches), so a burst of them does not exhaust the retries.
+                    let cover = count.saturating_mul(1usize << (2 * attempt.min(8)));
+                    let recovered = self.recover_missing_partition(cover).await;
                     match spare {
                         Some(spare) if recovered => {
                             attempt += 1;
