@@ -355,6 +355,17 @@ impl PostgresEventStore {
         if self.groups_enabled() {
             return self.append_grouped(events, condition).await;
         }
+        // Boxed: the future of a whole append exchange is large, and every append's future
+        // (itself boxed by `async_trait`) would otherwise carry its size.
+        Box::pin(self.append_alone(events, condition)).await
+    }
+
+    /// An append in a transaction of its own (group commit off).
+    async fn append_alone(
+        &self,
+        events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Cursor, Error> {
         let conn = Conn::get(&self.inner.pool, "append").await?;
         let outcome = self.append_on(&conn, events, condition, None).await?;
         single_cursor(outcome, condition)

@@ -29,7 +29,7 @@ impl PostgresEventStore {
             })
             .collect();
         let conn = Conn::get(&self.inner.pool, "append").await?;
-        let results = self.run_group(&conn, &calls, true).await?;
+        let results = self.run_group(&conn, calls, true).await?;
         // Nothing was inserted if any command conflicts: report the first.
         let first_conflict = results.iter().enumerate().find_map(|(index, r)| match r {
             Err(Error::Conflict(info)) => Some(info.clone().in_command(index)),

@@ -17,7 +17,7 @@
 //! transaction short.
 use crate::append::{client_deadline, Protocol};
 use crate::conn::{outcome_unknown, Conn};
-use crate::group_queue::{abandon, Call, Pending, QUEUED};
+use crate::group_queue::{abandon, Call, CallShape, Pending, QUEUED};
 use crate::keys::LockSet;
 use crate::server_error::ServerError;
 use crate::sql::{self, GroupPart};
@@ -160,6 +160,12 @@ impl PostgresEventStore {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
+            // Let the callers just answered run (on this worker too) before taking the next
+            // group: under load most of them append again at once, and join it instead of
+            // waiting behind a group of one (measured at 16 clients: 12.4-13.5 k -> 14.8-19.1 k
+            // events/s). Not a wait for company: a lone caller's flusher finds the queue empty
+            // and ends.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -218,9 +224,10 @@ impl PostgresEventStore {
                 ];
             }
         }
-        match self.run_group(&conn, &group, false).await {
+        let calls = group.len();
+        match self.run_group(&conn, group, false).await {
             Ok(results) => results,
-            Err(err) => group.iter().map(|_| Err(share(&err))).collect(),
+            Err(err) => (0..calls).map(|_| Err(share(&err))).collect(),
         }
     }
 
@@ -230,36 +237,39 @@ impl PostgresEventStore {
     pub(crate) async fn run_group(
         &self,
         conn: &Conn,
-        group: &[Call],
+        group: Vec<Call>,
         all_or_nothing: bool,
     ) -> Result<Vec<Result<Cursor, Error>>, Error> {
-        let (lock, stmt) = self.group_statement(group, all_or_nothing);
         let any_condition = group.iter().any(|p| p.1.is_some());
-        // A group's locks are always taken in their own statement (never the one-statement
-        // path), with or without conditions.
-        let protocol = match self.protocol(any_condition) {
-            Protocol::OneStatement => Protocol::Transaction,
-            other => other,
-        };
+        // Without a condition, the group is one autocommit statement that takes its locks
+        // first (as a single unconditional append): nothing to check, so no snapshot needs to
+        // follow the lock wait.
+        let protocol = self.protocol(any_condition);
+        let one_statement = protocol == Protocol::OneStatement;
         let begin = self.begin_append_for(group.iter().filter_map(|p| p.1.as_ref()));
+        let (lock, stmt, shapes) = self.group_statement(group, all_or_nothing, one_statement);
         let rows = self.run_append(conn, protocol, begin, &stmt, &lock).await?;
-        let results = self.group_results(&rows, group, all_or_nothing)?;
+        let results = self.group_results(&rows, &shapes, all_or_nothing)?;
         if results.iter().any(Result::is_ok) {
             self.inner.changes.committed();
         }
         Ok(results)
     }
 
-    /// The lock parameters (taken first, in a statement of their own) and the checking insert
-    /// of `group`: the keys of every call, merged and sorted (escalated past the group limit).
+    /// The lock parameters (taken first, in a statement of their own, or with `one_statement`
+    /// by the insert itself: only for a group without conditions) and the checking insert of
+    /// `group`: the keys of every call, merged and sorted (escalated past the group limit).
+    /// The events move into the statement; the shapes are what [`group_results`]
+    /// (Self::group_results) reads its rows with.
     pub(crate) fn group_statement(
         &self,
-        group: &[Call],
+        group: Vec<Call>,
         all_or_nothing: bool,
-    ) -> ((Vec<i64>, Vec<bool>), sql::Statement) {
+        one_statement: bool,
+    ) -> ((Vec<i64>, Vec<bool>), sql::Statement, Vec<CallShape>) {
         let inner = &self.inner;
         let mut locks = LockSet::default();
-        for pending in group {
+        for pending in &group {
             // Per call, so each stays within `max_lock_keys` on its own.
             inner.keys.add_event_keys(&mut locks, &pending.0);
             if let Some(c) = &pending.1 {
@@ -271,24 +281,33 @@ impl PostgresEventStore {
         if locks.len() > inner.keys.max_group_keys() {
             locks = inner.keys.escalated();
         }
-        let parts: Vec<GroupPart<'_>> = group
+        let shapes = group
             .iter()
-            .map(|p| GroupPart {
-                events: &p.0,
-                condition: p.1.as_ref(),
+            .map(|p| CallShape {
+                events: p.0.len(),
+                condition: p.1.as_ref().map(|c| c.after),
             })
             .collect();
-        (
-            locks.into_params(),
-            sql::append_group(&inner.schema, &parts, all_or_nothing),
-        )
+        let lock = locks.into_params();
+        let inline = (one_statement && group.iter().all(|p| p.1.is_none())).then(|| lock.clone());
+        let (events, conditions): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        let parts: Vec<GroupPart<'_>> = events
+            .into_iter()
+            .zip(&conditions)
+            .map(|(events, condition)| GroupPart {
+                events,
+                condition: condition.as_ref(),
+            })
+            .collect();
+        let stmt = sql::append_group(&inner.schema, parts, all_or_nothing, inline);
+        (lock, stmt, shapes)
     }
 
     /// Each call's result from the rows of [`group_statement`](Self::group_statement)'s insert.
     pub(crate) fn group_results(
         &self,
         rows: &[tokio_postgres::Row],
-        group: &[Call],
+        group: &[CallShape],
         all_or_nothing: bool,
     ) -> Result<Vec<Result<Cursor, Error>>, Error> {
         let unreadable = |e| {
@@ -324,7 +343,7 @@ impl PostgresEventStore {
             .iter()
             .zip(&conflicts)
             .filter(|(_, c)| c.is_none() && !(all_or_nothing && any_conflict))
-            .map(|(p, _)| p.0.len())
+            .map(|(p, _)| p.events)
             .sum();
         if expected != written.len() {
             return Err(outcome_unknown(
@@ -336,6 +355,8 @@ impl PostgresEventStore {
                 None,
             ));
         }
+        // Positions are drawn in insert order, which is call order.
+        written.sort_unstable();
         let mut next = written.into_iter();
         Ok(group
             .iter()
@@ -343,11 +364,11 @@ impl PostgresEventStore {
             .map(|(pending, conflict)| match conflict {
                 Some(conflicting) => Err(Error::Conflict(ConflictInfo::new(
                     Some(conflicting),
-                    pending.1.as_ref().and_then(|c| c.after),
+                    pending.condition.flatten(),
                 ))),
                 None => next
                     .by_ref()
-                    .take(pending.0.len())
+                    .take(pending.events)
                     .last()
                     .ok_or_else(|| Error::Storage {
                         operation: "append",

@@ -10,6 +10,14 @@ use tokio::time::Instant;
 /// The events and (simplified) condition of one call of a group.
 pub(crate) type Call = (Vec<NewEvent>, Option<AppendCondition>);
 
+/// What a group's results are read with, once its events moved into the statement: per call,
+/// how many events it appends and its condition's cursor (if it has a condition).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallShape {
+    pub(crate) events: usize,
+    pub(crate) condition: Option<Option<Cursor>>,
+}
+
 pub(crate) const QUEUED: u8 = 0;
 const TAKEN: u8 = 1;
 const ABANDONED: u8 = 2;

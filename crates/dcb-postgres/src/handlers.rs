@@ -1368,7 +1368,7 @@ impl Runner {
         // id (the checkpoint row's lock below would).
         let appended = !commands.is_empty();
         if appended {
-            if let Err(failure) = self.append_decided(&tx, &commands).await {
+            if let Err(failure) = self.append_decided(&tx, commands).await {
                 tx.rollback().await.map_err(lost)?;
                 return Err(failure);
             }
@@ -1467,10 +1467,10 @@ impl Runner {
     async fn append_decided(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        calls: &[Call],
+        calls: Vec<Call>,
     ) -> Result<(), Failure> {
         let store = &self.store;
-        let (lock, stmt) = store.group_statement(calls, true);
+        let (lock, stmt, shapes) = store.group_statement(calls, true, false);
         let (keys, exclusive) = &lock;
         let timeout = store.inner.config.append_timeout.as_millis().max(1);
         let failed = |what: &str, e: tokio_postgres::Error| {
@@ -1490,7 +1490,7 @@ impl Runner {
             .await
             .map_err(|e| failed("appending the automation's events", e))?;
         let results = store
-            .group_results(&rows, calls, true)
+            .group_results(&rows, &shapes, true)
             .map_err(|e| Failure::Handler(e.to_string()))?;
         for (index, result) in results.into_iter().enumerate() {
             if let Err(err) = result {

@@ -204,7 +204,8 @@ impl PostgresEventStore {
                     // again: each attempt covers four times the batch of the one before
                     // (1, 4, 16 batches), so a burst of them does not exhaust the retries.
                     let cover = count.saturating_mul(1usize << (2 * attempt.min(8)));
-                    let recovered = self.recover_missing_partition(cover).await;
+                    // Boxed: rare, and its future would enlarge every append's.
+                    let recovered = Box::pin(self.recover_missing_partition(cover)).await;
                     match spare {
                         Some(spare) if recovered => {
                             attempt += 1;

@@ -56,6 +56,11 @@ fn begin(isolation: IsolationLevel, access: &str, timeout: Duration, settings: &
 /// For statements written to be index-driven under any parameter values.
 const GENERIC_PLANS: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 
+/// Append transactions only probe through indexes: on a small (or newly attached) table a
+/// plan might otherwise scan it, which under SERIALIZABLE also takes a lock on the whole
+/// relation and fails concurrent appends of unrelated boundaries.
+pub(crate) const NO_SEQ_SCANS: &str = "SET LOCAL enable_seqscan = off";
+
 /// Restores a fence snapshot taken by `fence_alone` in the read's own transaction.
 pub(crate) const SET_FENCE: &str = "SELECT set_config('crablet.fence', $1, true)";
 
@@ -228,13 +233,13 @@ impl PostgresEventStore {
                 config.append_isolation,
                 "",
                 config.append_timeout,
-                &[GENERIC_PLANS],
+                &[GENERIC_PLANS, NO_SEQ_SCANS],
             ),
             begin_append_custom: begin(
                 config.append_isolation,
                 "",
                 config.append_timeout,
-                &[CUSTOM_PLANS],
+                &[CUSTOM_PLANS, NO_SEQ_SCANS],
             ),
             begin_short_read: begin(
                 IsolationLevel::ReadCommitted,

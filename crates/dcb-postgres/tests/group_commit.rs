@@ -415,3 +415,74 @@ async fn a_batch_past_the_key_bound_escalates_and_keeps_its_semantics() {
     }
     assert_eq!(all(&ts).await.len(), 300, "the stale batch wrote nothing");
 }
+
+/// A group without conditions is one statement that takes its locks first: while it waits for
+/// a lock, it has no transaction id yet (so a conditional append that holds the lock and commits
+/// first lands before it in cursor order, docs/design.md "Why it is exact", point 2). Racers
+/// released by a barrier pile up behind a session holding their boundary's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_waiting_for_its_locks_has_no_transaction_id() {
+    let ts = test_store(StoreConfig::default()).await;
+    let mut session = ts.store.begin_session().await.expect("session");
+    session.reserve_query(&slot("held")).await.expect("reserve");
+    let racers = 8;
+    let barrier = Arc::new(Barrier::new(racers));
+    let mut handles = Vec::new();
+    for n in 0..racers {
+        let store = ts.store.clone();
+        let barrier = barrier.clone();
+        handles.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.append(vec![booked("held", &format!("r{n}"))]).await
+        }));
+    }
+    let admin = ts.admin().await;
+    // This test's appends (other tests of the database wait on advisory locks too).
+    let events = ts.table("events");
+    let waiting_sql = "SELECT a.pid, a.backend_xid IS NULL FROM pg_stat_activity a \
+                       WHERE a.datname = current_database() AND position($1 in a.query) > 0 \
+                       AND a.pid IN \
+                       (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)";
+    // The racers' groups get stuck (one group of all of them, or a first one and, after the
+    // stall interval, a second flusher's group of the rest).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = admin
+            .query(waiting_sql, &[&events])
+            .await
+            .expect("activity");
+        if !rows.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no racer waits for the session's keys"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the stall interval, so that a second flusher had its chance to get stuck too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = admin
+        .query(waiting_sql, &[&events])
+        .await
+        .expect("activity");
+    assert!(!waiting.is_empty(), "the racers stopped waiting");
+    for row in &waiting {
+        let (pid, no_xid): (i32, bool) = (row.get(0), row.get(1));
+        assert!(
+            no_xid,
+            "backend {pid} waits for a lock with a transaction id"
+        );
+    }
+    session.rollback().await.expect("rollback");
+    for h in handles {
+        h.await.expect("racer").expect("append");
+    }
+    let log = all(&ts).await;
+    assert_eq!(log.len(), racers);
+    let transactions: BTreeSet<u64> = log.iter().map(|e| e.cursor.transaction_id).collect();
+    assert!(
+        transactions.len() < racers,
+        "the racers never shared a transaction: {transactions:?}"
+    );
+}

@@ -119,6 +119,8 @@ macro_rules! conformance_tests {
             condition_type_only,
             condition_query_all,
             condition_conflict_reports_info,
+            condition_finds_matches_beyond_many_events_after_cursor,
+            condition_cursors_of_one_batch_stay_their_own,
             condition_multi_valued_tag_keys,
             // validation
             validation_event_type,

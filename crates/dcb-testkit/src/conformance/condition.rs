@@ -2,7 +2,7 @@
 
 use super::support::*;
 use super::Factory;
-use dcb_core::{AppendCondition, Error, Query};
+use dcb_core::{AppendCommand, AppendCondition, Cursor, Error, Query};
 
 fn course(id: &str) -> Query {
     q(&["CourseDefined"], &[("course_id", id)])
@@ -474,5 +474,140 @@ pub async fn condition_conflict_reports_info(factory: Factory<'_>) {
             dcb_core::matches(&course("c1"), &event.event_type, &event.tags),
             "the conflicting event must match the condition: {event:?}"
         );
+    }
+}
+
+/// A match is found however many unrelated events follow the cursor, before or after it:
+/// backends may check the events right after the cursor first (PostgreSQL reads a window of
+/// them), so the counts straddle such a window's size.
+pub async fn condition_finds_matches_beyond_many_events_after_cursor(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    for n in [0usize, 1, 63, 64, 65, 200] {
+        let id = format!("c{n}");
+        let boundary = || {
+            Query::from_items([
+                item(&["CourseDefined"], &[("course_id", &id)]),
+                item(&["CourseClosed"], &[]),
+            ])
+        };
+        let noise = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|i| ev("StudentEnrolled", &[("student_id", &format!("s{i}"))]))
+                .collect()
+        };
+        let at = append(
+            &*store,
+            vec![ev("CourseDefined", &[("course_id", &id)])],
+            "definition",
+        )
+        .await;
+        if n > 0 {
+            append(&*store, noise(n), "noise after the cursor").await;
+        }
+        // Only unrelated events after the cursor: no conflict.
+        append_if_ok(
+            &*store,
+            vec![ev("CourseRenamed", &[("course_id", &id)])],
+            AppendCondition::new(boundary()).with_after(Some(at)),
+            &format!("{n} unrelated events after the cursor"),
+        )
+        .await;
+        // A match behind them, then more noise: the condition sees it.
+        append(
+            &*store,
+            vec![ev("CourseDefined", &[("course_id", &id)])],
+            "a second definition",
+        )
+        .await;
+        if n > 0 {
+            append(&*store, noise(n), "noise after the match").await;
+        }
+        append_if_conflicts(
+            &*store,
+            vec![ev("CourseRenamed", &[("course_id", &id)])],
+            AppendCondition::new(boundary()).with_after(Some(at)),
+            &format!("a match behind {n} unrelated events"),
+        )
+        .await;
+        // The same in a multi-command append: a clean command beside the stale one.
+        let fresh = format!("fresh{n}");
+        let commands = vec![
+            AppendCommand::new(vec![ev("CourseDefined", &[("course_id", &fresh)])]).only_if(
+                AppendCondition::new(q(&["CourseDefined"], &[("course_id", &fresh)]))
+                    .with_after(Some(at)),
+            ),
+            AppendCommand::new(vec![ev("CourseRenamed", &[("course_id", &id)])])
+                .only_if(AppendCondition::new(boundary()).with_after(Some(at))),
+        ];
+        match store.append_batch(commands).await {
+            Err(Error::Conflict(info)) => {
+                assert_eq!(info.command, Some(1), "the stale command is named: {info}")
+            }
+            other => panic!("a batch with a match behind {n} events must conflict: {other:?}"),
+        }
+    }
+}
+
+/// The commands of one multi-command append keep their own cursors, however far apart: an
+/// event between one command's cursor and a later command's cursor conflicts only with the
+/// first. With 300 unrelated events between and after, too many for one look at the recent
+/// events, the matches are still found.
+pub async fn condition_cursors_of_one_batch_stay_their_own(factory: Factory<'_>) {
+    let store = factory.new_store().await;
+    for n in [0usize, 10, 300] {
+        let (a, b) = (format!("a{n}"), format!("b{n}"));
+        let defined = |id: &str| q(&["CourseDefined"], &[("course_id", id)]);
+        let noise = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|i| ev("StudentEnrolled", &[("student_id", &format!("s{i}"))]))
+                .collect()
+        };
+        let early = append(
+            &*store,
+            vec![ev("CourseDefined", &[("course_id", &a)])],
+            "a's definition",
+        )
+        .await;
+        if n > 0 {
+            append(&*store, noise(n), "noise after a").await;
+        }
+        let late = append(
+            &*store,
+            vec![ev("CourseDefined", &[("course_id", &b)])],
+            "b's definition",
+        )
+        .await;
+        if n > 0 {
+            append(&*store, noise(n), "noise after b").await;
+        }
+        let batch = |after_a: Cursor, after_b: Cursor| {
+            vec![
+                AppendCommand::new(vec![ev("CourseRenamed", &[("course_id", &a)])])
+                    .only_if(AppendCondition::new(defined(&a)).with_after(Some(after_a))),
+                AppendCommand::new(vec![ev("CourseRenamed", &[("course_id", &b)])])
+                    .only_if(AppendCondition::new(defined(&b)).with_after(Some(after_b))),
+            ]
+        };
+        // b's definition lies after a's cursor but not after b's: both commands are clean.
+        store
+            .append_batch(batch(early, late))
+            .await
+            .unwrap_or_else(|e| panic!("cursors {n} events apart, nothing after either: {e}"));
+        // With b's cursor before its definition, the second command conflicts.
+        match store.append_batch(batch(early, early)).await {
+            Err(Error::Conflict(info)) => assert_eq!(info.command, Some(1), "{info}"),
+            other => panic!("b's definition after b's cursor ({n} apart): {other:?}"),
+        }
+        // A new definition of a after both cursors: the first command conflicts.
+        let renamed = append(
+            &*store,
+            vec![ev("CourseDefined", &[("course_id", &a)])],
+            "a defined again",
+        )
+        .await;
+        match store.append_batch(batch(early, renamed)).await {
+            Err(Error::Conflict(info)) => assert_eq!(info.command, Some(0), "{info}"),
+            other => panic!("a defined again after a's cursor ({n} apart): {other:?}"),
+        }
     }
 }
