@@ -1,6 +1,6 @@
 //! Connecting to the store, with errors an operator can act on.
 use crate::error::{CliError, CliResult};
-use dcb_postgres::{PostgresEventStore, StoreConfig};
+use dcb_postgres::{PostgresEventStore, ReadFrom, ReplicaConfig, StoreConfig};
 use std::time::Duration;
 
 /// How long connecting (and, for `migrate`, migrating) may take before crablet gives up.
@@ -13,6 +13,10 @@ pub struct Target {
     pub url: Option<String>,
     /// The schema.
     pub schema: String,
+    /// Hot standbys of the database (`--standby`, repeatable).
+    pub standbys: Vec<String>,
+    /// Where the read commands (`events`, `export`) read (`--read-from`).
+    pub read_from: ReadFrom,
 }
 
 impl Target {
@@ -25,13 +29,47 @@ impl Target {
 
     /// Connects with `config` (from [`config`](Self::config)), checking the schema version.
     pub async fn connect_with(&self, config: StoreConfig) -> CliResult<PostgresEventStore> {
+        self.connect_routed(config, None).await
+    }
+
+    /// Connects for a read command: with `--read-from standby`, to the primary and the
+    /// `--standby` URLs, reading on a standby (on the primary when none can serve, the
+    /// library's default fallback); otherwise as [`connect`](Self::connect).
+    pub async fn connect_reader(&self) -> CliResult<PostgresEventStore> {
+        match self.read_from {
+            ReadFrom::Primary => self.connect().await,
+            ReadFrom::Standby => {
+                if self.standbys.is_empty() {
+                    return Err(CliError::Usage(
+                        "--read-from standby needs at least one --standby URL".into(),
+                    ));
+                }
+                let replicas = ReplicaConfig::new(self.standbys.iter().cloned())
+                    .default_read(ReadFrom::Standby);
+                self.connect_routed(self.config(), Some(replicas)).await
+            }
+        }
+    }
+
+    async fn connect_routed(
+        &self,
+        config: StoreConfig,
+        replicas: Option<ReplicaConfig>,
+    ) -> CliResult<PostgresEventStore> {
         let url = self
             .url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
             .ok_or(CliError::NoDatabase)?;
         let shown = redact(url);
-        let connect = PostgresEventStore::connect(url, config);
+        let connect = async {
+            match replicas {
+                None => PostgresEventStore::connect(url, config).await,
+                Some(replicas) => {
+                    PostgresEventStore::connect_with_standbys(url, config, replicas).await
+                }
+            }
+        };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Err(_) => Err(CliError::Connect {
                 url: shown,
@@ -74,6 +112,10 @@ impl Target {
                 field: "schema",
                 reason,
             } => CliError::Usage(format!("--schema: {reason}")),
+            dcb_core::Error::Config {
+                field: "standby_urls",
+                reason,
+            } => CliError::Usage(format!("--standby: {reason}")),
             other => CliError::Store(other),
         }
     }

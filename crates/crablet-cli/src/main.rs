@@ -14,7 +14,7 @@ use args::{parse_cursor, FilterArgs};
 use clap::{error::ErrorKind, Parser, Subcommand, ValueEnum};
 use connect::Target;
 use dcb_core::Cursor;
-use dcb_postgres::StoreConfig;
+use dcb_postgres::{ReadFrom, StoreConfig};
 use error::CliError;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +44,19 @@ struct Cli {
     /// The PostgreSQL schema holding the store's tables.
     #[arg(long, global = true, default_value_t = StoreConfig::default().schema, display_order = 901)]
     schema: String,
+    /// A hot standby of the database (a streaming replica), for the read commands with
+    /// --read-from standby; repeat it for several (reads go to them in turn).
+    #[arg(
+        long = "standby",
+        value_name = "URL",
+        global = true,
+        display_order = 902
+    )]
+    standbys: Vec<String>,
+    /// Where `events` and `export` read: the primary, or a standby (needs --standby; a read no
+    /// standby can serve runs on the primary). Writes and every other command use the primary.
+    #[arg(long, value_enum, global = true, default_value_t = ReadFromArg::Primary, display_order = 903)]
+    read_from: ReadFromArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,9 +96,10 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PartitionCommand {
-    /// Range-partitions the events table by position (without copying: the existing table
-    /// becomes the first partition), or updates the configuration of a partitioned one; then
-    /// creates the partitions ahead and lists them.
+    /// Range-partitions the events table by position and the commands table by transaction
+    /// id, in one switch (without copying: the existing tables become the first partitions),
+    /// or updates the configuration of a partitioned store; then creates the partitions ahead
+    /// and lists them.
     Enable {
         /// Positions per partition (keep partitions large: decisions probe every partition).
         #[arg(long)]
@@ -97,6 +111,10 @@ enum PartitionCommand {
         /// bound (default: one range).
         #[arg(long)]
         headroom: Option<i64>,
+        /// Transaction ids per commands partition (default: --range, at least 1000000; every
+        /// writing transaction of the cluster draws one).
+        #[arg(long, value_name = "XIDS")]
+        command_range: Option<i64>,
     },
     /// Creates the partitions missing for EXTRA more positions plus the configured margin
     /// (before a bulk import, or from cron; the store also does it as it grows).
@@ -105,7 +123,8 @@ enum PartitionCommand {
         #[arg(long, default_value_t = 0)]
         extra: i64,
     },
-    /// Lists the partitions by position: bounds, estimated rows, size.
+    /// Lists the partitions: the log's by position, the commands table's by transaction id
+    /// (bounds, estimated rows, size).
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -113,6 +132,8 @@ enum PartitionCommand {
     },
     /// Detaches an old partition (DETACH PARTITION ... CONCURRENTLY): its events leave every
     /// read and every condition check. The partition being written and later ones are refused.
+    /// A commands partition (commands_x...) takes its commands out of `crablet commands`; their
+    /// ids stay recorded, so retries are still duplicates.
     Detach {
         /// The partition's name, as `crablet partition list` prints it.
         name: String,
@@ -163,6 +184,14 @@ struct EventsArgs {
     /// Do not truncate long tags and JSON to fit the terminal (table format).
     #[arg(long)]
     no_truncate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReadFromArg {
+    /// The primary: exact, never behind.
+    Primary,
+    /// A hot standby: behind the primary by its replay lag (docs/scale-out.md).
+    Standby,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -306,6 +335,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let target = Target {
         url: cli.database_url,
         schema: cli.schema,
+        standbys: cli.standbys,
+        read_from: match cli.read_from {
+            ReadFromArg::Primary => ReadFrom::Primary,
+            ReadFromArg::Standby => ReadFrom::Standby,
+        },
     };
     match cli.command {
         Command::Migrate => commands::migrate::run(&target).await,
@@ -358,7 +392,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 range,
                 ahead,
                 headroom,
-            } => commands::partition::enable(&target, range, ahead, headroom).await,
+                command_range,
+            } => commands::partition::enable(&target, range, ahead, headroom, command_range).await,
             PartitionCommand::CreateAhead { extra } => {
                 commands::partition::create_ahead(&target, extra).await
             }

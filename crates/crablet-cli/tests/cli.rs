@@ -975,3 +975,91 @@ async fn partition_enable_list_create_ahead_and_detach() {
     assert_eq!(count_events(&schema), 11);
     crablet(&schema, &["partition", "detach", "events_p0"]).fails(1, &["no partition"]);
 }
+
+/// Waits until `client` (on a standby) shows the event at `position` in `table` (which the
+/// standby may not have replayed yet either).
+async fn wait_until_shown(client: &tokio_postgres::Client, table: &str, position: i64) {
+    for _ in 0..500 {
+        let shown = client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE position = $1)"),
+                &[&position],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, bool>(0));
+        if shown {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the standby did not show position {position} within 5 s");
+}
+
+fn types_of(jsonl_text: &str) -> Vec<String> {
+    jsonl(jsonl_text)
+        .iter()
+        .map(|e| e["type"].as_str().expect("type").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_export_read_on_a_standby_with_read_from_standby() {
+    let schema = TestSchema::new().await;
+    crablet(&schema, &["--read-from", "standby", "events"])
+        .fails(2, &["--read-from standby needs at least one --standby URL"]);
+    crablet(&schema, &["--read-from", "sideways", "events"]).fails(2, &["sideways"]);
+    let Some(pair) = dcb_testkit::pg::replicated_pair().await else {
+        eprintln!("notice: standby CLI test skipped: no local PostgreSQL server binaries");
+        return;
+    };
+    let standby = pair.new_standby().await;
+    let schema = TestSchema::create_in(pair.primary.url())
+        .await
+        .expect("schema on the primary");
+    let table = format!("\"{}\".events", schema.schema);
+    let store = store_on(&schema).await;
+    let opened = store
+        .append(vec![event("Opened", &[("account", "a1")], json!({}))])
+        .await
+        .expect("append");
+    let control = dcb_testkit::pg::connect(standby.url())
+        .await
+        .expect("standby connection");
+    wait_until_shown(&control, &table, opened.position).await;
+    // With replay paused, a new event shows on the primary only.
+    control
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    store
+        .append(vec![event("Closed", &[("account", "a1")], json!({}))])
+        .await
+        .expect("append");
+    let on_standby = ["--standby", standby.url(), "--read-from", "standby"];
+    let events = crablet_async(
+        &schema,
+        &[&on_standby[..], &["events", "--format", "jsonl"]].concat(),
+    )
+    .await
+    .ok();
+    assert_eq!(types_of(&events.stdout), ["Opened"], "{}", events.stderr);
+    let exported = crablet_async(&schema, &[&on_standby[..], &["export"]].concat())
+        .await
+        .ok();
+    assert_eq!(types_of(&exported.stdout), ["Opened"]);
+    // The default, and --read-from primary, read on the primary even with --standby given.
+    for read_from in [&[][..], &["--read-from", "primary"][..]] {
+        let args = [
+            &["--standby", standby.url()][..],
+            read_from,
+            &["events", "--format", "jsonl"],
+        ]
+        .concat();
+        let events = crablet_async(&schema, &args).await.ok();
+        assert_eq!(types_of(&events.stdout), ["Opened", "Closed"]);
+    }
+    control
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+}

@@ -9,6 +9,7 @@
 //! request after its own: a `COMMIT`'s reply is read by the next caller's `BEGIN`. So an error
 //! says nothing certain about the statement it is attributed to until [`Conn::in_sync`] proves
 //! the connection's responses line up with its requests.
+use crate::server_error::ServerError;
 use dcb_core::{ConflictInfo, Error};
 use deadpool_postgres::{Object, Pool};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -269,11 +270,16 @@ pub(crate) fn db_error_with_timeout(
         let message = format!("{} (SQLSTATE {})", db.message(), code.code());
         // A commit's cancel or lost session says nothing certain (see commit_certainly_failed).
         let outcome_unknown = during_commit && !commit_certainly_failed(&err);
+        let source: Box<dyn std::error::Error + Send + Sync> = match ServerError::from_postgres(err)
+        {
+            Ok(server) => Box::new(server),
+            Err(err) => Box::new(err),
+        };
         return Error::Storage {
             operation,
             message,
             outcome_unknown,
-            source: Some(Box::new(err)),
+            source: Some(source),
         };
     }
     Error::Storage {

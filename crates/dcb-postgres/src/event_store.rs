@@ -25,7 +25,9 @@ impl EventReader for PostgresEventStore {
         let result = async {
             validate_query(query)?;
             dcb_core::validate_read_options(&options)?;
-            if let Some(node) = self.standby_for_read("query").await? {
+            let mut standby = self.standby_for_read("query").await?;
+            let mut failovers = 0;
+            while let Some(node) = standby {
                 let read = self
                     .on_standby_retrying(node, "query", |conn| async move {
                         self.read_on(&conn, query, options, true).await
@@ -33,7 +35,7 @@ impl EventReader for PostgresEventStore {
                     .await;
                 match read {
                     Ok(events) => return Ok(events),
-                    Err(e) => self.after_standby_error(node, "query", e).await?,
+                    Err(e) => standby = self.failover(node, "query", e, &mut failovers).await?,
                 }
             }
             let conn = Conn::get(&self.inner.pool, "query").await?;

@@ -19,6 +19,7 @@ use crate::append::{client_deadline, Protocol};
 use crate::conn::{outcome_unknown, Conn};
 use crate::group_queue::{abandon, Call, CallShape, Pending, QUEUED};
 use crate::keys::LockSet;
+use crate::server_error::ServerError;
 use crate::sql::{self, GroupPart};
 use crate::store::PostgresEventStore;
 use crate::xid8::Xid8;
@@ -386,8 +387,8 @@ impl PostgresEventStore {
     }
 }
 
-/// The same failure for every call of a group (errors are not `Clone`: the source is kept as
-/// text in the message).
+/// The same failure for every call of a group (errors are not `Clone`: a server's report is
+/// shared as its [`ServerError`], any other source is kept as text in the message).
 fn share(err: &Error) -> Error {
     match err {
         Error::Conflict(info) => Error::Conflict(info.clone()),
@@ -400,14 +401,29 @@ fn share(err: &Error) -> Error {
             message,
             outcome_unknown,
             source,
-        } => Error::Storage {
-            operation,
-            message: match source {
-                Some(source) => format!("{message} ({})", dcb_core::runner::error_chain(&**source)),
-                None => message.clone(),
+        } => match source
+            .as_deref()
+            .and_then(|s| s.downcast_ref::<ServerError>())
+        {
+            // The server's report is shared as it is: SQLSTATE, table and constraint stay
+            // readable (a missing partition is told by them).
+            Some(server) => Error::Storage {
+                operation,
+                message: message.clone(),
+                outcome_unknown: *outcome_unknown,
+                source: Some(Box::new(server.clone())),
             },
-            outcome_unknown: *outcome_unknown,
-            source: None,
+            None => Error::Storage {
+                operation,
+                message: match source {
+                    Some(source) => {
+                        format!("{message} ({})", dcb_core::runner::error_chain(&**source))
+                    }
+                    None => message.clone(),
+                },
+                outcome_unknown: *outcome_unknown,
+                source: None,
+            },
         },
         Error::Schema { message } => Error::Schema {
             message: message.clone(),

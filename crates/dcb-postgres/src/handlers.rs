@@ -1633,7 +1633,9 @@ async fn read_with_horizon(
     let inner = &store.inner;
     let options = ReadOptions::default().after_opt(after).limit(limit);
     dcb_core::validate_read_options(&options)?;
-    if let Some(node) = store.standby_for_read("handler_read").await? {
+    let mut standby = store.standby_for_read("handler_read").await?;
+    let mut failovers = 0;
+    while let Some(node) = standby {
         let read = store
             .on_standby_retrying(node, "handler_read", |conn| async move {
                 read_with_horizon_on(store, &conn, query, &options, true).await
@@ -1641,7 +1643,11 @@ async fn read_with_horizon(
             .await;
         match read {
             Ok(read) => return Ok(read),
-            Err(e) => store.after_standby_error(node, "handler_read", e).await?,
+            Err(e) => {
+                standby = store
+                    .failover(node, "handler_read", e, &mut failovers)
+                    .await?
+            }
         }
     }
     let conn = Conn::get(&inner.pool, "handler_read").await?;

@@ -22,7 +22,8 @@
 //!   in a transaction that also advances their checkpoint: exactly once per event, one instance
 //!   at a time, with [`PostgresEventStore::wait_until_processed`] for reading your own writes.
 //! - **A partitioned log** (opt-in, [`PostgresEventStore::partition`]): `events`
-//!   range-partitioned by position without copying a row, partitions created ahead by the
+//!   range-partitioned by position (and `commands` by transaction id, its idempotency keys kept
+//!   in the unpartitioned `command_ids`) without copying a row, partitions created ahead by the
 //!   store, old ones detached for archiving (`docs/scale-out.md`, "A partitioned log").
 //!
 //! The full argument is in `docs/design.md`.
@@ -63,6 +64,7 @@ mod partition_ahead;
 #[cfg(test)]
 mod plan_tests;
 mod replica;
+mod server_error;
 mod session;
 mod sql;
 mod standby;
@@ -82,8 +84,9 @@ pub use handlers::{
 pub use health::{HandlerHealth, Health};
 pub use lag::HandlerLag;
 pub use migrate::SCHEMA_VERSION;
-pub use partition::{PartitionConfig, PartitionError, PartitionInfo};
+pub use partition::{PartitionConfig, PartitionError, PartitionInfo, MIN_DEFAULT_COMMAND_RANGE};
 pub use replica::{ReadFrom, ReplicaConfig, StandbyFallback};
+pub use server_error::ServerError;
 pub use store::PostgresEventStore;
 pub use store_session::StoreSession;
 /// The PostgreSQL client crate, re-exported for [`EventHandler`] implementations.

@@ -4,7 +4,7 @@ use dcb_core::Error;
 use tokio_postgres::Client;
 
 /// The schema version this library reads and writes.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../sql/003_fence.sql"),
     include_str!("../../../sql/004_parked.sql"),
     include_str!("../../../sql/005_replay_requests.sql"),
+    include_str!("../../../sql/006_command_ids.sql"),
 ];
 
 /// Applies the missing migrations in one transaction, serialized across processes by an

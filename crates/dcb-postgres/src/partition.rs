@@ -13,9 +13,11 @@
 //!   (`DETACH PARTITION … CONCURRENTLY`) for archiving. Its events leave every read and every
 //!   condition check: see the docs for what that means for decisions.
 //!
-//! The commands table stays unpartitioned: its `command_id UNIQUE` must stay global for the
-//! command executor's idempotency, and a unique constraint of a partitioned table must contain
-//! the partition key.
+//! - The commands table is range-partitioned with the log, in the same conversion, by
+//!   `transaction_id` (ranges of [`PartitionConfig::range`] transaction ids, `commands_x<from>`):
+//!   transaction ids only grow, so old partitions hold old commands and archive by age. The
+//!   command executor's idempotency key lives in the unpartitioned `command_ids` (its primary
+//!   key is global), so detaching a commands partition forgets no id.
 use crate::conn::{db_error, Conn};
 use crate::store::PostgresEventStore;
 use tokio_postgres::Client;
@@ -36,6 +38,16 @@ pub struct PartitionConfig {
     range: i64,
     ahead: i32,
     headroom: Option<i64>,
+    command_range: Option<i64>,
+}
+
+/// The smallest default [`PartitionConfig::command_range_size`]: transaction ids are drawn by
+/// every writing transaction of the cluster, often far faster than positions, and commands
+/// partitions of a few ids would be created by the hundred.
+pub const MIN_DEFAULT_COMMAND_RANGE: i64 = 1_000_000;
+
+fn default_command_range(range: i64) -> i64 {
+    range.max(MIN_DEFAULT_COMMAND_RANGE)
 }
 
 impl PartitionConfig {
@@ -47,7 +59,24 @@ impl PartitionConfig {
             range,
             ahead: 2,
             headroom: None,
+            command_range: None,
         }
+    }
+
+    /// Commands partitions of `xids` transaction ids each (`commands_x<from>` holds
+    /// `[from, from + xids)`). Default: the log's range, at least
+    /// [`MIN_DEFAULT_COMMAND_RANGE`]. Every writing transaction of the cluster draws an id, so
+    /// a commands partition spans a time rather than a number of commands: size it by how many
+    /// transaction ids the cluster draws in the period you archive by.
+    pub fn command_range(mut self, xids: i64) -> Self {
+        self.command_range = Some(xids);
+        self
+    }
+
+    /// Transaction ids per commands partition.
+    pub fn command_range_size(&self) -> i64 {
+        self.command_range
+            .unwrap_or_else(|| default_command_range(self.range))
     }
 
     /// How many empty ranges beyond the current one are kept created (default 2). The store
@@ -86,6 +115,11 @@ impl PartitionConfig {
         if self.ahead < 1 {
             return Err(PartitionError::InvalidConfig {
                 reason: format!("ahead must be at least 1 range, not {}", self.ahead),
+            });
+        }
+        if self.command_range.is_some_and(|r| r < 1) {
+            return Err(PartitionError::InvalidConfig {
+                reason: "command_range must be at least 1 transaction id".into(),
             });
         }
         if self.headroom.is_some_and(|h| h < 1) {
@@ -151,6 +185,17 @@ pub enum PartitionError {
         /// The lower bound of the partition holding the newest position.
         current_from: i64,
     },
+    /// The commands partition may still receive commands: a transaction that is still
+    /// running, or a later one, may record a command in it.
+    #[error("commands partition {name:?} ends at transaction id {to}, above the oldest transaction still running ({oldest_running}): a command may still be recorded in it; only older partitions can be detached")]
+    CommandsTooRecent {
+        /// The partition asked for.
+        name: String,
+        /// Its upper bound (a transaction id).
+        to: i64,
+        /// The oldest transaction id still running when the detach was asked for.
+        oldest_running: i64,
+    },
     /// While the first partition's bound was being validated, appends went past it.
     #[error("appends reached position {reached} while the conversion validated the bound {bound}: appends past it failed; run the conversion again with a larger conversion_headroom (at least {reached})")]
     Outran {
@@ -170,6 +215,8 @@ pub enum PartitionError {
 pub(crate) struct Stored {
     pub(crate) range: i64,
     pub(crate) ahead: i32,
+    /// Transaction ids per commands partition.
+    pub(crate) command_range: i64,
 }
 
 fn err(operation: &'static str) -> impl Fn(tokio_postgres::Error) -> PartitionError {
@@ -181,6 +228,11 @@ pub(crate) fn partition_name(from: i64) -> String {
     format!("events_p{from}")
 }
 
+/// The commands partition holding transaction ids from `from` (`commands_x<from>`).
+pub(crate) fn command_partition_name(from: i64) -> String {
+    format!("commands_x{from}")
+}
+
 /// `x` rounded up to a multiple of `range` (at least one range).
 fn align_up(x: i64, range: i64) -> i64 {
     (x.max(1).saturating_add(range - 1) / range).saturating_mul(range)
@@ -188,11 +240,46 @@ fn align_up(x: i64, range: i64) -> i64 {
 
 /// Whether the store's `events` table is partitioned.
 pub(crate) async fn is_partitioned(client: &Client, schema: &str) -> Result<bool, PartitionError> {
+    is_table_partitioned(client, schema, "events").await
+}
+
+/// Whether the store's table `table` (`events` or `commands`) is partitioned.
+pub(crate) async fn is_table_partitioned(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<bool, PartitionError> {
     let row = client
         .query_one(
             "SELECT coalesce((SELECT c.relkind = 'p' FROM pg_class c \
-             WHERE c.oid = to_regclass(format('%I.events', $1::text))), false)",
-            &[&schema],
+             WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))), false)",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(err("partition"))?;
+    row.try_get(0).map_err(err("partition"))
+}
+
+/// The first transaction id not yet assigned (`xmax` of a snapshot taken now): every
+/// transaction that starts writing later gets this one or a higher one.
+pub(crate) async fn next_xid(client: &Client) -> Result<i64, PartitionError> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+            &[],
+        )
+        .await
+        .map_err(err("partition"))?;
+    row.try_get(0).map_err(err("partition"))
+}
+
+/// The oldest transaction id still running (`xmin` of a snapshot taken now): no transaction
+/// below it can write any more.
+async fn oldest_running_xid(client: &Client) -> Result<i64, PartitionError> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8",
+            &[],
         )
         .await
         .map_err(err("partition"))?;
@@ -216,16 +303,26 @@ pub(crate) async fn stored_config(
     if !exists {
         return Ok(None);
     }
+    // `command_range` is read through jsonb: a table stored by a version before it has no
+    // such column (the default applies).
     let row = client
         .query_opt(
-            &format!("SELECT range_size, ahead FROM {quoted}.partitioning"),
+            &format!(
+                "SELECT range_size, ahead, (to_jsonb(p) ->> 'command_range')::int8 \
+                 FROM {quoted}.partitioning p"
+            ),
             &[],
         )
         .await
         .map_err(|e| db_error("partition", e, false))?;
-    Ok(row.map(|row| Stored {
-        range: row.get(0),
-        ahead: row.get(1),
+    Ok(row.map(|row| {
+        let range: i64 = row.get(0);
+        let command_range: Option<i64> = row.get(2);
+        Stored {
+            range,
+            ahead: row.get(1),
+            command_range: command_range.unwrap_or_else(|| default_command_range(range)),
+        }
     }))
 }
 
@@ -257,10 +354,19 @@ pub(crate) async fn last_position(client: &Client, schema: &str) -> Result<i64, 
     row.try_get(0).map_err(&e)
 }
 
-/// The partitions, by bound.
+/// The partitions of the event log, by bound.
 pub(crate) async fn list(
     client: &Client,
     schema: &str,
+) -> Result<Vec<PartitionInfo>, PartitionError> {
+    list_of(client, schema, "events").await
+}
+
+/// The partitions of the store's table `table` (`events` or `commands`), by bound.
+pub(crate) async fn list_of(
+    client: &Client,
+    schema: &str,
+    table: &str,
 ) -> Result<Vec<PartitionInfo>, PartitionError> {
     let rows = client
         .query(
@@ -269,9 +375,9 @@ pub(crate) async fn list(
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''?([-0-9]+)''?\\)'))[1]::int8, \
                     c.reltuples::float8, pg_total_relation_size(c.oid), i.inhdetachpending \
              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = to_regclass(format('%I.events', $1::text)) \
+             WHERE i.inhparent = to_regclass(format('%I.%I', $1::text, $2::text)) \
              ORDER BY 3",
-            &[&schema],
+            &[&schema, &table],
         )
         .await
         .map_err(err("partition"))?;
@@ -307,6 +413,60 @@ pub(crate) fn create_partition_sql(quoted: &str, from: i64, to: i64) -> String {
     )
 }
 
+/// DDL that creates the commands partition `[from, to)` of transaction ids and attaches it,
+/// as [`create_partition_sql`] does for the log.
+pub(crate) fn create_command_partition_sql(quoted: &str, from: i64, to: i64) -> String {
+    let name = command_partition_name(from);
+    format!(
+        "CREATE TABLE {quoted}.{name} (LIKE {quoted}.commands INCLUDING DEFAULTS \
+            INCLUDING CONSTRAINTS INCLUDING INDEXES INCLUDING STORAGE INCLUDING COMPRESSION); \
+         ALTER TABLE {quoted}.commands ATTACH PARTITION {quoted}.{name} \
+            FOR VALUES FROM ('{from}') TO ('{to}');"
+    )
+}
+
+/// The statements, each its own transaction, that add the bound of the first commands
+/// partition `NOT VALID` (a brief ACCESS EXCLUSIVE lock) and validate it (a scan under SHARE
+/// UPDATE EXCLUSIVE: commands are recorded meanwhile).
+fn command_bound_statements(quoted: &str, bound: i64) -> [String; 3] {
+    [
+        format!("ALTER TABLE {quoted}.commands DROP CONSTRAINT IF EXISTS commands_partition_bound"),
+        format!(
+            "ALTER TABLE {quoted}.commands ADD CONSTRAINT commands_partition_bound \
+             CHECK (transaction_id < '{bound}'::xid8) NOT VALID"
+        ),
+        format!("ALTER TABLE {quoted}.commands VALIDATE CONSTRAINT commands_partition_bound"),
+    ]
+}
+
+/// The switch of `commands` to a table range-partitioned by transaction id, in the caller's
+/// transaction (which holds ACCESS EXCLUSIVE on it): the old table, without its `command_id`
+/// unique constraint (the key is `command_ids`' since migration 6), becomes the partition
+/// `[MINVALUE, bound)` without a scan (its validated bound implies the partition constraint),
+/// and `[bound, bound + range)` is created.
+fn command_switch_sql(quoted: &str, bound: i64, range: i64) -> String {
+    let first = command_partition_name(0);
+    format!(
+        "ALTER TABLE {quoted}.commands RENAME TO {first}; \
+         ALTER INDEX {quoted}.commands_pkey RENAME TO {first}_pkey; \
+         ALTER INDEX {quoted}.commands_type_time_idx RENAME TO {first}_type_time_idx; \
+         ALTER INDEX {quoted}.commands_time_idx RENAME TO {first}_time_idx; \
+         ALTER TABLE {quoted}.{first} DROP CONSTRAINT IF EXISTS commands_command_id_key; \
+         CREATE TABLE {quoted}.commands (LIKE {quoted}.{first} INCLUDING DEFAULTS \
+            INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION) \
+            PARTITION BY RANGE (transaction_id); \
+         ALTER TABLE {quoted}.commands DROP CONSTRAINT commands_partition_bound; \
+         ALTER TABLE {quoted}.commands ADD PRIMARY KEY (transaction_id); \
+         CREATE INDEX commands_type_time_idx ON {quoted}.commands (type, occurred_at); \
+         CREATE INDEX commands_time_idx ON {quoted}.commands (occurred_at); \
+         ALTER TABLE {quoted}.commands ATTACH PARTITION {quoted}.{first} \
+            FOR VALUES FROM (MINVALUE) TO ('{bound}'); \
+         ALTER TABLE {quoted}.{first} DROP CONSTRAINT commands_partition_bound; \
+         {ahead}",
+        ahead = create_command_partition_sql(quoted, bound, bound.saturating_add(range)),
+    )
+}
+
 impl PostgresEventStore {
     /// Turns the store's `events` table into one range-partitioned by position (or, on a
     /// partitioned store, changes the stored configuration), then creates the partitions
@@ -321,6 +481,11 @@ impl PostgresEventStore {
     /// partitioned `events` with the same columns, indexes and identity sequence (continuing
     /// at the next position), attaches the old table as `[MINVALUE, B)` without a scan, and
     /// creates the partitions ahead. Safe to run from several processes at once.
+    ///
+    /// The commands table is converted in the same steps and the same switch, by transaction
+    /// id (ranges of [`PartitionConfig::command_range`]); the command ids stay unique through
+    /// the unpartitioned `command_ids`. On a store whose events alone were partitioned (by an
+    /// earlier version), this converts the commands table.
     ///
     /// ```no_run
     /// # async fn demo(store: dcb_postgres::PostgresEventStore) -> Result<(), dcb_postgres::PartitionError> {
@@ -392,84 +557,127 @@ impl PostgresEventStore {
                 singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
                 range_size bigint  NOT NULL CHECK (range_size > 0), \
                 ahead      integer NOT NULL CHECK (ahead > 0)); \
-             INSERT INTO {quoted}.partitioning (range_size, ahead) VALUES ({}, {}) \
+             ALTER TABLE {quoted}.partitioning ADD COLUMN IF NOT EXISTS \
+                command_range bigint CHECK (command_range > 0); \
+             INSERT INTO {quoted}.partitioning (range_size, ahead, command_range) \
+                VALUES ({}, {}, {}) \
              ON CONFLICT (singleton) DO UPDATE SET range_size = EXCLUDED.range_size, \
-                ahead = EXCLUDED.ahead;",
-            config.range, config.ahead
+                ahead = EXCLUDED.ahead, command_range = EXCLUDED.command_range;",
+            config.range,
+            config.ahead,
+            config.command_range_size()
         );
-        if is_partitioned(client, schema).await? {
+        let events_done = is_partitioned(client, schema).await?;
+        let commands_done = is_table_partitioned(client, schema, "commands").await?;
+        if events_done && commands_done {
             client.batch_execute(&save_config).await.map_err(&e)?;
             return Ok(());
         }
-        // (1) The bound of the first partition, validated while writers carry on.
-        let last = last_position(client, schema).await?;
         let headroom = config.headroom.unwrap_or(config.range);
-        let bound = align_up(
-            last.saturating_add(headroom).saturating_add(1),
-            config.range,
-        );
-        tracing::info!(
-            schema,
-            last,
-            bound,
-            "partition: validating the first partition's bound"
-        );
         // Separate statements, each its own transaction: the ACCESS EXCLUSIVE lock of ADD
         // CONSTRAINT ends before the scan, which holds only SHARE UPDATE EXCLUSIVE.
-        for statement in [
-            "SET lock_timeout = 0".to_string(),
-            format!("ALTER TABLE {quoted}.events DROP CONSTRAINT IF EXISTS events_partition_bound"),
-            format!(
-                "ALTER TABLE {quoted}.events ADD CONSTRAINT events_partition_bound \
-                 CHECK (position < {bound}) NOT VALID"
-            ),
-            format!("ALTER TABLE {quoted}.events VALIDATE CONSTRAINT events_partition_bound"),
-            "RESET lock_timeout".to_string(),
-        ] {
+        let mut statements = vec!["SET lock_timeout = 0".to_string()];
+        // (1) The bounds of the first partitions, validated while writers carry on.
+        let bound = if events_done {
+            None
+        } else {
+            let last = last_position(client, schema).await?;
+            let bound = align_up(
+                last.saturating_add(headroom).saturating_add(1),
+                config.range,
+            );
+            tracing::info!(
+                schema,
+                last,
+                bound,
+                "partition: validating the first partition's bound"
+            );
+            statements.extend([
+                format!(
+                    "ALTER TABLE {quoted}.events DROP CONSTRAINT IF EXISTS events_partition_bound"
+                ),
+                format!(
+                    "ALTER TABLE {quoted}.events ADD CONSTRAINT events_partition_bound \
+                     CHECK (position < {bound}) NOT VALID"
+                ),
+                format!("ALTER TABLE {quoted}.events VALIDATE CONSTRAINT events_partition_bound"),
+            ]);
+            Some(bound)
+        };
+        // Transaction ids also grow with every other transaction of the cluster: one commands
+        // range of headroom.
+        let command_range = config.command_range_size();
+        let command_bound = if commands_done {
+            None
+        } else {
+            let next = next_xid(client).await?;
+            let bound = align_up(
+                next.saturating_add(command_range).saturating_add(1),
+                command_range,
+            );
+            tracing::info!(
+                schema,
+                next,
+                bound,
+                "partition: validating the first commands partition's bound"
+            );
+            statements.extend(command_bound_statements(quoted, bound));
+            Some(bound)
+        };
+        statements.push("RESET lock_timeout".to_string());
+        for statement in statements {
             client.batch_execute(&statement).await.map_err(&e)?;
         }
-        // (2) The switch, in one transaction under an exclusive lock.
+        // (2) The switch, in one transaction under an exclusive lock on both tables.
+        let locked = match (bound, command_bound) {
+            (Some(_), Some(_)) => format!("{quoted}.events, {quoted}.commands"),
+            (Some(_), None) => format!("{quoted}.events"),
+            _ => format!("{quoted}.commands"),
+        };
         client
             .batch_execute(&format!(
                 "BEGIN; SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; \
-                 LOCK TABLE {quoted}.events IN ACCESS EXCLUSIVE MODE"
+                 LOCK TABLE {locked} IN ACCESS EXCLUSIVE MODE"
             ))
             .await
             .map_err(&e)?;
-        let sequence: String = client
-            .query_one(
-                "SELECT pg_get_serial_sequence(format('%I.events', $1::text), 'position')",
-                &[schema],
-            )
-            .await
-            .map_err(&e)?
-            .try_get(0)
-            .map_err(&e)?;
-        let row = client
-            .query_one(
-                &format!("SELECT last_value, is_called FROM {sequence}"),
-                &[],
-            )
-            .await
-            .map_err(&e)?;
-        let (last_value, is_called): (i64, bool) =
-            (row.try_get(0).map_err(&e)?, row.try_get(1).map_err(&e)?);
-        let next = if is_called {
-            last_value + 1
-        } else {
-            last_value
-        };
-        if next > bound {
-            client.batch_execute("ROLLBACK").await.map_err(&e)?;
-            // The caller drops the bound: appends past it fail while it stands.
-            return Err(PartitionError::Outran {
-                bound,
-                reached: last_value,
-            });
-        }
-        let first = partition_name(0);
-        client
-            .batch_execute(&format!(
+        let mut switch = String::new();
+        let mut next = None;
+        if let Some(bound) = bound {
+            let sequence: String = client
+                .query_one(
+                    "SELECT pg_get_serial_sequence(format('%I.events', $1::text), 'position')",
+                    &[schema],
+                )
+                .await
+                .map_err(&e)?
+                .try_get(0)
+                .map_err(&e)?;
+            let row = client
+                .query_one(
+                    &format!("SELECT last_value, is_called FROM {sequence}"),
+                    &[],
+                )
+                .await
+                .map_err(&e)?;
+            let (last_value, is_called): (i64, bool) =
+                (row.try_get(0).map_err(&e)?, row.try_get(1).map_err(&e)?);
+            let first_free = if is_called {
+                last_value + 1
+            } else {
+                last_value
+            };
+            if first_free > bound {
+                client.batch_execute("ROLLBACK").await.map_err(&e)?;
+                // The caller drops the bound: appends past it fail while it stands.
+                return Err(PartitionError::Outran {
+                    bound,
+                    reached: last_value,
+                });
+            }
+            next = Some(first_free);
+            let first = partition_name(0);
+            switch.push_str(&format!(
                 "ALTER TABLE {quoted}.events ALTER COLUMN position DROP IDENTITY; \
                  ALTER TABLE {quoted}.events RENAME TO {first}; \
                  ALTER INDEX {quoted}.events_pkey RENAME TO {first}_pkey; \
@@ -480,7 +688,7 @@ impl PostgresEventStore {
                     PARTITION BY RANGE (position); \
                  ALTER TABLE {quoted}.events DROP CONSTRAINT events_partition_bound; \
                  ALTER TABLE {quoted}.events ALTER COLUMN position \
-                    ADD GENERATED ALWAYS AS IDENTITY (START WITH {next}); \
+                    ADD GENERATED ALWAYS AS IDENTITY (START WITH {first_free}); \
                  ALTER TABLE {quoted}.events ADD PRIMARY KEY (transaction_id, position); \
                  CREATE INDEX events_tags_idx ON {quoted}.events USING gin (tags) \
                     WITH (fastupdate = off); \
@@ -488,14 +696,25 @@ impl PostgresEventStore {
                  ALTER TABLE {quoted}.events ATTACH PARTITION {quoted}.{first} \
                     FOR VALUES FROM (MINVALUE) TO ({bound}); \
                  ALTER TABLE {quoted}.{first} DROP CONSTRAINT events_partition_bound; \
-                 {save_config} \
-                 {ahead}
-                 COMMIT",
+                 {ahead} ",
                 ahead = create_partition_sql(quoted, bound, bound.saturating_add(config.range)),
-            ))
+            ));
+        }
+        if let Some(command_bound) = command_bound {
+            switch.push_str(&command_switch_sql(quoted, command_bound, command_range));
+            switch.push(' ');
+        }
+        client
+            .batch_execute(&format!("{switch} {save_config} COMMIT"))
             .await
             .map_err(&e)?;
-        tracing::info!(schema, bound, next, "partition: events is partitioned");
+        tracing::info!(
+            schema,
+            ?bound,
+            ?next,
+            ?command_bound,
+            "partition: events and commands are partitioned"
+        );
         Ok(())
     }
 
@@ -509,7 +728,9 @@ impl PostgresEventStore {
                     conn.object()
                         .batch_execute(&format!(
                             "ALTER TABLE IF EXISTS ONLY {quoted}.events \
-                             DROP CONSTRAINT IF EXISTS events_partition_bound"
+                             DROP CONSTRAINT IF EXISTS events_partition_bound; \
+                             ALTER TABLE IF EXISTS ONLY {quoted}.commands \
+                             DROP CONSTRAINT IF EXISTS commands_partition_bound"
                         ))
                         .await
                         .map_err(|e| db_error("partition", e, false))
@@ -539,6 +760,16 @@ impl PostgresEventStore {
         Ok(partitions)
     }
 
+    /// The partitions of the commands table, by transaction id (`from` and `to` are
+    /// transaction ids); empty when it is not partitioned.
+    pub async fn command_partitions(&self) -> Result<Vec<PartitionInfo>, PartitionError> {
+        let conn = Conn::get(&self.inner.pool, "partition").await?;
+        conn.begin_exchange("partition")?;
+        let partitions = list_of(conn.object(), &self.inner.config.schema, "commands").await?;
+        conn.end_exchange();
+        Ok(partitions)
+    }
+
     /// Detaches the old partition `name` from the log (`DETACH PARTITION … CONCURRENTLY`:
     /// appends and reads carry on; it waits for every transaction that may still see the
     /// partition), leaving it as a plain table in the store's schema to dump and drop, or
@@ -548,6 +779,13 @@ impl PostgresEventStore {
     /// them decides differently afterwards (`docs/scale-out.md`, "A partitioned log", "Archiving"). Refused
     /// ([`PartitionError::TooRecent`]) for the partition holding the newest position and every
     /// later one.
+    ///
+    /// `name` may also be a partition of the commands table (`commands_x<from>`, see
+    /// [`PostgresEventStore::command_partitions`]): its commands leave
+    /// [`commands`](dcb_core::EventStore::commands), while their ids stay recorded
+    /// (`command_ids`), so a retry of one is still reported as a duplicate. Refused
+    /// ([`PartitionError::CommandsTooRecent`]) while a running or later transaction may still
+    /// record a command in it.
     #[tracing::instrument(name = "pg.detach_partition", skip(self), fields(schema = %self.inner.config.schema))]
     pub async fn detach_partition(&self, name: &str, drop: bool) -> Result<(), PartitionError> {
         let operation = "detach_partition";
@@ -563,26 +801,43 @@ impl PostgresEventStore {
             });
         }
         let partitions = list(client, schema).await?;
-        let Some(target) = partitions.iter().find(|p| p.name == name) else {
-            return Err(PartitionError::UnknownPartition {
-                schema: schema.clone(),
-                name: name.to_string(),
-            });
-        };
-        let last = last_position(client, schema).await?;
-        let current_from = partitions
-            .iter()
-            .find(|p| p.from.is_none_or(|from| from <= last) && last < p.to)
-            .map(|p| p.from.unwrap_or(i64::MIN))
-            .unwrap_or(i64::MIN);
-        if target.to > current_from {
-            return Err(PartitionError::TooRecent {
-                name: name.to_string(),
-                to: target.to,
-                current_from,
-            });
-        }
-        let mode = if target.detach_pending {
+        let (table, detach_pending) =
+            if let Some(target) = partitions.iter().find(|p| p.name == name) {
+                let last = last_position(client, schema).await?;
+                let current_from = partitions
+                    .iter()
+                    .find(|p| p.from.is_none_or(|from| from <= last) && last < p.to)
+                    .map(|p| p.from.unwrap_or(i64::MIN))
+                    .unwrap_or(i64::MIN);
+                if target.to > current_from {
+                    return Err(PartitionError::TooRecent {
+                        name: name.to_string(),
+                        to: target.to,
+                        current_from,
+                    });
+                }
+                ("events", target.detach_pending)
+            } else {
+                let commands = list_of(client, schema, "commands").await?;
+                let Some(target) = commands.iter().find(|p| p.name == name) else {
+                    return Err(PartitionError::UnknownPartition {
+                        schema: schema.clone(),
+                        name: name.to_string(),
+                    });
+                };
+                // Every transaction that may still record a command has an id at or above the
+                // oldest one running; later ones get higher ids.
+                let oldest_running = oldest_running_xid(client).await?;
+                if target.to > oldest_running {
+                    return Err(PartitionError::CommandsTooRecent {
+                        name: name.to_string(),
+                        to: target.to,
+                        oldest_running,
+                    });
+                }
+                ("commands", target.detach_pending)
+            };
+        let mode = if detach_pending {
             "FINALIZE"
         } else {
             "CONCURRENTLY"
@@ -595,7 +850,7 @@ impl PostgresEventStore {
             .map_err(&e)?;
         client
             .batch_execute(&format!(
-                "ALTER TABLE {quoted}.events DETACH PARTITION {quoted}.{} {mode}",
+                "ALTER TABLE {quoted}.{table} DETACH PARTITION {quoted}.{} {mode}",
                 quote_ident(name)
             ))
             .await
@@ -651,6 +906,28 @@ mod tests {
             .conversion_headroom(0)
             .validate()
             .is_err());
+        assert!(PartitionConfig::new(10)
+            .command_range(0)
+            .validate()
+            .is_err());
         assert!(PartitionConfig::new(10).validate().is_ok());
+    }
+
+    #[test]
+    fn commands_ranges_default_to_the_log_s_with_a_floor() {
+        assert_eq!(
+            PartitionConfig::new(10).command_range_size(),
+            MIN_DEFAULT_COMMAND_RANGE
+        );
+        assert_eq!(
+            PartitionConfig::new(50_000_000).command_range_size(),
+            50_000_000
+        );
+        assert_eq!(
+            PartitionConfig::new(10)
+                .command_range(64)
+                .command_range_size(),
+            64
+        );
     }
 }

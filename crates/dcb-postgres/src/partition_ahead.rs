@@ -15,13 +15,16 @@
 //! partitions and the sequence after taking it, so processes that race create each range once.
 use crate::conn::{db_error, Conn};
 use crate::partition::{
-    create_partition_sql, is_partitioned, last_position, list, stored_config, PartitionError,
-    Stored, MAINTENANCE_LOCK,
+    create_command_partition_sql, create_partition_sql, is_partitioned, is_table_partitioned,
+    last_position, list, list_of, next_xid, stored_config, PartitionError, Stored,
+    MAINTENANCE_LOCK,
 };
+use crate::server_error::ServerError;
 use crate::store::PostgresEventStore;
 use dcb_core::{AppendCommand, AppendCondition, Cursor, Error, NewEvent};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
+use tokio_postgres::error::SqlState;
 
 /// How many times an append that found no partition creates partitions and runs again.
 pub(crate) const MISSING_PARTITION_RETRIES: usize = 3;
@@ -31,6 +34,8 @@ pub(crate) const MISSING_PARTITION_RETRIES: usize = 3;
 pub(crate) struct Ahead {
     config: Mutex<Option<Stored>>,
     horizon: AtomicI64,
+    /// The first transaction id no commands partition holds (`i64::MAX`: nothing to watch).
+    command_horizon: AtomicI64,
     running: AtomicBool,
 }
 
@@ -39,6 +44,7 @@ impl Default for Ahead {
         Self {
             config: Mutex::new(None),
             horizon: AtomicI64::new(i64::MAX),
+            command_horizon: AtomicI64::new(i64::MAX),
             running: AtomicBool::new(false),
         }
     }
@@ -51,6 +57,7 @@ impl Ahead {
         }
         if stored.is_none() {
             self.horizon.store(i64::MAX, Ordering::Release);
+            self.command_horizon.store(i64::MAX, Ordering::Release);
         }
     }
 
@@ -62,28 +69,62 @@ impl Ahead {
         self.stored().is_some()
     }
 
-    /// Whether an append that reached `position` leaves fewer empty ranges than configured.
-    fn wants_more(&self, position: i64) -> bool {
-        let horizon = self.horizon.load(Ordering::Acquire);
-        if horizon == i64::MAX {
+    /// Whether a write that reached `position` (of the log) in transaction `xid` leaves fewer
+    /// empty ranges than configured, in the log or in the commands table.
+    fn wants_more(&self, position: Option<i64>, xid: u64) -> bool {
+        let Some(stored) = self.stored() else {
             return false;
-        }
-        self.stored().is_some_and(|s| {
-            position.saturating_add(s.range.saturating_mul(i64::from(s.ahead))) >= horizon
-        })
+        };
+        let short = |reached: i64, range: i64, horizon: &AtomicI64| {
+            let horizon = horizon.load(Ordering::Acquire);
+            let margin = range.saturating_mul(i64::from(stored.ahead));
+            horizon != i64::MAX && reached.saturating_add(margin) >= horizon
+        };
+        position.is_some_and(|p| short(p, stored.range, &self.horizon))
+            || short(
+                i64::try_from(xid).unwrap_or(i64::MAX),
+                stored.command_range,
+                &self.command_horizon,
+            )
     }
 }
 
-/// Whether `error` is PostgreSQL's "no partition of relation … found for row" (SQLSTATE
-/// 23514), reported before the commit: nothing was written. Read from the message, which keeps
-/// the server's text and code also where the error was shared by the calls of a group.
-pub(crate) fn is_missing_partition(error: &dcb_core::Error) -> bool {
-    matches!(
-        error,
-        dcb_core::Error::Storage { message, outcome_unknown: false, .. }
-            if message.starts_with("no partition of relation")
-                && message.contains("(SQLSTATE 23514)")
-    )
+/// Whether `error` is PostgreSQL's "no partition of relation … found for row" for the log of
+/// the store in `schema`, reported before the commit: nothing was written.
+///
+/// Told by the server's structured report ([`ServerError`]), never by its message, which
+/// follows `lc_messages`: SQLSTATE 23514 (check_violation) on the `events` or `commands` table
+/// of `schema` (or one of their partitions, the parent of a sub-partitioned range) **without a
+/// constraint name**. A violated CHECK constraint carries its name; a row that no partition
+/// accepts carries none. The report survives the sharing of a group commit's failure.
+pub(crate) fn is_missing_partition(error: &dcb_core::Error, schema: &str) -> bool {
+    let dcb_core::Error::Storage {
+        outcome_unknown: false,
+        source: Some(source),
+        ..
+    } = error
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<ServerError>()
+        .is_some_and(|server| names_missing_partition(server, schema))
+}
+
+/// The classification of [`is_missing_partition`], on the server's fields.
+fn names_missing_partition(server: &ServerError, schema: &str) -> bool {
+    let of_the_log = |table: &str| {
+        ["events", "commands"].iter().any(|log| {
+            table == *log
+                || table
+                    .strip_prefix(log)
+                    .is_some_and(|rest| rest.starts_with('_'))
+        })
+    };
+    server.code() == SqlState::CHECK_VIOLATION.code()
+        && server.constraint().is_none()
+        && server.schema() == Some(schema)
+        && server.table().is_some_and(of_the_log)
 }
 
 impl PostgresEventStore {
@@ -108,7 +149,7 @@ impl PostgresEventStore {
                 self.append_checked(events, condition)
             })
             .await?;
-        self.appended_up_to(cursor.position);
+        self.appended_up_to(Some(cursor.position), cursor.transaction_id);
         Ok(cursor)
     }
 
@@ -130,8 +171,8 @@ impl PostgresEventStore {
                 self.append_commands(commands)
             })
             .await?;
-        if let Some(last) = cursors.iter().map(|c| c.position).max() {
-            self.appended_up_to(last);
+        if let Some(last) = cursors.iter().max_by_key(|c| c.position) {
+            self.appended_up_to(Some(last.position), last.transaction_id);
         }
         Ok(cursors)
     }
@@ -155,12 +196,16 @@ impl PostgresEventStore {
         loop {
             let spare = (partitioned && attempt < MISSING_PARTITION_RETRIES).then(|| input.clone());
             match append(input).await {
-                Err(err) if is_missing_partition(&err) => {
+                Err(err) if is_missing_partition(&err, &self.inner.config.schema) => {
                     // Also without a spare: the partitions (and the news that the store is
                     // partitioned, for a process that connected before it was) are there for
                     // the next call.
+                    // Concurrent appenders draw positions between the creation and the run
+                    // again: each attempt covers four times the batch of the one before
+                    // (1, 4, 16 batches), so a burst of them does not exhaust the retries.
+                    let cover = count.saturating_mul(1usize << (2 * attempt.min(8)));
                     // Boxed: rare, and its future would enlarge every append's.
-                    let recovered = Box::pin(self.recover_missing_partition(count)).await;
+                    let recovered = Box::pin(self.recover_missing_partition(cover)).await;
                     match spare {
                         Some(spare) if recovered => {
                             attempt += 1;
@@ -186,15 +231,24 @@ impl PostgresEventStore {
                 .map_err(into_store)?;
             let horizon = partitions.iter().map(|p| p.to).max().unwrap_or(i64::MAX);
             self.inner.ahead.horizon.store(horizon, Ordering::Release);
+            let commands = list_of(conn.object(), &self.inner.config.schema, "commands")
+                .await
+                .map_err(into_store)?;
+            let horizon = commands.iter().map(|p| p.to).max().unwrap_or(i64::MAX);
+            self.inner
+                .ahead
+                .command_horizon
+                .store(horizon, Ordering::Release);
         }
         Ok(())
     }
 
-    /// After an append that reached `position`: creates the next partitions in the
-    /// background when the margin runs short. One task at a time per store.
-    pub(crate) fn appended_up_to(&self, position: i64) {
+    /// After a write that reached `position` of the log (if it appended events) in
+    /// transaction `xid`: creates the next partitions (of the log and of the commands table)
+    /// in the background when a margin runs short. One task at a time per store.
+    pub(crate) fn appended_up_to(&self, position: Option<i64>, xid: u64) {
         let ahead = &self.inner.ahead;
-        if !ahead.wants_more(position) || ahead.running.swap(true, Ordering::AcqRel) {
+        if !ahead.wants_more(position, xid) || ahead.running.swap(true, Ordering::AcqRel) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -213,8 +267,26 @@ impl PostgresEventStore {
     /// After an append that failed for want of a partition: creates partitions for at least
     /// `events` more positions (and the configured margin). Whether the append may run again.
     pub(crate) async fn recover_missing_partition(&self, events: usize) -> bool {
+        self.recover_missing_partition_on(None, events).await
+    }
+
+    /// [`recover_missing_partition`](Self::recover_missing_partition) on `conn` (a command
+    /// session's, outside its transaction), or on a pooled connection.
+    pub(crate) async fn recover_missing_partition_on(
+        &self,
+        conn: Option<&Conn>,
+        events: usize,
+    ) -> bool {
         let extra = i64::try_from(events).unwrap_or(i64::MAX);
-        match self.create_partitions_ahead(extra).await {
+        let created = match conn {
+            // A session whose connection the failed commit left unusable: a pooled one.
+            Some(conn) => match self.create_partitions_ahead_on(conn, extra).await {
+                Err(PartitionError::Store(_)) => self.create_partitions_ahead(extra).await,
+                other => other,
+            },
+            None => self.create_partitions_ahead(extra).await,
+        };
+        match created {
             Ok(_) => true,
             Err(error) => {
                 tracing::warn!(%error, "an append found no partition, and none could be created");
@@ -237,11 +309,22 @@ impl PostgresEventStore {
     /// ```
     #[tracing::instrument(name = "pg.create_partitions_ahead", skip(self), fields(schema = %self.inner.config.schema))]
     pub async fn create_partitions_ahead(&self, extra: i64) -> Result<Vec<String>, PartitionError> {
+        let conn = Conn::get(&self.inner.pool, "create_partitions_ahead").await?;
+        self.create_partitions_ahead_on(&conn, extra).await
+    }
+
+    /// [`create_partitions_ahead`](Self::create_partitions_ahead) on `conn`, which must be
+    /// outside a transaction: a command session recovers on its own connection, so that
+    /// sessions holding every pooled connection never wait for one more.
+    pub(crate) async fn create_partitions_ahead_on(
+        &self,
+        conn: &Conn,
+        extra: i64,
+    ) -> Result<Vec<String>, PartitionError> {
         let operation = "create_partitions_ahead";
         let schema = &self.inner.config.schema;
         let quoted = &self.inner.schema;
         let e = |err| PartitionError::Store(db_error(operation, err, false));
-        let conn = Conn::get(&self.inner.pool, operation).await?;
         conn.begin_exchange(operation)?;
         let client = conn.object();
         // Waits as long as an ATTACH must (a concurrent DETACH … CONCURRENTLY holds its lock
@@ -286,10 +369,35 @@ impl PostgresEventStore {
             created.push(crate::partition::partition_name(horizon));
             horizon = to;
         }
+        // The commands table, by transaction id (ranges of `command_range`): every transaction
+        // that starts writing from now on gets `next_xid` or a higher one.
+        let mut command_horizon = i64::MAX;
+        if is_table_partitioned(client, schema, "commands").await? {
+            command_horizon = list_of(client, schema, "commands")
+                .await?
+                .iter()
+                .map(|p| p.to)
+                .max()
+                .unwrap_or(1);
+            // `extra` counts positions; a write takes one transaction id whatever its size.
+            let needed = next_xid(client)
+                .await?
+                .saturating_add(stored.command_range.saturating_mul(i64::from(stored.ahead)));
+            while command_horizon <= needed && command_horizon < i64::MAX {
+                let to = command_horizon.saturating_add(stored.command_range);
+                ddl.push_str(&create_command_partition_sql(quoted, command_horizon, to));
+                created.push(crate::partition::command_partition_name(command_horizon));
+                command_horizon = to;
+            }
+        }
         ddl.push_str("COMMIT");
         client.batch_execute(&ddl).await.map_err(e)?;
         conn.end_exchange();
         self.inner.ahead.horizon.store(horizon, Ordering::Release);
+        self.inner
+            .ahead
+            .command_horizon
+            .store(command_horizon, Ordering::Release);
         if !created.is_empty() {
             tracing::info!(schema, ?created, horizon, "created partitions ahead");
         }
@@ -306,5 +414,81 @@ fn into_store(error: PartitionError) -> dcb_core::Error {
             outcome_unknown: false,
             source: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(server: ServerError) -> Error {
+        Error::Storage {
+            operation: "append",
+            // Deliberately not the server's English text: the message plays no part.
+            message: "keine Partition von Relation gefunden".into(),
+            outcome_unknown: false,
+            source: Some(Box::new(server)),
+        }
+    }
+
+    #[test]
+    fn a_row_no_partition_accepts_is_a_missing_partition_whatever_the_message() {
+        let missing = ServerError::from_fields("23514", Some("shop"), Some("events"), None);
+        assert!(is_missing_partition(&storage(missing), "shop"));
+        let commands = ServerError::from_fields("23514", Some("shop"), Some("commands"), None);
+        assert!(is_missing_partition(&storage(commands), "shop"));
+        // A sub-partitioned range: the partition that found no sub-partition is named.
+        let sub = ServerError::from_fields("23514", Some("shop"), Some("events_p100"), None);
+        assert!(is_missing_partition(&storage(sub), "shop"));
+    }
+
+    #[test]
+    fn a_named_check_constraint_is_not_a_missing_partition() {
+        let check = ServerError::from_fields(
+            "23514",
+            Some("shop"),
+            Some("events"),
+            Some("events_type_check"),
+        );
+        assert!(!is_missing_partition(&storage(check), "shop"));
+        let bound = ServerError::from_fields(
+            "23514",
+            Some("shop"),
+            Some("events"),
+            Some("events_partition_bound"),
+        );
+        assert!(!is_missing_partition(&storage(bound), "shop"));
+    }
+
+    #[test]
+    fn other_codes_tables_schemas_and_uncertain_outcomes_are_not_a_missing_partition() {
+        let unique = ServerError::from_fields("23505", Some("shop"), Some("events"), None);
+        assert!(!is_missing_partition(&storage(unique), "shop"));
+        let other_schema = ServerError::from_fields("23514", Some("other"), Some("events"), None);
+        assert!(!is_missing_partition(&storage(other_schema), "shop"));
+        let other_table = ServerError::from_fields("23514", Some("shop"), Some("eventsx"), None);
+        assert!(!is_missing_partition(&storage(other_table), "shop"));
+        let outbox = ServerError::from_fields("23514", Some("shop"), Some("outbox"), None);
+        assert!(!is_missing_partition(&storage(outbox), "shop"));
+        let unknown = Error::Storage {
+            operation: "command",
+            message: String::new(),
+            outcome_unknown: true,
+            source: Some(Box::new(ServerError::from_fields(
+                "23514",
+                Some("shop"),
+                Some("events"),
+                None,
+            ))),
+        };
+        assert!(!is_missing_partition(&unknown, "shop"));
+        // The English text alone, with no server report, is not enough.
+        let text_only = Error::Storage {
+            operation: "append",
+            message: "no partition of relation \"events\" found for row (SQLSTATE 23514)".into(),
+            outcome_unknown: false,
+            source: None,
+        };
+        assert!(!is_missing_partition(&text_only, "shop"));
     }
 }

@@ -2,9 +2,8 @@ use crate::conn::Conn;
 use crate::store::PostgresEventStore;
 use async_trait::async_trait;
 use dcb_core::{
-    AppendCondition, CommandFilter, CommandRecord, CommandSession, CommitOutcome, Error, Event,
-    EventReader, EventStream, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions,
-    TransactionWork,
+    AppendCondition, CommandRecord, CommandSession, CommitOutcome, Error, Event, EventReader,
+    EventStream, NewCommand, NewEvent, ProjectionPermit, Query, ReadOptions, TransactionWork,
 };
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -61,11 +60,7 @@ impl EventReader for PgCommandSession {
 #[async_trait]
 impl CommandSession for PgCommandSession {
     async fn find_command(&self, id: &str) -> Result<Option<CommandRecord>, Error> {
-        let found = self
-            .store
-            .list_commands(&self.conn, &CommandFilter::default(), Some(id))
-            .await?;
-        Ok(found.into_iter().next())
+        self.store.find_command_by_id(&self.conn, id).await
     }
 
     async fn commit(
@@ -86,7 +81,37 @@ impl CommandSession for PgCommandSession {
         work: Option<TransactionWork>,
     ) -> Result<CommitOutcome, Error> {
         let condition = condition.as_ref();
+        let schema = &self.store.inner.config.schema;
         let committed = match work {
+            // On a partitioned store a commit that finds no partition (of the log, or of the
+            // commands table, whose transaction ids every transaction of the cluster draws)
+            // wrote nothing: the partitions are created and the same commit runs once more
+            // (same validation, locks and checks, in a new transaction).
+            None if self.store.inner.ahead.is_partitioned() => {
+                let events = self.store.validate_commit(command, events, condition)?;
+                let spare = events.clone();
+                match self
+                    .store
+                    .commit_on(&self.conn, command, events, condition)
+                    .await
+                {
+                    Err(err) if crate::partition_ahead::is_missing_partition(&err, schema) => {
+                        if self
+                            .store
+                            .recover_missing_partition_on(Some(&self.conn), spare.len().max(1))
+                            .await
+                        {
+                            tracing::debug!("command commit found no partition; running it again");
+                            self.store
+                                .commit_on(&self.conn, command, spare, condition)
+                                .await
+                        } else {
+                            Err(err)
+                        }
+                    }
+                    other => other,
+                }
+            }
             None => {
                 self.store
                     .commit_on(&self.conn, command, events, condition)
@@ -101,15 +126,18 @@ impl CommandSession for PgCommandSession {
         if let Err(err) = &committed {
             // Nothing was written; the partition is created now, so executing the command
             // again succeeds.
-            if crate::partition_ahead::is_missing_partition(err) {
-                self.store.recover_missing_partition(1).await;
+            if crate::partition_ahead::is_missing_partition(err, schema) {
+                self.store
+                    .recover_missing_partition_on(Some(&self.conn), 1)
+                    .await;
             }
         }
         match committed? {
             Some(record) => {
-                if let Some(last) = record.last_event {
-                    self.store.appended_up_to(last.position);
-                }
+                self.store.appended_up_to(
+                    record.last_event.map(|last| last.position),
+                    record.transaction_id,
+                );
                 Ok(CommitOutcome::Committed(record))
             }
             None => {

@@ -460,7 +460,7 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
         let p = stmt.bind(id);
         ctes.push(format!(
             "duplicate AS MATERIALIZED (SELECT transaction_id, last_event_position \
-             FROM {schema}.commands WHERE command_id = {p})"
+             FROM {schema}.command_ids WHERE command_id = {p})"
         ));
         guards.push("NOT EXISTS (SELECT 1 FROM duplicate)".to_string());
         outputs.push(
@@ -558,8 +558,19 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
             "recorded AS (INSERT INTO {schema}.commands \
              (command_id, type, data, metadata, last_event_position) \
              SELECT {id}::text, {t}::text, {d}::jsonb, {m}::jsonb, {last}{guard} \
-             RETURNING transaction_id, occurred_at)"
+             RETURNING transaction_id, occurred_at, command_id, type, last_event_position)"
         ));
+        if command.id.is_some() {
+            // The idempotency key, in the same statement and transaction (a data-modifying CTE
+            // runs whether or not the query reads it). Its primary key keeps ids unique across
+            // every partition of `commands`, archived ones included.
+            ctes.push(format!(
+                "claimed AS (INSERT INTO {schema}.command_ids \
+                 (command_id, transaction_id, command_type, last_event_position, occurred_at) \
+                 SELECT command_id, transaction_id, type, last_event_position, occurred_at \
+                 FROM recorded)"
+            ));
+        }
         outputs.push(
             "SELECT 'command'::text, transaction_id, NULL::int8, occurred_at FROM recorded".into(),
         );

@@ -271,6 +271,32 @@ impl PostgresEventStore {
         }
     }
 
+    /// After a read on `node` failed with `error`: the standby to run it on instead, when the
+    /// node itself failed (a lost connection, a timeout) and another standby serves (at most
+    /// once per standby of the store, counted in `failovers`); otherwise as
+    /// [`after_standby_error`](Self::after_standby_error): `Ok(None)` to run it on the primary,
+    /// or the error. The failed node counts as unreachable until its next check.
+    pub(crate) async fn failover(
+        &self,
+        node: &Node,
+        operation: &'static str,
+        error: Error,
+        failovers: &mut usize,
+    ) -> Result<Option<&Node>, Error> {
+        let count = self.inner.standbys.as_ref().map_or(0, |s| s.nodes.len());
+        if matches!(error, Error::Storage { .. } | Error::Timeout { .. }) && *failovers + 1 < count
+        {
+            *failovers += 1;
+            let reason = format!("{}: {error}", node.name);
+            tracing::debug!(standby = %node.name, %error, "standby read failed; trying another standby");
+            self.mark_unreachable(node, reason).await;
+            return self.standby_for_read(operation).await;
+        }
+        self.after_standby_error(node, operation, error)
+            .await
+            .map(|()| None)
+    }
+
     /// After a read on `node` failed with `error`: `Ok` when the read is to be run on the
     /// primary instead (the node failed and the policy falls back, or the node did not show
     /// the write the read asked to see in time), else the error to report. A node that failed

@@ -560,6 +560,46 @@ impl PostgresEventStore {
         }
     }
 
+    /// The command recorded with the idempotency key `id`, found by its `command_ids` row:
+    /// also after its `commands` row left with a detached (archived) partition, when the
+    /// record has the id, type, transaction, last event and time, and `data` is `null`
+    /// without metadata.
+    pub(crate) async fn find_command_by_id(
+        &self,
+        conn: &Conn,
+        id: &str,
+    ) -> Result<Option<CommandRecord>, Error> {
+        let quoted = &self.inner.schema;
+        // Joined by transaction id, the partition key of a partitioned `commands`: one
+        // partition's primary key is probed.
+        let sql = format!(
+            "SELECT i.command_id, coalesce(c.type, i.command_type), \
+                    coalesce(c.data, 'null'::jsonb), c.metadata, i.transaction_id, \
+                    i.last_event_position, coalesce(c.occurred_at, i.occurred_at) \
+             FROM {quoted}.command_ids i \
+             LEFT JOIN {quoted}.commands c ON c.transaction_id = i.transaction_id \
+             WHERE i.command_id = $1"
+        );
+        let client = conn.object();
+        let timeout = self.inner.config.query_timeout;
+        let exchange = async {
+            let stmt = prepare(client, &sql, "commands").await?;
+            let params: [&(dyn postgres_types::ToSql + Sync); 1] = [&id];
+            let (begin, rows, commit) = tokio::join!(
+                client.batch_execute(&self.inner.begin_short_read),
+                client.query(&stmt, &params),
+                client.batch_execute("COMMIT"),
+            );
+            let map = |e| db_error_with_timeout("commands", e, false, Some(timeout));
+            begin.map_err(map)?;
+            let rows = rows.map_err(map)?;
+            commit.map_err(map)?;
+            rows.first().map(command_from_row).transpose()
+        };
+        conn.run("commands", within(timeout, "commands", exchange))
+            .await
+    }
+
     pub(crate) async fn list_commands(
         &self,
         conn: &Conn,

@@ -56,7 +56,9 @@ async fn produce(
     validate_query(query)?;
     dcb_core::validate_read_options(&options)?;
     let query = &query.simplified();
-    if let Some(node) = store.standby_for_read("query_stream").await? {
+    let mut standby = store.standby_for_read("query_stream").await?;
+    let mut failovers = 0;
+    while let Some(node) = standby {
         let mut sent = Sent::default();
         let mut attempt = 0;
         loop {
@@ -87,7 +89,9 @@ async fn produce(
                 // goes on from its last cursor); before, the read may still run on the primary.
                 Err(e) if sent.events > 0 => return Err(e),
                 Err(e) => {
-                    store.after_standby_error(node, "query_stream", e).await?;
+                    standby = store
+                        .failover(node, "query_stream", e, &mut failovers)
+                        .await?;
                     break;
                 }
             }

@@ -486,7 +486,7 @@ async fn a_version_3_store_with_handler_checkpoints_upgrades_to_the_current_sche
         .expect("version")
         .get(0);
     assert_eq!(version, dcb_postgres::SCHEMA_VERSION);
-    assert_eq!(dcb_postgres::SCHEMA_VERSION, 5);
+    assert_eq!(dcb_postgres::SCHEMA_VERSION, 6);
 }
 
 /// Inserts a row straight into the events table (as another tool might) and returns its cursor.

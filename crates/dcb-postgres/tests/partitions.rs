@@ -270,3 +270,95 @@ async fn an_unpartitioned_store_refuses_partition_maintenance() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A locale whose server messages are not English, if the server accepts one for
+/// `lc_messages` (the translations ship with PostgreSQL; the OS locale must exist).
+async fn non_english_messages(url: &str) -> Option<&'static str> {
+    let admin = dcb_testkit::pg::connect(url)
+        .await
+        .expect("admin connection");
+    for locale in ["de_DE.UTF-8", "fr_FR.UTF-8", "es_ES.UTF-8", "it_IT.UTF-8"] {
+        if admin
+            .batch_execute(&format!("SET lc_messages = '{locale}'"))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let translated = match admin.query_one("SELECT 1 / 0", &[]).await {
+            Err(err) => err
+                .as_db_error()
+                .is_some_and(|db| !db.message().contains("division by zero")),
+            Ok(_) => false,
+        };
+        if translated {
+            return Some(locale);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_missing_partition_is_told_by_its_sqlstate_whatever_the_language_of_messages() {
+    let schema = dcb_testkit::pg::TestSchema::new().await;
+    let Some(locale) = non_english_messages(&schema.url).await else {
+        eprintln!(
+            "notice: skipping a_missing_partition_is_told_by_its_sqlstate_whatever_the_language_of_messages: \
+             the server accepts no non-English lc_messages (install a de_DE.UTF-8 locale)"
+        );
+        return;
+    };
+    // Every session of the store reports errors in that language (lc_messages is superuser
+    // only: the test's role is one).
+    let separator = if schema.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}options=-clc_messages%3D{locale}", schema.url);
+    let store = dcb_postgres::PostgresEventStore::connect(
+        &url,
+        StoreConfig::default()
+            .schema(schema.schema.clone())
+            .auto_migrate(true),
+    )
+    .await
+    .expect("connect");
+    store
+        .partition(PartitionConfig::new(10).ahead(1))
+        .await
+        .expect("partition");
+    // The server says it in that language: the English text is nowhere.
+    let admin = dcb_testkit::pg::connect(&url).await.expect("admin");
+    let raw = admin
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".events (position, type, tags, data) OVERRIDING SYSTEM VALUE \
+                 VALUES (1000000, 'Raw', '{{}}', '{{}}')",
+                schema.schema
+            ),
+            &[],
+        )
+        .await
+        .expect_err("no partition holds position 1000000");
+    let db = raw.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "23514");
+    assert!(db.constraint().is_none());
+    assert!(
+        !db.message().contains("no partition of relation"),
+        "{locale} should translate: {}",
+        db.message()
+    );
+    // The partitions end at 30, so the batch of 35 finds none for its last rows; the store
+    // tells it by the SQLSTATE, creates them and runs the append again (the failed attempt's
+    // positions stay unused, as for any rolled back append).
+    let cursor = store
+        .append((0..35).map(|i| event("Big", "b", i)).collect())
+        .await
+        .expect("the batch runs again after the partitions are created");
+    assert!(cursor.position >= 35, "{cursor:?}");
+    assert_eq!(all(&store).await.len(), 35);
+    let partitions = store.partitions().await.expect("partitions");
+    assert!(
+        partitions.iter().any(|p| p.from == Some(30)),
+        "{partitions:?}"
+    );
+    drop(store);
+    schema.drop_now().await.expect("drop the schema");
+}

@@ -1093,3 +1093,177 @@ async fn conflicts(standby: &tokio_postgres::Client) -> i64 {
         .expect("conflicts")
         .get(0)
 }
+
+/// Waits until the standby at `url` shows `cursor` to a plain read of the events table.
+async fn wait_until_shown(url: &str, table: &str, cursor: Cursor) {
+    let client = dcb_testkit::pg::connect(url)
+        .await
+        .expect("standby connection");
+    for _ in 0..500 {
+        // The table itself may not be replayed yet.
+        let shown = client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE position = $1)"),
+                &[&cursor.position],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, bool>(0));
+        if shown {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the standby did not show {cursor} within 5 s");
+}
+
+/// Which standby served each of `reads` reads: `true` where the read saw an event of type
+/// `marker` (only the standby whose replay runs shows it), `false` where it did not (the
+/// paused one). Reads that failed are `None`.
+async fn served_by_the_replaying_standby(
+    store: &PostgresEventStore,
+    reads: usize,
+    marker: &str,
+) -> Vec<Option<bool>> {
+    let mut seen = Vec::with_capacity(reads);
+    for _ in 0..reads {
+        seen.push(
+            store
+                .query(&stream_query(), ReadOptions::default())
+                .await
+                .ok()
+                .map(|events| types(&events).contains(&marker)),
+        );
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_are_spread_over_two_standbys_and_one_going_down_leaves_the_other() {
+    let Some(pair) = pair().await else { return };
+    let paused = pair.new_standby().await;
+    let replaying = pair.new_standby().await;
+    let schema = TestSchema::create_in(pair.primary.url())
+        .await
+        .expect("schema on the primary");
+    let table = format!("\"{}\".events", schema.schema);
+    // A paused standby is not "lagging" while max_lag is large: both serve reads.
+    let replicas = ReplicaConfig::new([paused.url(), replaying.url()])
+        .default_read(ReadFrom::Standby)
+        .max_lag(Duration::from_secs(600))
+        .lag_check_interval(Duration::from_millis(50))
+        .connect_timeout(Duration::from_millis(500));
+    let connect = |replicas: ReplicaConfig| {
+        PostgresEventStore::connect_with_standbys(
+            pair.primary.url(),
+            StoreConfig::default()
+                .schema(schema.schema.clone())
+                .auto_migrate(true)
+                .query_timeout(Duration::from_secs(5)),
+            replicas,
+        )
+    };
+    let failing = connect(replicas.clone().fallback(StandbyFallback::Fail))
+        .await
+        .expect("store");
+    let falling_back = connect(
+        replicas
+            .clone()
+            .fallback(StandbyFallback::FallBackToPrimary),
+    )
+    .await
+    .expect("store");
+    // Trusts a health check for a minute: after the kill it still routes reads to the dead
+    // standby in turn, so each such read fails there and must run again on the other one.
+    let trusting = connect(
+        replicas
+            .clone()
+            .fallback(StandbyFallback::Fail)
+            .lag_check_interval(Duration::from_secs(60)),
+    )
+    .await
+    .expect("store");
+    let opened = failing
+        .append(vec![event("Opened", "stream", "s")])
+        .await
+        .expect("append");
+    failing
+        .wait_for_standby(opened, Duration::from_secs(5))
+        .await
+        .expect("both replayed");
+    let control = dcb_testkit::pg::connect(paused.url())
+        .await
+        .expect("paused standby");
+    pause_replay(&control).await;
+    let marker = failing
+        .append(vec![event("Marker", "stream", "s")])
+        .await
+        .expect("append");
+    wait_until_shown(replaying.url(), &table, marker).await;
+
+    // Round robin: the reads alternate between the two standbys.
+    for store in [&failing, &falling_back, &trusting] {
+        let seen = served_by_the_replaying_standby(store, 10, "Marker").await;
+        assert!(seen.iter().all(Option::is_some), "{seen:?}");
+        let on_replaying = seen.iter().filter(|s| **s == Some(true)).count();
+        assert_eq!(on_replaying, 5, "half of the reads on each: {seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0] != w[1]),
+            "they alternate: {seen:?}"
+        );
+    }
+
+    // The replaying standby goes down: reads go to the other one, the read that finds it down
+    // included (it runs again on the other standby), for either setting.
+    tokio::task::block_in_place(|| replaying.kill()).expect("kill a standby");
+    for store in [&trusting, &failing, &falling_back] {
+        let seen = served_by_the_replaying_standby(store, 12, "Marker").await;
+        assert!(
+            seen.iter().all(|s| *s == Some(false)),
+            "every read on the remaining standby: {seen:?}"
+        );
+    }
+    // A stream too.
+    let streamed: Vec<Event> = failing
+        .query_stream(&stream_query(), ReadOptions::default())
+        .map(|e| e.expect("event"))
+        .collect()
+        .await;
+    assert_eq!(types(&streamed), ["Opened"]);
+
+    // Both down: per setting, every read fails or runs on the primary.
+    tokio::task::block_in_place(|| paused.kill()).expect("kill the other standby");
+    let seen = served_by_the_replaying_standby(&failing, 4, "Marker").await;
+    assert!(seen[1..].iter().all(Option::is_none), "{seen:?}");
+    let seen = served_by_the_replaying_standby(&falling_back, 4, "Marker").await;
+    assert!(
+        seen.iter().all(|s| *s == Some(true)),
+        "every read on the primary: {seen:?}"
+    );
+
+    // Back up (a restart resumes replay): pause one again, and the reads are spread again.
+    tokio::task::block_in_place(|| replaying.restart()).expect("restart");
+    tokio::task::block_in_place(|| paused.restart()).expect("restart");
+    let control = dcb_testkit::pg::connect(paused.url())
+        .await
+        .expect("paused standby");
+    wait_until_shown(paused.url(), &table, marker).await;
+    pause_replay(&control).await;
+    let again = failing
+        .append(vec![event("MarkerAgain", "stream", "s")])
+        .await
+        .expect("append");
+    wait_until_shown(replaying.url(), &table, again).await;
+    let mut spread = Vec::new();
+    for _ in 0..100 {
+        spread = served_by_the_replaying_standby(&failing, 6, "MarkerAgain").await;
+        if spread.contains(&Some(true)) && spread.contains(&Some(false)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        spread.contains(&Some(true)) && spread.contains(&Some(false)),
+        "both restarted standbys serve reads again: {spread:?}"
+    );
+    resume_replay(&control).await;
+}

@@ -77,7 +77,7 @@ impl Printer {
 
 /// `crablet events`.
 pub async fn run(target: &Target, options: EventsOptions) -> CliResult {
-    let store = target.connect().await?;
+    let store = target.connect_reader().await?;
     let query = options.filter.query();
     let mut printer = Printer::new(&options);
     let stdout = std::io::stdout();
@@ -139,7 +139,7 @@ pub async fn export(
     limit: Option<u64>,
     output: Option<&Path>,
 ) -> CliResult {
-    let store = target.connect().await?;
+    let store = target.connect_reader().await?;
     let query = filter.query();
     let mut stream = store.query_stream(&query, read_options(filter, limit, false));
     match output {

@@ -1,23 +1,36 @@
-//! `crablet partition`: turn the event log into range partitions, create partitions ahead,
-//! list them, detach old ones for archiving.
+//! `crablet partition`: turn the event log (and the commands table) into range partitions,
+//! create partitions ahead, list them, detach old ones for archiving.
 use crate::connect::Target;
 use crate::error::CliResult;
 use dcb_postgres::{PartitionConfig, PartitionInfo};
 
 /// Partitions the store's events by position in ranges of `range` positions (or updates the
 /// configuration of a partitioned store), then lists the partitions.
-pub async fn enable(target: &Target, range: i64, ahead: i32, headroom: Option<i64>) -> CliResult {
+pub async fn enable(
+    target: &Target,
+    range: i64,
+    ahead: i32,
+    headroom: Option<i64>,
+    command_range: Option<i64>,
+) -> CliResult {
     let store = target.connect().await?;
     let mut config = PartitionConfig::new(range).ahead(ahead);
     if let Some(headroom) = headroom {
         config = config.conversion_headroom(headroom);
     }
+    if let Some(command_range) = command_range {
+        config = config.command_range(command_range);
+    }
     let partitions = store.partition(config).await?;
     println!(
-        "schema {:?}: events partitioned in ranges of {range} positions, {ahead} ahead",
-        target.schema
+        "schema {:?}: events partitioned in ranges of {range} positions, commands in ranges \
+         of {} transaction ids, {ahead} ahead",
+        target.schema,
+        config.command_range_size()
     );
     print_partitions(&partitions);
+    println!("commands, by transaction id:");
+    print_partitions(&store.command_partitions().await?);
     Ok(())
 }
 
@@ -34,15 +47,21 @@ pub async fn create_ahead(target: &Target, extra: i64) -> CliResult {
     Ok(())
 }
 
-/// Lists the partitions, by position.
+/// Lists the partitions of the log, by position, then those of the commands table, by
+/// transaction id.
 pub async fn list(target: &Target, json: bool) -> CliResult {
     let store = target.connect().await?;
     let partitions = store.partitions().await?;
+    let commands = store.command_partitions().await?;
     if json {
-        let rows: Vec<serde_json::Value> = partitions
+        let tagged = partitions
             .iter()
-            .map(|p| {
+            .map(|p| ("events", p))
+            .chain(commands.iter().map(|p| ("commands", p)));
+        let rows: Vec<serde_json::Value> = tagged
+            .map(|(table, p)| {
                 serde_json::json!({
+                    "table": table,
                     "name": p.name,
                     "from": p.from,
                     "to": p.to,
@@ -57,6 +76,10 @@ pub async fn list(target: &Target, json: bool) -> CliResult {
         println!("schema {:?}: events is not partitioned", target.schema);
     } else {
         print_partitions(&partitions);
+        if !commands.is_empty() {
+            println!("commands, by transaction id:");
+            print_partitions(&commands);
+        }
     }
     Ok(())
 }
