@@ -135,12 +135,30 @@ fn json_path(field: &dyn Fn() -> String, path: &[Step<'_>]) -> String {
     out
 }
 
+/// Whether `value`, found `depth` containers deep, passes [`check_json`]: the common case,
+/// answered without allocating (the walk below keeps a stack and a path for its error).
+/// Recursion stops at [`MAX_JSON_DEPTH`], so the stack stays bounded.
+fn json_is_clean(value: &Value, depth: usize) -> bool {
+    match value {
+        Value::String(s) => !s.contains('\0'),
+        Value::Null | Value::Bool(_) | Value::Number(_) => true,
+        _ if depth >= MAX_JSON_DEPTH => false,
+        Value::Array(items) => items.iter().all(|v| json_is_clean(v, depth + 1)),
+        Value::Object(map) => map
+            .iter()
+            .all(|(k, v)| !k.contains('\0') && json_is_clean(v, depth + 1)),
+    }
+}
+
 /// Checks a JSON value: no NUL in strings or object keys, at most [`MAX_JSON_DEPTH`] levels of
 /// arrays and objects.
 ///
 /// The walk keeps its own stack instead of recursing, so a value nested any number of levels
 /// deep is rejected without exhausting the thread's stack.
 fn check_json(field: &dyn Fn() -> String, value: &Value) -> Result<(), Error> {
+    if json_is_clean(value, 0) {
+        return Ok(());
+    }
     let mut frames: Vec<Frame<'_>> = Vec::new();
     // `path[i]` is the child of `frames[i]` being visited.
     let mut path: Vec<Step<'_>> = Vec::new();

@@ -178,7 +178,8 @@ impl PostgresEventStore {
     fn next_group(&self) -> Vec<Pending> {
         let inner = &self.inner;
         let mut queue = inner.groups.lock();
-        let mut group: Vec<Pending> = Vec::new();
+        let mut group: Vec<Pending> =
+            Vec::with_capacity(queue.waiting.len().min(inner.config.group_commit_max));
         let mut events = 0;
         while let Some(next) = queue.waiting.front() {
             if group.len() >= inner.config.group_commit_max {
@@ -272,7 +273,18 @@ impl PostgresEventStore {
         one_statement: bool,
     ) -> ((Vec<i64>, Vec<bool>), sql::Statement, Vec<CallShape>) {
         let inner = &self.inner;
-        let mut locks = LockSet::default();
+        // Room for every call's keys up front (an event has a type key, two per tag and the
+        // log's key; a condition a few per item), so the set does not regrow call by call.
+        let room = group
+            .iter()
+            .map(|(events, condition)| {
+                1 + events.iter().map(|e| 1 + 2 * e.tags.len()).sum::<usize>()
+                    + condition
+                        .as_ref()
+                        .map_or(0, |c| 2 * c.fail_if_events_match.items.len())
+            })
+            .sum();
+        let mut locks = LockSet::with_capacity(room);
         for pending in &group {
             // Per call, so each stays within `max_lock_keys` on its own.
             inner.keys.add_event_keys(&mut locks, &pending.0);

@@ -36,8 +36,31 @@ pub(crate) struct LockSet {
 }
 
 impl LockSet {
+    /// An empty set with room for `keys` keys.
+    pub(crate) fn with_capacity(keys: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(keys),
+        }
+    }
+
     fn add(&mut self, key: i64, exclusive: bool) {
         self.entries.push((key, exclusive));
+    }
+
+    /// Sorts and deduplicates, in place, the entries from `start` on (all shared), returning
+    /// how many distinct ones remain.
+    fn dedup_from(&mut self, start: usize) -> usize {
+        let tail = &mut self.entries[start..];
+        tail.sort_unstable();
+        let mut kept = 0;
+        for i in 0..tail.len() {
+            if kept == 0 || tail[i] != tail[kept - 1] {
+                tail[kept] = tail[i];
+                kept += 1;
+            }
+        }
+        self.entries.truncate(start + kept);
+        kept
     }
 
     /// How many keys were added (before duplicates are merged).
@@ -108,25 +131,37 @@ impl KeySpace {
     /// The shared keys of the events an append writes; over `max_keys`, the exclusive
     /// escalation key instead (which conflicts with every conditional append and fenced read).
     pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
+        // The keys go straight into the set, and this call's are deduplicated in place at the
+        // end; past `max_keys` also on the way, to escalate early, and then again only once
+        // they doubled (so a batch repeating its tags stays linear). No hash set: appends are
+        // hot.
+        let start = set.entries.len();
         let tags: usize = events.iter().map(|e| e.tags.len()).sum();
-        let mut keys = std::collections::HashSet::with_capacity(
-            self.max_keys.min(1 + events.len() + 2 * tags) + 1,
-        );
-        keys.insert(self.key(Level::All, &[]));
+        set.entries
+            .reserve(self.max_keys.min(1 + events.len() + 2 * tags) + 1);
+        set.add(self.key(Level::All, &[]), false);
+        let mut check_at = self.max_keys;
         for event in events {
             let t = event.event_type.as_str();
-            keys.insert(self.key(Level::Type, &[t]));
+            set.add(self.key(Level::Type, &[t]), false);
             for tag in &event.tags {
-                keys.insert(self.key_with_tag(Level::Tag, &[], Some(tag)));
-                keys.insert(self.key_with_tag(Level::TypeTag, &[t], Some(tag)));
+                set.add(self.key_with_tag(Level::Tag, &[], Some(tag)), false);
+                set.add(self.key_with_tag(Level::TypeTag, &[t], Some(tag)), false);
             }
-            if keys.len() > self.max_keys {
-                // Escalate as soon as the bound is passed: the fine keys would be dropped anyway.
-                set.add(self.key(Level::Escalation, &[]), true);
-                return;
+            if set.entries.len() - start > check_at {
+                let distinct = set.dedup_from(start);
+                if distinct > self.max_keys {
+                    // Escalate as soon as the bound is passed: the fine keys would be dropped.
+                    break;
+                }
+                check_at = self.max_keys.max(2 * distinct);
             }
         }
-        keys.into_iter().for_each(|k| set.add(k, false));
+        // Deduplicated per call (as `max_group_keys` counts them), and cheap: a few keys.
+        if set.dedup_from(start) > self.max_keys {
+            set.entries.truncate(start);
+            set.add(self.key(Level::Escalation, &[]), true);
+        }
     }
 
     fn item_keys(&self, item: &QueryItem, into: &mut Vec<i64>) {
@@ -314,6 +349,42 @@ mod tests {
             assert!(exclusive(&roomy, &q).iter().any(|k| fine.contains(k)));
             assert!(exclusive(&ks, &q).iter().any(|k| fine.contains(k)));
         }
+    }
+
+    #[test]
+    fn escalation_counts_distinct_keys_only() {
+        let ks = KeySpace::new("public", 48);
+        let keys_of = |events: &[NewEvent]| {
+            let mut set = LockSet::default();
+            ks.add_event_keys(&mut set, events);
+            set.into_params()
+        };
+        // 1 + 1 + 2 * 23 = 48 distinct keys: at the bound, not over it.
+        let at_bound: Vec<NewEvent> = (0..23)
+            .map(|i| event("A", &[("id", &i.to_string())]))
+            .collect();
+        let (keys, x) = keys_of(&at_bound);
+        assert_eq!(keys.len(), 48);
+        assert!(x.iter().all(|x| !x));
+        // One more tag value passes it.
+        let over: Vec<NewEvent> = (0..24)
+            .map(|i| event("A", &[("id", &i.to_string())]))
+            .collect();
+        assert_eq!(keys_of(&over).0.len(), 1);
+        // Thousands of events repeating a few tags stay fine-grained.
+        let repeated: Vec<NewEvent> = (0..5000)
+            .map(|i| event("A", &[("id", &(i % 20).to_string())]))
+            .collect();
+        let (keys, x) = keys_of(&repeated);
+        assert_eq!(keys.len(), 1 + 1 + 2 * 20);
+        assert!(x.iter().all(|x| !x));
+        // Two calls in one set (a group) escalate each on its own count.
+        let mut set = LockSet::default();
+        ks.add_event_keys(&mut set, &at_bound);
+        ks.add_event_keys(&mut set, &at_bound[..5]);
+        let (keys, x) = set.into_params();
+        assert_eq!(keys.len(), 48);
+        assert!(x.iter().all(|x| !x));
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
 pub(crate) struct Statement {
     pub(crate) sql: String,
     pub(crate) params: Vec<Param>,
+    /// How many rows the statement usually returns (its events), so the reply is collected
+    /// without regrowing; 0 when unknown.
+    pub(crate) rows: usize,
 }
 
 impl Statement {
@@ -185,13 +188,15 @@ fn tags_literal(tags: &[Tag]) -> String {
     literal
 }
 
-fn columns(events: Vec<NewEvent>) -> Columns {
+/// The columns of `events`, `count` of them (sized up front, not collected first: appends
+/// are hot).
+fn columns(events: impl IntoIterator<Item = NewEvent>, count: usize) -> Columns {
     let mut c = Columns {
-        types: Vec::with_capacity(events.len()),
-        tags: Vec::with_capacity(events.len()),
-        data: Vec::with_capacity(events.len()),
-        metadata: Vec::with_capacity(events.len()),
-        occurred_at: Vec::with_capacity(events.len()),
+        types: Vec::with_capacity(count),
+        tags: Vec::with_capacity(count),
+        data: Vec::with_capacity(count),
+        metadata: Vec::with_capacity(count),
+        occurred_at: Vec::with_capacity(count),
     };
     for event in events {
         c.tags.push(tags_literal(&event.tags));
@@ -419,7 +424,10 @@ fn probe(
 /// condition's cursor), `duplicate` (the command id was recorded before), `event` (the last
 /// inserted event) or `command` (the inserted command row).
 pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts<'_>) -> Statement {
-    let mut stmt = Statement::default();
+    let mut stmt = Statement {
+        rows: events.len(),
+        ..Statement::default()
+    };
     let mut ctes = Vec::new();
     let mut guards = Vec::new();
     let mut outputs = Vec::new();
@@ -506,7 +514,8 @@ pub(crate) fn append(schema: &str, mut events: Vec<NewEvent>, parts: AppendParts
                 }
             }
         } else {
-            let c = columns(events);
+            let count = events.len();
+            let c = columns(events, count);
             let types = stmt.bind(c.types);
             let tags = stmt.bind(c.tags);
             let data = stmt.bind(c.data);
@@ -608,7 +617,10 @@ pub(crate) fn append_group(
     lock: Option<(Vec<i64>, Vec<bool>)>,
     windows: bool,
 ) -> Statement {
-    let mut stmt = Statement::default();
+    let mut stmt = Statement {
+        rows: parts.iter().map(|p| p.events.len()).sum(),
+        ..Statement::default()
+    };
     let mut ctes = Vec::new();
     if let Some((keys, exclusive)) = lock {
         debug_assert!(parts.iter().all(|p| p.condition.is_none()));
@@ -668,7 +680,10 @@ pub(crate) fn append_group(
             std::iter::repeat_n(i32::try_from(r).unwrap_or(i32::MAX), part.events.len())
         })
         .collect();
-    let c = columns(parts.into_iter().flat_map(|p| p.events).collect());
+    let c = {
+        let count = parts.iter().map(|p| p.events.len()).sum();
+        columns(parts.into_iter().flat_map(|p| p.events), count)
+    };
     let conflict_rows = if conflicts.is_empty() {
         "SELECT NULL::int4 AS part, NULL::xid8 AS transaction_id, NULL::int8 AS position WHERE FALSE"
             .to_string()
@@ -810,9 +825,13 @@ fn unconditional_group(
     keys: Vec<i64>,
     exclusive: Vec<bool>,
 ) -> Statement {
-    let mut stmt = Statement::default();
+    let count = parts.iter().map(|p| p.events.len()).sum();
+    let mut stmt = Statement {
+        rows: count,
+        ..Statement::default()
+    };
     let (keys, exclusive) = (stmt.bind(keys), stmt.bind(exclusive));
-    let c = columns(parts.into_iter().flat_map(|p| p.events).collect());
+    let c = columns(parts.into_iter().flat_map(|p| p.events), count);
     let types = stmt.bind(c.types);
     let tags = stmt.bind(c.tags);
     let data = stmt.bind(c.data);
@@ -993,7 +1012,7 @@ mod tests {
 
     #[test]
     fn tags_literals_quote_every_element() {
-        let c = columns(vec![
+        let events = vec![
             NewEvent::new(
                 "A",
                 vec![Tag::new("a", "1"), Tag::new("b", "x\"y\\z,{}")],
@@ -1001,7 +1020,9 @@ mod tests {
             ),
             NewEvent::new("B", vec![], Value::Null),
             NewEvent::new("C", vec![Tag::new("c", "NULL")], Value::Null),
-        ]);
+        ];
+        let count = events.len();
+        let c = columns(events, count);
         assert_eq!(
             c.tags,
             vec![
