@@ -50,8 +50,11 @@ pub enum Scenario {
     /// Baseline of `batch`: one multi-row INSERT of the same rows into the raw table.
     RawBatch,
     /// One multi-command append (`append_batch`) of `--batch-size` single-event commands, each
-    /// with its own condition on its own fresh boundary. Baseline: `raw-batch` of as many rows.
+    /// with its own condition on its own fresh boundary. Baseline: `raw-commands`.
     Commands,
+    /// Baseline of `commands`: one multi-row INSERT of the same rows (one event per fresh
+    /// boundary, so as many new tag index entries as `commands` writes), no locks, no checks.
+    RawCommands,
     /// A boundary query returning 10 events.
     Query,
     /// Baseline of `query`: one autocommit SELECT of the same rows.
@@ -80,6 +83,7 @@ impl Scenario {
             Scenario::Batch => "batch",
             Scenario::RawBatch => "raw-batch",
             Scenario::Commands => "commands",
+            Scenario::RawCommands => "raw-commands",
             Scenario::Query => "query",
             Scenario::RawQuery => "raw-query",
             Scenario::Project => "project",
@@ -97,7 +101,8 @@ impl Scenario {
             | Scenario::AppendIf
             | Scenario::AppendIfHot
             | Scenario::AppendIfAfter => Some(Scenario::RawInsert),
-            Scenario::Batch | Scenario::Commands => Some(Scenario::RawBatch),
+            Scenario::Batch => Some(Scenario::RawBatch),
+            Scenario::Commands => Some(Scenario::RawCommands),
             Scenario::Query => Some(Scenario::RawQuery),
             Scenario::Project => Some(Scenario::RawProject),
             Scenario::Stream => Some(Scenario::RawStream),
@@ -180,7 +185,8 @@ pub struct Args {
     /// plans the store's reads and checks for an empty table.
     #[arg(long)]
     pub no_analyze: bool,
-    /// Events per append of `batch` and rows per INSERT of `raw-batch`.
+    /// Events per append of `batch`, commands per `commands` and rows per INSERT of
+    /// `raw-batch` and `raw-commands`.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
     /// A decision boundary of `append-if`/`append-if-hot` is retired after this many successful

@@ -104,7 +104,9 @@ pub async fn run_timed(
         let _ = reporter.await;
     }
     let events_per_append = match scenario {
-        Scenario::Batch | Scenario::RawBatch | Scenario::Commands => ctx.batch_size,
+        Scenario::Batch | Scenario::RawBatch | Scenario::Commands | Scenario::RawCommands => {
+            ctx.batch_size
+        }
         Scenario::Query | Scenario::RawQuery | Scenario::Project | Scenario::RawProject => 0,
         _ => ctx.events_per_append,
     };
@@ -223,6 +225,25 @@ fn enrolments(course: &str, first: u64, k: usize) -> Vec<NewEvent> {
         .collect()
 }
 
+/// The `--batch-size` fresh boundaries of one `commands` (or `raw-commands`) operation, each
+/// with its course and its one enrolment: the target and its baseline write the same rows.
+fn fresh_boundaries<'a>(
+    ctx: &'a Ctx,
+    client: &mut Client,
+    label: &'a str,
+) -> impl Iterator<Item = (String, Vec<NewEvent>)> + 'a {
+    client.appends += 1;
+    let (run, id, appends) = (client.run, client.id, client.appends);
+    let firsts: Vec<u64> = (0..ctx.batch_size)
+        .map(|_| client.rng.gen_range(0..1_000_000))
+        .collect();
+    firsts.into_iter().enumerate().map(move |(n, first)| {
+        let course = format!("{}-{run}-{label}{id}-{appends}-{n}", ctx.run_id);
+        let events = enrolments(&course, first, 1);
+        (course, events)
+    })
+}
+
 /// The decision model of the conditional scenarios: does the course exist, how many are enrolled.
 fn enrolment_model(course: &str) -> (StateProjector<bool>, StateProjector<u64>) {
     (
@@ -325,21 +346,14 @@ async fn op(
             }
         }
         Scenario::Commands => {
-            client.appends += 1;
-            let commands = (0..ctx.batch_size)
-                .map(|n| {
-                    let course = format!(
-                        "{}-{}-cmd{}-{}-{n}",
-                        ctx.run_id, client.run, client.id, client.appends
-                    );
+            let commands = fresh_boundaries(ctx, client, "cmd")
+                .map(|(course, events)| {
                     let fresh = Query::from(
                         QueryItem::new()
                             .types(["StudentEnrolled"])
                             .tag("course_id", course.as_str()),
                     );
-                    let first = client.rng.gen_range(0..1_000_000);
-                    AppendCommand::new(enrolments(&course, first, 1))
-                        .only_if(AppendCondition::new(fresh))
+                    AppendCommand::new(events).only_if(AppendCondition::new(fresh))
                 })
                 .collect();
             match ctx.store.append_batch(commands).await {
@@ -347,6 +361,13 @@ async fn op(
                 Err(e) if e.is_conflict() => Err(OpError::Conflict(1)),
                 Err(e) => Err(other(e)),
             }
+        }
+        Scenario::RawCommands => {
+            let rows: Vec<NewEvent> = fresh_boundaries(ctx, client, "rawcmd")
+                .flat_map(|(_, events)| events)
+                .collect();
+            raw_insert(ctx, client, rows).await?;
+            written(ctx.batch_size)
         }
         Scenario::AppendIf => {
             let generation = client.decisions / ctx.boundary_size;

@@ -44,6 +44,7 @@ async fn every_scenario_runs_and_reports_without_errors() {
         vec!["batch", "--batch-size", "60"],
         vec!["append-if-after", "--clients", "2"],
         vec!["commands", "--batch-size", "20"],
+        vec!["raw-commands", "--batch-size", "20", "--raw-indexes"],
         vec![
             "raw-batch",
             "--batch-size",
