@@ -130,15 +130,29 @@ impl KeySpace {
 
     /// The shared keys of the events an append writes; over `max_keys`, the exclusive
     /// escalation key instead (which conflicts with every conditional append and fenced read).
+    /// The room [`add_event_keys`](Self::add_event_keys) reserves for `events`: a set sized
+    /// by the sum of these (and of [`query_keys_room`](Self::query_keys_room)) never regrows.
+    pub(crate) fn event_keys_room(&self, events: &[NewEvent]) -> usize {
+        let tags: usize = events.iter().map(|e| e.tags.len()).sum();
+        self.max_keys.min(1 + events.len() + 2 * tags) + 1
+    }
+
+    /// The most entries [`add_query_keys`](Self::add_query_keys) adds for `query`.
+    pub(crate) fn query_keys_room(query: &Query) -> usize {
+        1 + query
+            .items
+            .iter()
+            .map(|i| i.types.len().max(1))
+            .sum::<usize>()
+    }
+
     pub(crate) fn add_event_keys(&self, set: &mut LockSet, events: &[NewEvent]) {
         // The keys go straight into the set, and this call's are deduplicated in place at the
         // end; past `max_keys` also on the way, to escalate early, and then again only once
         // they doubled (so a batch repeating its tags stays linear). No hash set: appends are
         // hot.
         let start = set.entries.len();
-        let tags: usize = events.iter().map(|e| e.tags.len()).sum();
-        set.entries
-            .reserve(self.max_keys.min(1 + events.len() + 2 * tags) + 1);
+        set.entries.reserve(self.event_keys_room(events));
         set.add(self.key(Level::All, &[]), false);
         let mut check_at = self.max_keys;
         for event in events {
@@ -182,7 +196,9 @@ impl KeySpace {
     /// The exclusive keys of a query (for a condition check or a fenced read), plus the shared
     /// escalation key; over `max_keys`, the exclusive match-all key instead.
     pub(crate) fn add_query_keys(&self, set: &mut LockSet, query: &Query) {
-        let mut keys = Vec::new();
+        let room = Self::query_keys_room(query);
+        set.entries.reserve(room);
+        let mut keys = Vec::with_capacity(room - 1);
         for item in &query.items {
             self.item_keys(item, &mut keys);
         }
@@ -247,6 +263,38 @@ mod tests {
             .filter(|(_, x)| *x)
             .map(|(k, _)| k)
             .collect()
+    }
+
+    #[test]
+    fn a_set_sized_by_the_rooms_never_regrows() {
+        let ks = KeySpace::new("s", 64);
+        let calls: Vec<(Vec<NewEvent>, Query)> = (0..16)
+            .map(|n| {
+                let course = format!("c{n}");
+                let events = vec![
+                    event("Enrolled", &[("course", &course), ("student", "s1")]),
+                    event("Left", &[("course", &course)]),
+                ];
+                let query = Query::from_items([
+                    QueryItem::new()
+                        .types(["Enrolled", "Left"])
+                        .tag("course", &course),
+                    QueryItem::new().tag("student", "s1"),
+                ]);
+                (events, query)
+            })
+            .collect();
+        let room: usize = calls
+            .iter()
+            .map(|(e, q)| ks.event_keys_room(e) + KeySpace::query_keys_room(q))
+            .sum();
+        let mut set = LockSet::with_capacity(room);
+        let capacity = set.entries.capacity();
+        for (events, query) in &calls {
+            ks.add_event_keys(&mut set, events);
+            ks.add_query_keys(&mut set, query);
+        }
+        assert_eq!(set.entries.capacity(), capacity, "the lock set regrew");
     }
 
     #[test]

@@ -144,11 +144,27 @@ impl PostgresEventStore {
             }
         }
         let count = events.len();
-        let cursor = self
-            .retry_missing_partition(partitioned, events, count, |events| {
-                self.append_checked(events, condition)
-            })
-            .await?;
+        let cursor = if partitioned {
+            // Boxed: only a partitioned store keeps a spare copy to run the append again, and
+            // the retry loop's future would otherwise enlarge every append's.
+            Box::pin(
+                self.retry_missing_partition(partitioned, events, count, |events| {
+                    self.append_checked(events, condition)
+                }),
+            )
+            .await?
+        } else {
+            // What `retry_missing_partition` does without a spare: a store partitioned since
+            // this process connected gets its partitions (and this process the news) for the
+            // next call, and this one reports the error.
+            match self.append_checked(events, condition).await {
+                Err(err) if is_missing_partition(&err, &self.inner.config.schema) => {
+                    Box::pin(self.recover_missing_partition(count)).await;
+                    return Err(err);
+                }
+                other => other?,
+            }
+        };
         self.appended_up_to(Some(cursor.position), cursor.transaction_id);
         Ok(cursor)
     }
